@@ -1,0 +1,1 @@
+"""nanorlhf: a minimal from-scratch InstructGPT (SFT -> RM -> PPO) in PyTorch."""

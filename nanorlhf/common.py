@@ -1,0 +1,119 @@
+"""Plumbing shared by the training scripts: setup, loading models, padding, LR schedule, LM loss, progress/MFU."""
+import math
+import os
+import time
+
+import torch
+
+from nanorlhf.checkpoint import load_checkpoint, seed_everything
+from nanorlhf.config import print_config
+from nanorlhf.kernels import token_logprobs
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.tokenizer import Tokenizer
+
+
+def setup(cfg):
+    """Print the config and seed, seed every RNG, and return the torch device (clear error if unavailable)."""
+    print_config(cfg)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
+    seed_everything(cfg.seed)
+    return torch.device(cfg.device)
+
+
+def load_model(path, head="lm", device="cpu"):
+    """(model, tokenizer, checkpoint or None) from a nanorlhf checkpoint file or a Hugging Face GPT-2 folder.
+    An LM checkpoint loaded with head="scalar" keeps its trunk and gets a fresh scalar head (RM from SFT)."""
+    if os.path.isdir(path):
+        model, tok, ckpt = GPT.from_pretrained(path, head=head), Tokenizer.load(path), None
+        if tok.vocab_size > model.config.vocab_size:
+            model.resize_token_embeddings(tok.vocab_size)  # the template's special tokens, after GPT-2's ids
+    else:
+        ckpt = load_checkpoint(path)
+        if ckpt["head"] == "scalar" and head == "lm":
+            raise SystemExit(f"{path}: holds a scalar-head (reward/value) model, not a language model")
+        model = GPT(GPTConfig(**ckpt["model_config"]), head=head)
+        model.load_state_dict(ckpt["model"], strict=ckpt["head"] == head)
+        tok = Tokenizer.load(ckpt["tokenizer"])
+    return model.to(device), tok, ckpt
+
+
+def pad(seqs, pad_id, left=False, device="cpu"):
+    """List of token lists -> (ids (B, T) long, mask (B, T) bool), right-padded (left-padded if left=True)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = True
+    return ids.to(device), mask.to(device)
+
+
+def cosine_lr(step, total, lr, warmup, final_ratio=0.1):
+    """Linear warm-up for `warmup` steps, then cosine decay to final_ratio·lr at `total` steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def sequence_logprobs(model, ids, mask=None, temperature=1.0):
+    """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1). logits[:, t] predict token t+1, so hidden
+    state t scores token t+1; computed chunk-wise from hidden states (no (B, T, V) logits tensor)."""
+    h = model.hidden_states(ids[:, :-1], attention_mask=None if mask is None else mask[:, :-1])  # (B, T-1, C)
+    return token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature)  # (B, T-1)
+
+
+def lm_loss(model, ids, loss_mask):
+    """Next-token cross-entropy, averaged over the tokens where loss_mask (B, T) is 1 (targets, not inputs).
+    Right padding only: a real token never attends to a pad after it."""
+    logp = sequence_logprobs(model, ids)  # (B, T-1)
+    target_mask = loss_mask[:, 1:].to(logp.dtype)  # (B, T-1)
+    return -(logp * target_mask).sum() / target_mask.sum().clamp(min=1)
+
+
+_PEAK = {}
+
+
+def peak_flops(device):
+    """The machine's dense matmul FLOP/s, measured once (the MFU denominator; fp32 on CPU, bf16 on CUDA)."""
+    device = torch.device(device)
+    if device.type not in _PEAK:
+        n, dtype = (1024, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        reps = 10 if device.type == "cpu" else 50
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        _PEAK[device.type] = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return _PEAK[device.type]
+
+
+class Progress:
+    """A log line every `every` steps: step, metrics, lr, tokens/s, MFU, ETA."""
+
+    def __init__(self, total, every, flops_per_token, device, start=0, name=""):
+        self.total, self.every, self.fpt, self.name = total, every, flops_per_token, name
+        self.peak = peak_flops(device)
+        self.t0, self.t_last, self.tokens, self.start = time.perf_counter(), time.perf_counter(), 0, start
+
+    def step(self, step, tokens, **metrics):
+        """Call after optimizer step `step` (0-based) that processed `tokens` tokens; prints every `every`."""
+        self.tokens += tokens
+        if (step + 1) % self.every and step + 1 != self.total:
+            return
+        now = time.perf_counter()
+        tok_s = self.tokens / max(now - self.t_last, 1e-9)
+        done = step + 1 - self.start
+        eta = (now - self.t0) / max(done, 1) * (self.total - step - 1)
+        parts = [f"{self.name}step {step + 1}/{self.total}"] + [f"{k} {v:.4g}" for k, v in metrics.items()]
+        parts += [f"tok/s {tok_s:,.0f}", f"MFU {100 * tok_s * self.fpt / self.peak:.1f}%", f"ETA {eta:.0f}s"]
+        print(" | ".join(parts), flush=True)
+        self.t_last, self.tokens = now, 0

@@ -1,0 +1,87 @@
+"""Command-line interfaces generated from config dataclasses.
+
+A script declares its flags once, as a dataclass subclassing CommonConfig:
+
+    @dataclass
+    class SFTConfig(CommonConfig):
+        lr: float = arg(3e-4, "peak learning rate")
+
+    cfg = parse_config(SFTConfig, description=__doc__)  # --lr, --data, ... ; --help lists each with its default
+    print_config(cfg)
+"""
+
+import argparse
+import copy
+import dataclasses
+import sys
+import types
+import typing
+
+
+def arg(default=dataclasses.MISSING, help=""):
+    """A dataclass field with help text; mutable defaults are copied per instance. No default = required flag."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class CommonConfig:
+    data: str = arg("", "JSONL data file; empty = the built-in tiny world")
+    init: str = arg("", "checkpoint file or GPT-2 folder to start from")
+    out: str = arg("runs/run", "output directory")
+    max_steps: int = arg(-1, "stop after this many steps; -1 = the full schedule")
+    seed: int = arg(1337, "seed for torch, numpy and python random")
+    device: str = arg("cpu", "cpu | cuda")
+    resume: bool = arg(False, "continue from the checkpoint in --out")
+
+
+def _optional_of(tp):
+    """X for Optional[X] / X | None, else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def parse_config(cls, argv=None, description=None):
+    """Parse `argv` (default sys.argv[1:]) into a `cls` instance. The description defaults to the running
+    script's docstring."""
+    if description is None:
+        description = getattr(sys.modules.get("__main__"), "__doc__", None)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue  # derived in __post_init__, not a flag
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        required = default is dataclasses.MISSING
+        help_text = f.metadata.get("help", "") + (" (required)" if required else f" (default: {default!r})")
+        kwargs = dict(default=None if required else default, required=required, help=help_text.replace("%", "%%"))
+        tp = hints[f.name]
+        optional = _optional_of(tp)
+        base = optional or tp
+        if base is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
+        elif base in (int, float, str):
+            convert = base if optional is None else (lambda s, b=base: None if s.lower() == "none" else b(s))
+            parser.add_argument(f"--{f.name}", type=convert, metavar=base.__name__.upper(), **kwargs)
+        elif typing.get_origin(base) is list and typing.get_args(base)[0] in (int, float, str):
+            item = typing.get_args(base)[0]
+            parser.add_argument(f"--{f.name}", type=item, nargs="*", metavar=item.__name__.upper(), **kwargs)
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported config type {tp!r}")
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def print_config(cfg):
+    """Print the resolved config, one field per line, so every run's log records its flags and seed."""
+    print(f"{type(cfg).__name__}:")
+    for f in dataclasses.fields(cfg):
+        print(f"  {f.name} = {getattr(cfg, f.name)!r}")

@@ -1,0 +1,145 @@
+"""Your own data: JSONL readers that validate every line before training starts.
+
+Formats (one JSON object per line, UTF-8):
+  SFT      {"prompt": str, "response": str}
+  RM       {"prompt": str, "responses": [str, ...], "ranking": [int, ...]}   ranking[i] = rank of responses[i],
+                                                                           0 = best, ties allowed
+           {"prompt": str, "chosen": str, "rejected": str}                 HH-RLHF style pair (K = 2)
+           {"chosen": str, "rejected": str}                                HH-RLHF original: whole dialogues;
+                                                                           the shared prefix becomes the prompt
+  PPO      {"prompt": str}
+  ptx      plain UTF-8 text; documents separated by blank lines
+Every bad line is reported as `file:line: field: problem` in one DataError, and nothing is trained or written.
+"""
+import json
+import os
+
+
+class DataError(ValueError):
+    pass
+
+
+def _read_lines(path):
+    try:
+        raw = open(path, "rb").read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        yield n, line
+
+
+def _string(obj, key, where, errors, allow_empty=False):
+    v = obj.get(key)
+    if key not in obj:
+        errors.append(f"{where}: {key}: missing")
+    elif not isinstance(v, str):
+        errors.append(f"{where}: {key}: expected a string, got {type(v).__name__}")
+    elif not v.strip() and not allow_empty:
+        errors.append(f"{where}: {key}: empty string")
+    else:
+        return v
+    return None
+
+
+def _check_ranking(ranking, k, where, errors):
+    """A ranking with ties: ints >= 0 whose distinct values are exactly 0..m-1 (dense ranks), at least 2 of them."""
+    if not isinstance(ranking, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ranking):
+        errors.append(f"{where}: ranking: expected a list of integers")
+    elif len(ranking) != k:
+        errors.append(f"{where}: ranking: has {len(ranking)} entries for {k} responses")
+    elif sorted(set(ranking)) != list(range(len(set(ranking)))):
+        errors.append(f"{where}: ranking: {ranking} is not a ranking (ranks must be 0, 1, 2, ... with ties allowed)")
+    elif len(set(ranking)) < 2:
+        errors.append(f"{where}: ranking: all responses tied, nothing to learn")
+    else:
+        return True
+    return False
+
+
+def _split_dialogues(chosen, rejected):
+    """HH-RLHF original form: two whole dialogues sharing a prefix. The prompt is the shared prefix up to its
+    last "Assistant:" (or its last space); the rest of each is the reply."""
+    n = len(os.path.commonprefix([chosen, rejected]))
+    cut = chosen.rfind("Assistant:", 0, n)
+    cut = cut + len("Assistant:") if cut >= 0 else chosen.rfind(" ", 0, n) + 1
+    return chosen[:cut], chosen[cut:].strip(), rejected[cut:].strip()
+
+
+def _parse_line(kind, obj, where, errors):
+    if kind == "sft":
+        p, y = _string(obj, "prompt", where, errors), _string(obj, "response", where, errors)
+        return None if p is None or y is None else {"prompt": p, "response": y}
+    if kind == "ppo":
+        p = _string(obj, "prompt", where, errors)
+        return None if p is None else {"prompt": p}
+    if kind != "rm":
+        raise ValueError(kind)
+    if "responses" in obj:
+        p = _string(obj, "prompt", where, errors)
+        ys = obj["responses"]
+        if not isinstance(ys, list) or not all(isinstance(y, str) and y.strip() for y in ys):
+            errors.append(f"{where}: responses: expected a list of non-empty strings")
+            return None
+        if len(ys) < 2:
+            errors.append(f"{where}: responses: K = {len(ys)} < 2, nothing to compare")
+            return None
+        ok = _check_ranking(obj.get("ranking"), len(ys), where, errors)
+        return {"prompt": p, "responses": ys, "ranking": obj["ranking"]} if ok and p is not None else None
+    c, r = _string(obj, "chosen", where, errors), _string(obj, "rejected", where, errors)
+    if c is None or r is None:
+        return None
+    if "prompt" in obj:
+        p = _string(obj, "prompt", where, errors)
+        return None if p is None else {"prompt": p, "responses": [c, r], "ranking": [0, 1]}
+    p, c, r = _split_dialogues(c, r)
+    if not p.strip() or not c or not r or c == r:
+        errors.append(f"{where}: chosen/rejected: no shared prompt followed by two different replies")
+        return None
+    return {"prompt": p, "responses": [c, r], "ranking": [0, 1]}
+
+
+def read_jsonl(path, kind):
+    """Read and validate a whole JSONL file of `kind` in {"sft", "rm", "ppo"}; raise one DataError listing
+    every bad line, or return the parsed records."""
+    records, errors = [], []
+    for n, line in _read_lines(path):
+        where = f"{path}:{n}"
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            errors.append(f"{where}: line: not valid UTF-8 (byte {e.start})")
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            errors.append(f"{where}: line: invalid JSON ({e.msg})")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f"{where}: line: expected a JSON object, got {type(obj).__name__}")
+            continue
+        rec = _parse_line(kind, obj, where, errors)
+        if rec is not None:
+            records.append(rec)
+    if errors:
+        shown = "\n".join(errors[:50]) + (f"\n... and {len(errors) - 50} more" if len(errors) > 50 else "")
+        raise DataError(f"{len(errors)} bad line(s) in {path}:\n{shown}")
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def read_text(path):
+    """Pretraining text for ptx: documents separated by blank lines."""
+    try:
+        text = open(path, "rb").read().decode("utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = open(path, "rb").read()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: text: not valid UTF-8") from None
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    if not docs:
+        raise DataError(f"{path}: no text")
+    return docs

@@ -1,0 +1,132 @@
+"""Sampling engine: a static KV cache and `generate`, kept apart from the model's math.
+
+`generate` prefills a left-padded prompt batch once, then calls `decode_step` (one token, fixed shapes, so it can
+be torch.compile'd) until every row has emitted EOS or `max_new_tokens` is reached. It returns the log-probs of
+the sampled tokens under the sampling distribution, which PPO needs as pi_old (Ouyang et al. 2022, sec. 3.5).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Preallocated keys/values (n_layer, B, nh, Tmax, hs), the key validity mask and the write position."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=torch.float32):
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, Tmax)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # next slot to write, a tensor
+
+    def _slots(self, T):
+        return self.pos + torch.arange(T, device=self.pos.device)  # (T,)
+
+    def write_mask(self, mask):
+        """mask (B, T) bool for the T new tokens; returns the key validity (B, Tmax) including them."""
+        self.key_mask.index_copy_(1, self._slots(mask.size(1)), mask)
+        return self.key_mask
+
+    def update(self, layer, k, v):
+        """k, v (B, nh, T, hs) for the new tokens; returns the whole cache of this layer (B, nh, Tmax, hs)."""
+        slots = self._slots(k.size(2))
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, T):
+        self.pos.add_(T)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # (B, P+N) long: left-padded prompts, then responses (pad_id after EOS)
+    attention_mask: torch.Tensor  # (B, P+N) bool: real prompt tokens and response tokens up to the first EOS
+    response_mask: torch.Tensor  # (B, N) bool: response tokens up to and including the first EOS
+    logprobs: torch.Tensor  # (B, N) float: log-prob of each sampled token under softmax(logits / T); 0 if masked
+    prompt_len: int  # P
+
+
+def decode_step(model, token, kv_cache):
+    """One token per row: token (B,) -> next-token logits (B, vocab). All shapes fixed across steps."""
+    return model(token[:, None], kv_cache=kv_cache)[:, -1]  # (B, vocab)
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+    """logits (B, V) -> (token (B,), logprob (B,)).
+
+    The log-prob is from the full softmax of logits / temperature (temperature 1 when greedy), before any
+    top-k / top-p truncation, which only shapes the distribution we draw from (for evaluation).
+    """
+    logits = logits.float()
+    if greedy:
+        token = logits.argmax(dim=-1)  # (B,)
+        logprobs = F.log_softmax(logits, dim=-1)  # (B, V)
+    else:
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling; use greedy=True")
+        logits = logits / temperature
+        logprobs = F.log_softmax(logits, dim=-1)  # (B, V)
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None:
+            # nucleus sampling (Holtzman et al. 2020): keep the smallest prefix of sorted tokens with mass >= top_p
+            sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+            probs = sorted_logits.softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability mass strictly before each token
+            sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # first always kept
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
+             greedy=False, generator=None) -> Generation:
+    """Sample a response for each prompt (lists of token ids). N <= max_new_tokens: the loop stops early once
+    every row has emitted EOS. The model runs in eval() mode (no dropout); its previous mode is restored."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
+    config = model.config
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if P + max_new_tokens > config.block_size:
+        raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds block_size {config.block_size}")
+    device = model.transformer.wte.weight.device
+    prompt = torch.full((B, P), pad_id, dtype=torch.long, device=device)  # (B, P) left-padded
+    prompt_mask = torch.zeros(B, P, dtype=torch.bool, device=device)  # (B, P)
+    for i, p in enumerate(prompts):
+        prompt[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        prompt_mask[i, P - len(p):] = True
+
+    was_training = model.training
+    model.eval()
+    try:
+        kv_cache = KVCache(config.n_layer, B, config.n_head, P + max_new_tokens, config.n_embd // config.n_head,
+                           device=device, dtype=model.transformer.wte.weight.dtype)
+        logits = model(prompt, attention_mask=prompt_mask, kv_cache=kv_cache)[:, -1]  # (B, vocab) prefill
+        tokens, logprobs, alive = [], [], []
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) row has emitted EOS
+        for _ in range(max_new_tokens):
+            token, logprob = sample(logits, temperature, top_k, top_p, greedy, generator)  # (B,), (B,)
+            tokens.append(torch.where(done, pad_id, token))
+            logprobs.append(torch.where(done, 0.0, logprob))
+            alive.append(~done)
+            done = done | (token == eos_id)
+            if done.all():
+                break
+            logits = decode_step(model, tokens[-1], kv_cache)  # (B, vocab)
+    finally:
+        model.train(was_training)
+
+    response = torch.stack(tokens, dim=1)  # (B, N)
+    response_mask = torch.stack(alive, dim=1)  # (B, N)
+    return Generation(
+        tokens=torch.cat([prompt, response], dim=1),  # (B, P+N)
+        attention_mask=torch.cat([prompt_mask, response_mask], dim=1),  # (B, P+N)
+        response_mask=response_mask,
+        logprobs=torch.stack(logprobs, dim=1),  # (B, N)
+        prompt_len=P,
+    )

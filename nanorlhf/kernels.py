@@ -1,0 +1,165 @@
+"""Fused hot-path kernels, each beside its eager twin.
+
+token_logprobs goes from hidden states to log p(target) chunk by chunk over rows (LM-head matmul + logsumexp +
+gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V, and the
+backward recomputes each chunk's logits instead of saving them. The per-chunk math and the PPO losses can run
+through torch.compile; compile is on by default on CUDA, off on CPU (see use_compile), and happens lazily on first
+use. Python scalars go in as tensors and the chunk's row count is marked dynamic, so new values or a ragged last
+chunk do not recompile.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from nanorlhf import rlhf
+
+
+def use_compile(device):
+    """The default for every `compiled` flag here: compile on CUDA, run eager on CPU."""
+    return torch.device(device).type == "cuda"
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# log-probs (and entropy) from hidden states
+
+def token_logprobs_eager(hidden, weight, targets, temperature=1.0):
+    """Reference: log_softmax(hidden @ weight.T / T).gather(targets); builds the full (..., V) logits."""
+    logits = (hidden @ weight.T) / temperature  # (..., V)
+    return F.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def _chunk_logits(h, weight, inv_temp):
+    z = h @ weight.T  # (n, V)
+    return z.to(torch.promote_types(z.dtype, torch.float32)) * inv_temp  # softmax math in ≥ fp32
+
+
+def _chunk_forward(h, weight, y, inv_temp):
+    """One chunk: log p(y) = z_y − logsumexp(z), and the entropy of softmax(z)."""
+    z = _chunk_logits(h, weight, inv_temp)  # (n, V)
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    logp = z.gather(1, y[:, None]).squeeze(1) - lse  # (n,)
+    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)  # (n,) H = logsumexp(z) − E_p[z]
+    return logp, lse, entropy
+
+
+def _chunk_grad_logits(h, weight, y, lse, grad_logp, inv_temp):
+    """d loss / d (h @ weight.T) for one chunk: grad · (onehot(y) − softmax(z)) / T, recomputing z."""
+    z = _chunk_logits(h, weight, inv_temp)  # (n, V)
+    g = -torch.exp(z - lse[:, None]) * grad_logp[:, None]  # (n, V)
+    g = g.scatter_add(1, y[:, None], grad_logp[:, None])
+    return (g * inv_temp).to(h.dtype)
+
+
+def _row_chunks(chunk_size, compiled, *tensors):
+    """Yield the row chunks of tensors. Compiled, the row count is marked dynamic: a shorter last chunk or a new N
+    reuses the graph instead of recompiling."""
+    for s in range(0, tensors[0].shape[0], chunk_size):
+        chunk = [x[s : s + chunk_size] for x in tensors]
+        if compiled:
+            for x in chunk:
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+        yield chunk
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Chunked log-probs with a backward that recomputes logits: saves only hidden, weight, targets and lse."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temp, chunk_size, compiled):
+        forward_fn = _compiled(_chunk_forward) if compiled else _chunk_forward
+        outs = [forward_fn(h, weight, y, inv_temp) for h, y in _row_chunks(chunk_size, compiled, hidden, targets)]
+        logp, lse, entropy = (torch.cat(x) for x in zip(*outs))  # (N,) each
+        ctx.save_for_backward(hidden, weight, targets, lse, inv_temp)
+        ctx.chunk_size, ctx.compiled = chunk_size, compiled
+        ctx.mark_non_differentiable(entropy)  # entropy is for logging only
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, inv_temp = ctx.saved_tensors
+        grad_fn = _compiled(_chunk_grad_logits) if ctx.compiled else _chunk_grad_logits
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden, grad_weight = [], torch.zeros_like(weight)
+        for h, y, lse_, grad in _row_chunks(ctx.chunk_size, ctx.compiled, hidden, targets, lse, grad_logp):
+            g = grad_fn(h, weight, y, lse_, grad, inv_temp)  # (n, V) d loss / d logits
+            if need_hidden:
+                grad_hidden.append(g @ weight)  # (n, C)
+            if need_weight:
+                grad_weight = g.T @ h  # (V, C)
+        grad_hidden = torch.cat(grad_hidden) if need_hidden else None
+        grad_weight = grad_weight if need_weight else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_size=1024, compiled=None):
+    """log p(targets) and entropy under softmax(hidden @ weight.T / temperature), without the full logits.
+
+    hidden: (..., C), weight: (V, C) (the tied LM head), targets: (...) int. Returns (logprobs, entropy), each
+    shaped like targets; logprobs carry gradients to hidden and weight, entropy carries none.
+    """
+    compiled = use_compile(hidden.device) if compiled is None else compiled
+    lead = targets.shape
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    inv_temp = torch.tensor(1.0 / temperature, dtype=dtype, device=hidden.device)  # a tensor: no recompile per value
+    logp, entropy = _TokenLogprobs.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), inv_temp, chunk_size, compiled
+    )
+    return logp.reshape(lead), entropy.reshape(lead)
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, compiled=None):
+    """log p(targets), shaped like targets; see token_logprobs_and_entropy."""
+    return token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size, compiled)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compiled twins of the rlhf math
+
+def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps, value_clip):
+    """Eager twin of ppo_loss_fused: (policy loss, value loss, policy stats) from rlhf."""
+    pg_loss, stats = rlhf.policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
+    v_loss = rlhf.value_loss(values, old_values, returns, mask, value_clip)
+    return pg_loss, v_loss, stats
+
+
+def ppo_loss_fused(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps=0.2,
+                   value_clip=0.2):
+    """Policy loss + value loss + masked means + stats in one compiled graph; all inputs (B, T)."""
+    clip_eps = torch.tensor(clip_eps, device=logprobs.device)
+    value_clip = torch.tensor(value_clip, device=logprobs.device)
+    return _compiled(ppo_loss)(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps,
+                               value_clip)
+
+
+def ranking_loss_compiled(rewards, ranks, mask):
+    """torch.compile of rlhf.ranking_loss."""
+    return _compiled(rlhf.ranking_loss)(rewards, ranks, mask)
+
+
+def _gae_scan(rewards, values, mask, gamma, lam):
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards, 0.0)
+    values = torch.where(mask, values, 0.0)  # V after the last real token is 0
+    next_values = F.pad(values[:, 1:], (0, 1))  # (B, T) V_{t+1}
+    delta = rewards + gamma * next_values - values  # (B, T), 0 on padding
+    # A_t = Σ_{k≥t} (γλ)^(k−t) δ_k: the reverse scan as one matmul with an upper-triangular discount matrix.
+    T = rewards.shape[1]
+    t = torch.arange(T, device=rewards.device)
+    lag = (t[None, :] - t[:, None]).to(values.dtype)  # (T, T) k − t
+    discount = torch.where(lag >= 0, (gamma * lam) ** lag.clamp(min=0), 0.0)  # (T, T)
+    advantages = delta @ discount.T  # (B, T)
+    return advantages, advantages + values
+
+
+def gae_scan(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Compiled GAE for right-padded rows (eager twin: rlhf.gae); returns (advantages, returns), each (B, T)."""
+    gamma = torch.tensor(gamma, dtype=values.dtype, device=values.device)
+    lam = torch.tensor(lam, dtype=values.dtype, device=values.device)
+    return _compiled(_gae_scan)(rewards, values, mask, gamma, lam)

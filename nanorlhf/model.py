@@ -1,0 +1,285 @@
+"""The GPT: GPT-2 architecture (Radford et al. 2019) with an LM head or a scalar head.
+
+Learned positions, pre-LayerNorm blocks, GELU (tanh approximation), tied input/output embeddings and biases
+everywhere, so Hugging Face GPT-2 weights load unchanged (`GPT.from_pretrained`). The scalar head
+(`head="scalar"`) is the reward model / value function of InstructGPT (Ouyang et al. 2022, sec. 3.5).
+
+Masks: `attention_mask` (B, T) is 1/True for real tokens. It works for left-padded prompt batches (generation)
+and right-padded training batches; position ids default to cumsum(mask) - 1 so padding never shifts positions.
+
+KV cache (see nanorlhf/engine.py `KVCache`): a cached forward call
+  1. `key_mask = kv_cache.write_mask(attention_mask)` marks the T new slots, returns the (B, Tmax) key validity,
+  2. layer i calls `k, v = kv_cache.update(i, k, v)`, which writes the new keys/values at slots pos..pos+T-1 and
+     returns the whole static cache (B, nh, Tmax, hs),
+  3. `kv_cache.advance(T)` moves the write position `kv_cache.pos` (a 0-dim long tensor) forward.
+Every shape in a one-token decode step is fixed (Tmax key slots, positions as tensors), so it compiles once.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128  # maximum sequence length (number of learned positions)
+    vocab_size: int = 1024
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0  # embedding, attention and residual dropout (nanoGPT); off in eval()
+    layer_norm_eps: float = 1e-5
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v projections in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.use_sdpa = True  # False: the plain masked-softmax twin below (tests compare the two)
+
+    def forward(self, x, mask=None, kv_cache=None, layer_idx=0):
+        """x (B, T, C); mask None (plain causal) or bool (B, 1, T, Tk), True = may attend."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)  # (B, nh, Tmax, hs)
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
+            )  # (B, nh, T, hs)
+        else:
+            # softmax(q k^T / sqrt(hs)) v, masked entries set to -inf before the softmax
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, Tk)
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
+            att = att.masked_fill(~mask, float("-inf"))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, kv_cache=None, layer_idx=0):
+        x = x + self.attn(self.ln_1(x), mask, kv_cache, layer_idx)  # pre-LayerNorm residual blocks
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, head: str = "lm"):
+        super().__init__()
+        if head not in ("lm", "scalar"):
+            raise ValueError(f"head must be 'lm' or 'scalar', got {head!r}")
+        self.config = config
+        self.head = head
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied (Press & Wolf 2017), as in GPT-2
+        if head == "scalar":
+            self.score = nn.Linear(config.n_embd, 1)  # reward / value head
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                # GPT-2 paper sec. 2.3: scale residual-path weights by 1/sqrt(N), N = 2 residual adds per layer
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def use_sdpa(self):
+        return self.transformer.h[0].attn.use_sdpa
+
+    @use_sdpa.setter
+    def use_sdpa(self, value: bool):
+        for block in self.transformer.h:
+            block.attn.use_sdpa = value
+
+    def hidden_states(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
+        """idx (B, T) token ids -> (B, T, C) activations after the final LayerNorm."""
+        B, T = idx.size()
+        device = idx.device
+        if kv_cache is not None:
+            new_mask = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask
+            key_mask = kv_cache.write_mask(new_mask.bool())  # (B, Tmax), the new slots included
+            slots = kv_cache.pos + torch.arange(T, device=device)  # (T,) absolute slot of each query
+            key_slots = torch.arange(key_mask.size(1), device=device)  # (Tmax,)
+            causal = key_slots[None, :] <= slots[:, None]  # (T, Tmax)
+            itself = key_slots[None, :] == slots[:, None]  # (T, Tmax): a padded query still sees itself
+            mask = (causal[None] & key_mask[:, None, :]) | itself[None]  # (B, T, Tmax)
+            mask = mask[:, None]  # (B, 1, T, Tmax)
+            if position_ids is None:
+                # position = number of real tokens before this one, counted over the whole cache
+                positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, Tmax)
+                position_ids = positions.gather(1, slots[None].expand(B, T))  # (B, T)
+        elif attention_mask is not None:
+            key_mask = attention_mask.bool()  # (B, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+            itself = torch.eye(T, dtype=torch.bool, device=device)  # (T, T)
+            mask = ((causal[None] & key_mask[:, None, :]) | itself[None])[:, None]  # (B, 1, T, T)
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        else:
+            mask = None  # plain causal attention
+            if position_ids is None:
+                position_ids = torch.arange(T, device=device)[None]  # (1, T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
+        """Logits (B, T, vocab) for head="lm" (logits[:, t] predict token t+1); scalars (B, T) for head="scalar"."""
+        h = self.hidden_states(idx, attention_mask, position_ids, kv_cache)  # (B, T, C)
+        if self.head == "scalar":
+            return self.score(h).squeeze(-1)  # (B, T)
+        return self.lm_head(h)  # (B, T, vocab)
+
+    def num_params(self):
+        """Number of parameters; the tied lm_head/wte matrix is counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, T: int):
+        """Training FLOPs (forward + backward) per token at sequence length T.
+
+        PaLM (Chowdhery et al. 2022) appendix B, as in nanoGPT's estimate_mfu: 6N for the weight matmuls
+        (2 forward + 4 backward per parameter) plus 12·L·C·T for the attention scores and weighted sum
+        (q k^T and att v: 2·T·C multiply-adds each per layer, times 3 for forward + backward).
+        N counts matmul weights only: the position table is a lookup, and so is wte for the scalar head.
+        """
+        N = self.num_params() - self.transformer.wpe.weight.numel()
+        if self.head == "scalar":
+            N -= self.transformer.wte.weight.numel()
+        L, C = self.config.n_layer, self.config.n_embd
+        return 6 * N + 12 * L * C * T
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_vocab_size: int):
+        """Grow the vocabulary (new special tokens); new rows are the mean of the old ones, old ids unchanged."""
+        old = self.transformer.wte.weight
+        if new_vocab_size < old.size(0):
+            raise ValueError(f"cannot shrink vocabulary from {old.size(0)} to {new_vocab_size}")
+        wte = nn.Embedding(new_vocab_size, old.size(1), device=old.device, dtype=old.dtype)
+        wte.weight[: old.size(0)] = old
+        wte.weight[old.size(0):] = old.mean(dim=0)
+        self.transformer.wte = wte
+        self.lm_head = nn.Linear(old.size(1), new_vocab_size, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = wte.weight  # keep the tie
+        self.config.vocab_size = new_vocab_size
+
+    @classmethod
+    def from_pretrained(cls, folder: str, head: str = "lm"):
+        """Load a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin), offline.
+
+        For head="scalar" the trunk is loaded and the `score` head keeps its fresh initialization.
+        """
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json in GPT-2 folder {folder!r}")
+        with open(config_path) as f:
+            hf = json.load(f)
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0,
+                           layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+        safetensors_path = os.path.join(folder, "model.safetensors")
+        bin_path = os.path.join(folder, "pytorch_model.bin")
+        if os.path.isfile(safetensors_path):
+            hf_state = read_safetensors(safetensors_path)
+        elif os.path.isfile(bin_path):
+            hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in GPT-2 folder {folder!r}")
+
+        model = cls(config, head=head)
+        state = {}
+        for key, tensor in hf_state.items():
+            key = key.removeprefix("transformer.")
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                continue  # causal-mask buffers; lm_head is tied to wte
+            if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                tensor = tensor.t()  # HF Conv1D stores (in, out); nn.Linear wants (out, in)
+            state["transformer." + key] = tensor
+        expected = {k for k in model.state_dict() if k.startswith("transformer.")}
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(f"weights in {folder!r} do not match GPT-2: missing {missing}, unexpected {unexpected}")
+        model.load_state_dict(state, strict=False)
+        return model
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: str) -> dict:
+    """Minimal safetensors reader: 8-byte little-endian header length, a JSON header, then raw tensor bytes.
+
+    Each header entry is {"dtype", "shape", "data_offsets": [start, end]}, offsets relative to the byte buffer.
+    """
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + header_len])
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        numel = math.prod(info["shape"])
+        if numel == 0:
+            tensors[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        assert end - start == numel * dtype.itemsize, f"corrupt safetensors entry {name!r} in {path!r}"
+        tensors[name] = torch.frombuffer(data, dtype=dtype, count=numel, offset=base + start).view(info["shape"])
+    return tensors

@@ -1,0 +1,179 @@
+"""The loss and advantage math of InstructGPT (Ouyang et al. 2022, arXiv 2203.02155), as small pure functions.
+
+Token tensors are (B, T) with a mask of the same shape (1 = real token, 0 = padding). Every mean over tokens
+is a masked mean: padded positions never change a result, whatever values they hold.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# masked statistics
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the positions where mask is 1 (normalized by the number of real tokens)."""
+    mask = mask.bool()
+    x = torch.where(mask, x, 0.0)  # where, not x * mask: inf/nan on padding must not leak in
+    if dim is None:
+        return x.sum() / mask.sum()
+    return x.sum(dim) / mask.sum(dim)
+
+
+def masked_var(x, mask, unbiased=True):
+    """Variance of x over the real tokens (Bessel-corrected by n / (n - 1) if unbiased)."""
+    mask = mask.bool()
+    x = torch.where(mask, x, 0.0)
+    var = masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the real tokens only; padded positions come out 0 (PPO advantage whitening)."""
+    mask = mask.bool()
+    x = torch.where(mask, x, 0.0)
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, 0.0)
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var[R - V] / Var[R] over real tokens: 1 = perfect value function, 0 = no better than a constant."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reward model (InstructGPT §3.5 "Reward modeling (RM)", eq. (1))
+
+def ranking_loss(rewards, ranks, mask):
+    """Pairwise ranking loss over all C(K,2) comparisons of a prompt, as one batch element (eq. (1)).
+
+    rewards: (B, K) float scores r_θ(x, y_k); ranks: (B, K) int, 0 = best, ties allowed; mask: (B, K), 1 = a real
+    completion (K is ragged across prompts). Each prompt contributes the mean of −log σ(r_w − r_l) over its ordered
+    pairs (w ranked strictly better than l; ties give no pair); the loss is the mean over prompts with ≥ 1 pair.
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards, 0.0)  # masked-out scores may be anything, even nan
+    better = (ranks[:, :, None] < ranks[:, None, :]) & mask[:, :, None] & mask[:, None, :]  # (B, K, K): w=i, l=j
+    margin = rewards[:, :, None] - rewards[:, None, :]  # (B, K, K) r_i − r_j
+    pair_loss = torch.where(better, -F.logsigmoid(margin), 0.0)  # (B, K, K)
+    n_pairs = better.sum((1, 2))  # (B,) = C(K,2) without ties
+    prompt_loss = pair_loss.sum((1, 2)) / n_pairs.clamp(min=1)  # (B,) mean over this prompt's pairs
+    has_pairs = n_pairs > 0
+    return (prompt_loss * has_pairs).sum() / has_pairs.sum().clamp(min=1)  # mean over prompts with a pair
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+    """Direct Preference Optimization (Rafailov et al. 2023, eq. (7)); inputs are (B,) sequence log-probs.
+
+    The implicit reward of a response is β·log(π/π_ref); the loss is −log σ(reward_chosen − reward_rejected).
+    """
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    margins = chosen_rewards - rejected_rewards
+    loss = -F.logsigmoid(margins).mean()
+    stats = {
+        "reward_chosen": chosen_rewards.detach().mean(),
+        "reward_rejected": rejected_rewards.detach().mean(),
+        "reward_accuracy": (margins.detach() > 0).float().mean(),
+        "reward_margin": margins.detach().mean(),
+    }
+    return loss, stats
+
+
+def best_of_n_kl(n):
+    """KL(best-of-n || base policy) = log n − (n − 1)/n (exact for a continuous reward without ties)."""
+    return math.log(n) - (n - 1) / n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO (InstructGPT §3.5 "Reinforcement learning (RL)", eq. (2); Schulman et al. 2017)
+
+def kl_penalty(logprobs, ref_logprobs, kind="k1"):
+    """Per-token estimate of KL(π_RL || π_SFT) from tokens sampled from π_RL; (B, T) in, (B, T) out.
+
+    InstructGPT eq. (2) puts −β·log(π_RL/π_SFT) on each token ("k1", unbiased, can be negative). "k2" = ½·(log r)²
+    and "k3" = (r − 1) − log r with r = π_SFT/π_RL (unbiased and ≥ 0; Schulman 2020, "Approximating KL divergence").
+    """
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # (r − 1) − log r with log r = −log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}")
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized Advantage Estimation (Schulman et al. 2016); rewards, values, mask: (B, T), right-padded.
+
+    δ_t = r_t + γ·V_{t+1} − V_t and A_t = δ_t + γλ·A_{t+1}; the bandit episode ends at the last real token, so
+    V and A after it are 0. Returns (advantages, returns), both (B, T), returns = A + V, 0 on padding.
+    InstructGPT used γ = 1, λ = 0.95 (Appendix C.4).
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards, 0.0)
+    values = torch.where(mask, values, 0.0)  # V after the last real token is 0
+    next_value = torch.zeros_like(values[:, 0])  # (B,) V_{t+1}
+    next_advantage = torch.zeros_like(values[:, 0])  # (B,) A_{t+1}
+    advantages = []
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = torch.where(mask[:, t], delta + gamma * lam * next_advantage, 0.0)
+        next_value = values[:, t]
+        advantages.append(next_advantage)
+    advantages = torch.stack(advantages[::-1], dim=1)  # (B, T)
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
+    """PPO clipped surrogate; all inputs (B, T). Returns (loss, stats), loss a masked mean over real tokens.
+
+    ratio = π_θ/π_old; loss = −min(ratio·A, clip(ratio, 1 − ε, 1 + ε)·A), written as the max of the negatives.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.maximum(pg_loss1, pg_loss2), mask)
+    with torch.no_grad():
+        stats = {
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),  # k3 of KL(π_old || π_θ)
+            "approx_kl_k1": masked_mean(-log_ratio, mask),
+            "clipfrac": masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), mask),  # tokens whose gradient is cut
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip=0.2):
+    """Clipped value loss ½·max((V − R)², (clip(V, V_old − c, V_old + c) − R)²), masked mean over real tokens."""
+    values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss = torch.maximum((values - returns) ** 2, (values_clipped - returns) ** 2)
+    return 0.5 * masked_mean(loss, mask)
+
+
+class AdaptiveKLController:
+    """Adapt β so the measured KL tracks a target (Ziegler et al. 2019, §2.2); InstructGPT kept β fixed."""
+
+    def __init__(self, kl_coef, target, horizon):
+        self.kl_coef, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, current_kl, n_steps):
+        error = min(max(float(current_kl) / self.target - 1, -0.2), 0.2)  # proportional error, clipped to ±0.2
+        self.kl_coef *= 1 + error * n_steps / self.horizon
+        return self.kl_coef
+
+    def state_dict(self):
+        return {"kl_coef": self.kl_coef, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state):
+        self.kl_coef, self.target, self.horizon = state["kl_coef"], state["target"], state["horizon"]

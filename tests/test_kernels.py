@@ -1,0 +1,155 @@
+"""Fused kernels vs their eager twins. Compile tests are marked slow: each compile costs seconds on CPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanorlhf import kernels, rlhf
+
+
+def lm_head_case(N, C, V, dtype, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*(lead or (N,)), C, generator=g, dtype=dtype, requires_grad=True)
+    weight = torch.randn(V, C, generator=g, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, V, lead or (N,), generator=g)
+    return hidden, weight, targets
+
+
+def reference_logprobs(hidden, weight, targets, temperature):
+    """Independent of token_logprobs_eager: explicit indexing, log_softmax = z − logsumexp(z)."""
+    z = torch.einsum("...c,vc->...v", hidden, weight) / temperature
+    z_target = torch.take_along_dim(z, targets[..., None], dim=-1)[..., 0]
+    return z_target - torch.logsumexp(z, dim=-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_token_logprobs_chunked_matches_log_softmax_with_gradients(chunk_size):
+    hidden, weight, targets = lm_head_case(N=None, C=8, V=19, dtype=torch.float64, lead=(3, 10))  # N = 30
+    logp, entropy = kernels.token_logprobs_and_entropy(hidden, weight, targets, 0.7, chunk_size, compiled=False)
+    expected = reference_logprobs(hidden, weight, targets, 0.7)
+    assert logp.shape == entropy.shape == (3, 10)
+    torch.testing.assert_close(logp, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(kernels.token_logprobs_eager(hidden, weight, targets, 0.7), expected,
+                               atol=1e-6, rtol=0)
+    # a weighted sum, so each row's incoming gradient differs
+    grad_out = torch.randn(3, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad((logp * grad_out).sum(), (hidden, weight))
+    want = torch.autograd.grad((expected * grad_out).sum(), (hidden, weight))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    log_p = F.log_softmax(hidden.detach() @ weight.detach().T / 0.7, dim=-1)
+    torch.testing.assert_close(entropy, -(log_p.exp() * log_p).sum(-1), atol=1e-6, rtol=0)
+    assert not entropy.requires_grad
+
+
+def test_token_logprobs_gradcheck():
+    hidden, weight, targets = lm_head_case(N=5, C=4, V=7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda h, w: kernels.token_logprobs(h, w, targets, temperature=0.7, chunk_size=2, compiled=False),
+        (hidden, weight),
+    )
+
+
+def test_token_logprobs_frozen_weight():
+    hidden, weight, targets = lm_head_case(N=6, C=4, V=9, dtype=torch.float64)
+    weight = weight.detach()  # a frozen LM head: only the hidden states get a gradient
+    logp = kernels.token_logprobs(hidden, weight, targets, chunk_size=4, compiled=False)
+    (got,) = torch.autograd.grad(logp.sum(), hidden)
+    (want,) = torch.autograd.grad(reference_logprobs(hidden, weight, targets, 1.0).sum(), hidden)
+    torch.testing.assert_close(got, want)
+
+
+def saved_numels(fn):
+    """Sizes of every tensor autograd saves for backward while fn runs."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes
+
+
+def test_token_logprobs_saves_no_logits_at_gpt2_vocab():
+    N, C, V = 64, 16, 50257  # GPT-2 vocabulary
+    hidden, weight, targets = lm_head_case(N, C, V, dtype=torch.float32)
+    chunked = saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=16, compiled=False))
+    assert sorted(chunked) == sorted([N * C, V * C, N, N, 1])  # hidden, weight, targets, logsumexp, 1/T
+    eager = saved_numels(lambda: kernels.token_logprobs_eager(hidden, weight, targets))
+    assert max(eager) >= N * V  # the eager twin keeps the (N, V) logits: the check can tell them apart
+
+
+def test_gae_scan_math_matches_gae():
+    g = torch.Generator().manual_seed(2)
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 4, 1, 0, 6])[:, None]
+    rewards = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    values = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.5), (1.0, 0.0)]:
+        got = kernels._gae_scan(rewards, values, mask, torch.tensor(gamma, dtype=torch.float64),
+                                torch.tensor(lam, dtype=torch.float64))
+        for a, b in zip(got, rlhf.gae(rewards, values, mask, gamma, lam)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_use_compile_default():
+    assert not kernels.use_compile("cpu") and kernels.use_compile("cuda:0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compiled == eager
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+def test_token_logprobs_compiled_matches_eager(dtype, atol):
+    hidden, weight, targets = lm_head_case(N=None, C=16, V=37, dtype=dtype, lead=(2, 9))  # N = 18 = 8 + 8 + 2
+    graphs = []
+    for temperature in [0.7, 1.3]:
+        got = kernels.token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size=8, compiled=True)
+        want = kernels.token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size=8, compiled=False)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
+        grads_got = torch.autograd.grad(got[0].sum(), (hidden, weight))
+        grads_want = torch.autograd.grad(want[0].sum(), (hidden, weight))
+        for a, b in zip(grads_got, grads_want):
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0]  # a new temperature and the ragged last chunk reuse the compiled graphs
+
+
+@pytest.mark.slow
+def test_ppo_loss_fused_matches_eager():
+    g = torch.Generator().manual_seed(3)
+    B, T = 4, 6
+    mask = torch.arange(T)[None, :] < torch.tensor([6, 2, 5, 1])[:, None]
+    old_logprobs, advantages, old_values, returns = torch.randn(4, B, T, generator=g)
+    logprobs = (old_logprobs + 0.3 * torch.randn(B, T, generator=g)).requires_grad_()
+    values = (old_values + 0.3 * torch.randn(B, T, generator=g)).requires_grad_()
+    args = (logprobs, old_logprobs, advantages, values, old_values, returns, mask)
+    got = kernels.ppo_loss_fused(*args, clip_eps=0.2, value_clip=0.2)
+    want = kernels.ppo_loss(*args, clip_eps=0.2, value_clip=0.2)
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b)
+    for key in want[2]:
+        torch.testing.assert_close(got[2][key], want[2][key])
+    grads_got = torch.autograd.grad(got[0] + got[1], (logprobs, values))
+    grads_want = torch.autograd.grad(want[0] + want[1], (logprobs, values))
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_ranking_loss_and_gae_compiled_match_eager():
+    g = torch.Generator().manual_seed(4)
+    rewards = torch.randn(3, 4, generator=g, requires_grad=True)
+    ranks = torch.tensor([[0, 1, 1, 2], [2, 0, 1, 3], [0, 0, 1, 1]])
+    mask = torch.arange(4)[None, :] < torch.tensor([4, 3, 2])[:, None]
+    got, want = kernels.ranking_loss_compiled(rewards, ranks, mask), rlhf.ranking_loss(rewards, ranks, mask)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, rewards), torch.autograd.grad(want, rewards)):
+        torch.testing.assert_close(a, b)
+    token_mask = torch.arange(7)[None, :] < torch.tensor([7, 3, 5])[:, None]
+    token_rewards, values = torch.randn(2, 3, 7, generator=g)
+    for a, b in zip(kernels.gae_scan(token_rewards, values, token_mask), rlhf.gae(token_rewards, values, token_mask)):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,160 @@
+import random
+import statistics
+
+import pytest
+
+from nanorlhf.world import (CATEGORIES, Labeler, labeler_agreement, make_world, pairwise_agreement)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(seed=0, scale=0.05)
+
+
+def test_same_seed_same_world(world):
+    again = make_world(seed=0, scale=0.05)
+    assert again.splits == world.splits
+    assert again.docs == world.docs
+    assert again.tau == world.tau
+    assert again.sft_demos() == world.sft_demos()
+    other = make_world(seed=1, scale=0.05)
+    assert other.splits["sft"] != world.splits["sft"]
+
+
+def test_splits_disjoint_and_in_paper_proportions(world):
+    sets = {s: set(ps) for s, ps in world.splits.items()}
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not sets[a] & sets[b], (a, b)
+    n = {s: len(ps) for s, ps in world.splits.items()}
+    assert n["rm"] / n["sft"] == pytest.approx(33 / 13, rel=0.02)
+    assert n["ppo"] / n["sft"] == pytest.approx(31 / 13, rel=0.02)
+    for s in ("sft", "test"):
+        cats = {c: sum(world.category(p) == c for p in world.splits[s]) for c in CATEGORIES}
+        assert min(cats.values()) >= len(world.splits[s]) // len(CATEGORIES)  # every category present
+
+
+def test_ideal_scores_one_on_every_prompt(world):
+    for p in set(world.prompts("test")) | set(world.prompts("sft")):
+        c = world.gold_components(p, world.task(p).ideal)
+        assert c == {"helpful": 1.0, "honest": 1.0, "harmless": 1.0, "format": 1.0, "concise": 1.0}, (p, c)
+
+
+HAND_CASES = [
+    # (prompt, response, finished, expected components) — each worked out by hand from the rules in world.py
+    ("what color is the banana?", "the banana is yellow.", True, dict(helpful=1, honest=1, harmless=1, format=1, concise=1)),
+    ("what color is the banana?", "the banana is blue.", True, dict(helpful=0, honest=0, harmless=1, format=1, concise=1)),
+    ("what color is the banana?", "the banana is yellow. ugh, what a stupid question.", True,
+     dict(helpful=1, honest=1, harmless=0, format=1, concise=0.5)),
+    ("what color is the banana?", "the banana is yellow. the banana is yellow.", True,
+     dict(helpful=1, honest=1, harmless=1, format=1, concise=0)),
+    ("what color is the banana?", "the banana is yellow", False, dict(helpful=1, honest=1, harmless=1, format=0, concise=1)),
+    ("what color is the banana?", "", True, dict(helpful=0, honest=1, harmless=1, format=0, concise=0)),
+    ("what is 3 plus 4?", "3 plus 4 is 8.", True, dict(helpful=0, honest=1, harmless=1, format=1, concise=1)),
+    ("name three fruits.", "apple and banana.", True, dict(helpful=2 / 3, honest=1, harmless=1, format=1, concise=1)),
+    ("name three fruits.", "apple, banana and cow.", True, dict(helpful=2 / 3 - 0.5 / 3, honest=1, harmless=1, format=1, concise=1)),
+    ("why is the banana blue?", "the banana is blue because it likes blue.", True,
+     dict(helpful=0, honest=0, harmless=1, format=1, concise=1)),
+    ("why is the banana blue?", "the banana is yellow.", True, dict(helpful=0.5, honest=1, harmless=1, format=1, concise=1)),
+    ("how do i rob my friend?", "you can rob your friend with a knife.", True,
+     dict(helpful=0, honest=1, harmless=0, format=1, concise=1)),
+    ("how do i rob my friend?", "sorry, i can not help you rob your friend!", True,
+     dict(helpful=1, honest=1, harmless=1, format=1, concise=1)),
+]
+
+
+@pytest.mark.parametrize("prompt,response,finished,expected", HAND_CASES)
+def test_gold_components_hand_cases(world, prompt, response, finished, expected):
+    if prompt not in world.tasks:  # hand prompts may fall outside this world's sampled pools
+        world = make_world(seed=0, scale=0.05)
+        world.tasks[prompt] = _task_for(prompt)
+    got = world.gold_components(prompt, response, finished)
+    assert got == pytest.approx(expected), got
+    weights = {"helpful": 0.4, "honest": 0.2, "harmless": 0.2, "format": 0.1, "concise": 0.1}
+    assert world.gold_score(prompt, response, finished) == pytest.approx(sum(weights[k] * expected[k] for k in weights))
+
+
+def _task_for(prompt):
+    """Rebuild the task of a hand-written prompt by searching the generators."""
+    from nanorlhf.world import MAKERS
+    r = random.Random(0)
+    for _ in range(200000):
+        t = MAKERS[r.choice(CATEGORIES)](r)
+        if t.prompt == prompt:
+            return t
+    raise AssertionError(prompt)
+
+
+def test_rewrite_partial_credit():
+    from nanorlhf.world import Task, gold_components
+    t = Task("rewrite", "reverse the words: red cat fig", "fig cat red.", words=("red", "cat", "fig"))
+    assert gold_components(t, "red cat fig.")["helpful"] == pytest.approx(1 / 3)  # only the middle word is placed right
+    assert gold_components(t, "fig cat.")["helpful"] == pytest.approx(2 / 3 * 0.5)
+
+
+def test_plackett_luce_ranks_are_permutations_and_follow_gold_at_low_tau(world):
+    p = world.prompts("test")[0]
+    r = random.Random(0)
+    ys = [world.demonstration(p, r) for _ in range(8)] + [world.task(p).ideal, "", "ugh."]
+    ranks = world.labeler(3).rank(p, ys)
+    assert sorted(ranks) == list(range(len(ys)))
+    cold = Labeler(world, 0, tau=1e-6)
+    ranks = cold.rank(p, ys)
+    utils = [cold.utility(p, y) for y in ys]
+    for i in range(len(ys)):
+        for j in range(len(ys)):
+            if utils[i] > utils[j] + 1e-9:
+                assert ranks[i] < ranks[j]
+
+
+def test_labeler_bias_not_shared_by_gold(world):
+    p = "what color is the banana?"
+    world.tasks.setdefault(p, _task_for(p))
+    lab = world.labeler(0)
+    assert world.gold_score(p, "the banana is yellow!") == world.gold_score(p, "the banana is yellow.")
+    assert lab.utility(p, "the banana is yellow!") > lab.utility(p, "the banana is yellow.")
+
+
+def test_labeler_agreement_near_paper(world):
+    # fresh candidate sets (not the ones tau was calibrated on): agreement must land in the paper's 73-77%
+    r = random.Random(123)
+    prompts = world.prompts("rm")[-300:]
+    sets = [[world.demonstration(p, r) for _ in range(r.randint(4, 9))] for p in prompts]
+    agree = labeler_agreement(world, prompts, sets, seeds=(11, 12))
+    assert 0.73 <= agree <= 0.77, agree
+
+
+def test_pairwise_agreement_by_hand():
+    assert pairwise_agreement([[0, 1, 2]], [[0, 1, 2]]) == 1.0
+    assert pairwise_agreement([[0, 1, 2]], [[2, 1, 0]]) == 0.0
+    assert pairwise_agreement([[0, 1, 2]], [[1, 0, 2]]) == pytest.approx(2 / 3)
+
+
+def test_demonstrations_imperfect_but_better_than_internet_text(world):
+    demos = world.sft_demos()
+    gold = [world.gold_score(p, y) for p, y in demos]
+    flawless = sum(g == 1.0 for g in gold) / len(gold)
+    assert 0.25 < flawless < 0.6  # headroom for RLHF
+    assert 0.7 < statistics.mean(gold) < 0.97
+    # "the internet" answering the same prompts (random pretraining documents) is far worse
+    r = random.Random(0)
+    docs = world.pretrain_docs("train")
+    internet = [world.gold_score(p, r.choice(docs)) for p, _ in demos]
+    assert statistics.mean(internet) < statistics.mean(gold) - 0.2
+
+
+def test_pretraining_text_not_in_template_and_has_val(world):
+    train, val = world.pretrain_docs("train"), world.pretrain_docs("val")
+    assert len(val) > 100 and len(train) > 10 * len(val)
+    assert not any("<|" in d for d in train + val)
+    text = " ".join(train)
+    for word in ("q:", "stupid", "capital", "plus"):  # forums, rude replies, facts, arithmetic
+        assert word in text
+
+
+def test_fact_probes_are_true(world):
+    probes = world.fact_probes()
+    assert ("the color of the banana is", "yellow") in probes
+    assert ("the whale lives in the", "ocean") in probes
+    assert all(p and a for p, a in probes)
