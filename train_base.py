@@ -24,8 +24,6 @@ from nanorlhf.world import make_world
 @dataclass
 class BaseConfig(CommonConfig):
     out: str = arg("runs/default/base", "output directory (ckpt.pt: the base model; state.pt: resume state)")
-    world_seed: int = arg(0, "seed of the tiny world")
-    world_scale: float = arg(0.1, "size knob of the tiny world (1.0 = the paper's prompt counts)")
     n_layer: int = arg(4, "transformer blocks")
     n_head: int = arg(4, "attention heads")
     n_embd: int = arg(128, "model width")

@@ -34,6 +34,8 @@ class CommonConfig:
     seed: int = arg(1337, "seed for torch, numpy and python random")
     device: str = arg("cpu", "cpu | cuda")
     resume: bool = arg(False, "continue from the checkpoint in --out")
+    world_seed: int = arg(0, "seed of the built-in tiny world (used when --data is empty)")
+    world_scale: float = arg(0.1, "size of the tiny world: 1.0 = the paper's 13k/33k/31k SFT/RM/PPO prompts")
 
 
 def _optional_of(tp):

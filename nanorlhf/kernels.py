@@ -92,7 +92,7 @@ class _TokenLogprobs(torch.autograd.Function):
             if need_hidden:
                 grad_hidden.append(g @ weight)  # (n, C)
             if need_weight:
-                grad_weight = g.T @ h  # (V, C)
+                grad_weight += g.T @ h  # (V, C)
         grad_hidden = torch.cat(grad_hidden) if need_hidden else None
         grad_weight = grad_weight if need_weight else None
         return grad_hidden, grad_weight, None, None, None, None

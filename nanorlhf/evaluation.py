@@ -1,0 +1,40 @@
+"""Sampling responses to prompts and judging them with the tiny world's gold judge (shared by every stage)."""
+import statistics
+
+import torch
+
+from nanorlhf.engine import generate
+
+
+@torch.no_grad()
+def sample_responses(model, tok, prompts, max_new_tokens=48, temperature=1.0, greedy=False, batch_size=64,
+                     generator=None):
+    """Responses to instruction prompts: a list of (text, finished) where finished = the model emitted EOS."""
+    out = []
+    device = model.transformer.wte.weight.device
+    for i in range(0, len(prompts), batch_size):
+        ids = [tok.format_prompt(p) for p in prompts[i:i + batch_size]]
+        gen = generate(model, ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature, greedy=greedy,
+                       generator=generator)
+        resp = gen.tokens[:, gen.prompt_len:].cpu()  # (B, N)
+        for row in resp.tolist():
+            out.append((tok.decode_response(row), tok.eos_id in row))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def gold_report(world, prompts, responses):
+    """Mean gold score, its components, and per-category means for (text, finished) responses."""
+    comps = [world.gold_components(p, y, f) for p, (y, f) in zip(prompts, responses)]
+    scores = [world.gold_score(p, y, f) for p, (y, f) in zip(prompts, responses)]
+    by_cat = {}
+    for p, s in zip(prompts, scores):
+        by_cat.setdefault(world.category(p), []).append(s)
+    return {
+        "gold": statistics.mean(scores),
+        "components": {k: statistics.mean(c[k] for c in comps) for k in comps[0]},
+        "by_category": {c: statistics.mean(v) for c, v in sorted(by_cat.items())},
+        "eos_fraction": statistics.mean(f for _, f in responses),
+        "scores": scores,
+    }
