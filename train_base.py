@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, cosine_lr, lm_loss, setup
+from nanorlhf.common import Progress, cosine_lr, lm_loss, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
@@ -38,29 +38,10 @@ class BaseConfig(CommonConfig):
     log_every: int = arg(25, "progress line every N steps")
 
 
-def token_stream(tok, docs):
-    """All documents as one stream of ids, each document followed by EOS."""
-    ids = []
-    for d in docs:
-        ids += tok.encode(d) + [tok.eos_id]
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def get_batch(stream, batch_size, block_size, device):
     """Random windows of block_size + 1 tokens: inputs and their next tokens in one tensor (B, block_size + 1)."""
     starts = torch.randint(len(stream) - block_size - 1, (batch_size,))
     return torch.stack([stream[s:s + block_size + 1] for s in starts]).to(device)
-
-
-@torch.no_grad()
-def val_loss(model, stream, block_size, device, max_windows=200):
-    """Mean next-token loss over fixed, non-overlapping windows of held-out text."""
-    model.eval()
-    n = min(max_windows, (len(stream) - 1) // (block_size + 1))
-    windows = stream[:n * (block_size + 1)].view(n, block_size + 1).to(device)
-    losses = [lm_loss(model, w, torch.ones_like(w, dtype=torch.bool)).item() for w in windows.split(32)]
-    model.train()
-    return sum(losses) / len(losses)
 
 
 @torch.no_grad()

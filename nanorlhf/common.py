@@ -73,6 +73,26 @@ def lm_loss(model, ids, loss_mask):
     return -(logp * target_mask).sum() / target_mask.sum().clamp(min=1)
 
 
+def token_stream(tok, docs):
+    """All documents as one stream of ids, each document followed by EOS."""
+    ids = []
+    for d in docs:
+        ids += tok.encode(d) + [tok.eos_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def val_loss(model, stream, block_size, device, max_windows=200):
+    """Mean next-token loss over fixed, non-overlapping windows of held-out text."""
+    was_training = model.training
+    model.eval()
+    n = min(max_windows, (len(stream) - 1) // (block_size + 1))
+    windows = stream[:n * (block_size + 1)].view(n, block_size + 1).to(device)
+    losses = [lm_loss(model, w, torch.ones_like(w, dtype=torch.bool)).item() for w in windows.split(32)]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
 _PEAK = {}
 
 
