@@ -49,11 +49,12 @@ class Tokenizer:
         return self.enc.decode(list(ids))
 
     def decode_response(self, ids):
-        """The text of a generated response: stop at the first EOS, drop special tokens."""
+        """The text of a generated response: stop at the first EOS, drop special tokens and ids past the
+        vocabulary (a model's embedding table may be padded beyond it, and sampling can pick those rows)."""
         ids = list(ids)
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
-        return self.enc.decode([i for i in ids if i not in self.special_ids])
+        return self.enc.decode([i for i in ids if i not in self.special_ids and i < self.vocab_size])
 
     def format_prompt(self, instruction):
         return [self.prompt_id] + self.encode(instruction) + [self.response_id]
