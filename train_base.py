@@ -7,6 +7,7 @@ alignment tax later on.
     python train_base.py --out runs/default/base
 """
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -51,7 +52,7 @@ def fact_accuracy(model, tok, world, device):
     prompts = [tok.encode(prefix) for prefix, _ in probes]
     gen = generate(model, prompts, max_new_tokens=3, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
     P = gen.prompt_len
-    hits = [tok.decode_response(gen.tokens[i, P:].tolist()).split()[:1] == [answer]
+    hits = [re.findall(r"[a-z0-9]+", tok.decode_response(gen.tokens[i, P:].tolist()))[:1] == [answer]
             for i, (_, answer) in enumerate(probes)]
     return sum(hits) / len(hits)
 

@@ -102,7 +102,9 @@ def peak_flops(device):
     device = torch.device(device)
     if device.type not in _PEAK:
         n, dtype = (1024, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        g = torch.Generator(device=device).manual_seed(0)  # its own RNG: measuring must not move the seeded streams
+        a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+        b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
         best = float("inf")
         for _ in range(6):
             if device.type == "cuda":

@@ -1,0 +1,227 @@
+"""Stage 1 (InstructGPT step 1): supervised fine-tuning of the base model on demonstrations.
+
+Loss on the response tokens and the closing EOS only; the prompt is context (Ouyang et al. 2022, sec. 3.5).
+Cosine LR decay, residual dropout, several epochs; the paper saw validation loss overfit after ~1 epoch while
+more epochs still raised the RM score, so it chose the SFT checkpoint by RM score on a validation set. Here the
+tiny world's gold judge plays that role: ckpt.pt holds the epoch with the best mean gold score of sampled (T=1)
+validation responses (with --data: the epoch with the lowest validation loss).
+
+    python train_sft.py --init runs/default/base/ckpt.pt --out runs/default/sft
+    python train_sft.py --data demos.jsonl --init gpt2_folder --out runs/mine/sft    # {"prompt", "response"} lines
+"""
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.common import Progress, cosine_lr, lm_loss, load_model, pad, setup
+from nanorlhf.config import CommonConfig, arg, parse_config
+from nanorlhf.data import DataError, read_jsonl
+from nanorlhf.evaluation import gold_report, sample_responses
+from nanorlhf.world import make_world
+
+
+@dataclass
+class SFTConfig(CommonConfig):
+    init: str = arg("runs/default/base/ckpt.pt", "base model: nanorlhf checkpoint file or GPT-2 folder")
+    out: str = arg("runs/default/sft", "output directory (ckpt.pt: the chosen epoch; state.pt: resume state)")
+    epochs: int = arg(10, "passes over the demonstrations (paper: 16; here sampled gold plateaus by ~9)")
+    batch_size: int = arg(32, "demonstrations per step")
+    lr: float = arg(1e-3, "peak learning rate (AdamW)")
+    warmup: int = arg(20, "linear warm-up steps, then cosine decay to 10%")
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
+    dropout: float = arg(0.2, "residual dropout during SFT (paper: 0.2); not stored in the model config")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this")
+    max_new_tokens: int = arg(48, "response length limit when sampling for the gold evaluation")
+    log_every: int = arg(50, "progress line every N steps")
+    save_every: int = arg(100, "write state.pt every N steps (and at every epoch end)")
+
+
+def line_numbers(path):
+    """Line number of each record read_jsonl returns: it keeps every non-blank line, in order."""
+    with open(path, "rb") as f:
+        return [n for n, line in enumerate(f.read().split(b"\n"), start=1) if line.strip()]
+
+
+def load_demos(cfg, world):
+    """(train, val) lists of (prompt, response, where); `where` names the example in error messages."""
+    if not cfg.data:
+        train = [(p, y, f"sft demo {i}") for i, (p, y) in enumerate(world.sft_demos("sft"))]
+        val = [(p, y, f"val demo {i}") for i, (p, y) in enumerate(world.sft_demos("val"))]
+        return train, val
+    records = read_jsonl(cfg.data, "sft")
+    if len(records) < 2:
+        raise DataError(f"{cfg.data}: {len(records)} record(s); need at least 2 (train + validation)")
+    demos = [(r["prompt"], r["response"], f"{cfg.data}:{n}") for r, n in zip(records, line_numbers(cfg.data))]
+    n_val = max(1, len(demos) // 20)  # the last 5% are held out for validation
+    return demos[:-n_val], demos[-n_val:]
+
+
+def tokenize(tok, demos, block_size):
+    """(ids, loss_mask) per demonstration; any example longer than the context is an error naming it."""
+    examples = [tok.format_example(p, y) for p, y, _ in demos]
+    too_long = [f"{where}: example: {len(ids)} tokens > block_size {block_size}"
+                for (ids, _), (_, _, where) in zip(examples, demos) if len(ids) > block_size]
+    if too_long:
+        shown = "\n".join(too_long[:50]) + (f"\n... and {len(too_long) - 50} more" if len(too_long) > 50 else "")
+        raise DataError(f"{len(too_long)} example(s) longer than the model's context:\n{shown}")
+    return examples
+
+
+def make_batch(examples, idx, pad_id, device):
+    """Right-padded (ids, loss_mask), both (B, T); padding has loss_mask 0."""
+    ids, _ = pad([examples[i][0] for i in idx], pad_id, device=device)
+    loss_mask, _ = pad([examples[i][1] for i in idx], 0, device=device)
+    return ids, loss_mask.bool()
+
+
+def set_dropout(model, p):
+    """Residual dropout (the two residual branches of each block), as the paper's "residual dropout"."""
+    for block in model.transformer.h:
+        block.attn.resid_dropout.p = p
+        block.mlp.dropout.p = p
+
+
+@torch.no_grad()
+def validation_loss(model, examples, pad_id, device, batch_size=64):
+    """Response-token cross-entropy over all validation tokens (a token-weighted mean, not a mean of batches)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, loss_mask = make_batch(examples, range(i, min(i + batch_size, len(examples))), pad_id, device)
+        n = loss_mask[:, 1:].sum().item()  # lm_loss averages over these target tokens
+        total += lm_loss(model, ids, loss_mask).item() * n
+        count += n
+    model.train()
+    return total / count
+
+
+def gold_eval(model, tok, world, prompts, cfg, device):
+    """Mean gold score of greedy and sampled (T=1) responses. The sampler gets a fresh generator with the same
+    seed every call, so epochs (and base vs SFT) are compared on the same random stream and the training RNG
+    is left untouched."""
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    sampled = sample_responses(model, tok, prompts, cfg.max_new_tokens, temperature=1.0, generator=gen)
+    greedy = sample_responses(model, tok, prompts, cfg.max_new_tokens, greedy=True)
+    s, g = gold_report(world, prompts, sampled), gold_report(world, prompts, greedy)
+    return {"gold_sampled": s["gold"], "gold_greedy": g["gold"], "eos_fraction_sampled": s["eos_fraction"],
+            "by_category_sampled": s["by_category"]}
+
+
+def main(argv=None):
+    cfg = parse_config(SFTConfig, argv)
+    device = setup(cfg)
+    world = None if cfg.data else make_world(cfg.world_seed, cfg.world_scale)
+    try:
+        train_demos, val_demos = load_demos(cfg, world)
+    except DataError as e:
+        print(e)
+        raise SystemExit(2)
+
+    model, tok, _ = load_model(cfg.init, "lm", device)
+    mconf = model.config  # the init's config, dropout included: later stages start from it unchanged
+    try:
+        train = tokenize(tok, train_demos, mconf.block_size)
+        val = tokenize(tok, val_demos, mconf.block_size)
+    except DataError as e:
+        print(e)
+        raise SystemExit(2)
+    n_tok = sum(len(ids) for ids, _ in train)
+    print(f"demonstrations: {len(train)} train ({n_tok:,} tokens), {len(val)} validation | "
+          f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}")
+    set_dropout(model, cfg.dropout)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    stop = total if cfg.max_steps < 0 else min(total, cfg.max_steps)
+    by_gold = world is not None  # the paper's choice (RM score); with --data only validation loss is available
+    criterion = "sampled gold score on validation prompts" if by_gold else "validation loss"
+
+    step, perm, history, best = 0, None, [], None  # best: {"epoch", "score", "model"} of the chosen epoch
+    state_path = os.path.join(cfg.out, "state.pt")
+    state = load_checkpoint(state_path, map_location=device) if cfg.resume and os.path.exists(state_path) else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        perm, history, best = state["extra"]["perm"], state["extra"]["history"], state["extra"]["best"]
+        print(f"resumed from {state_path} at step {step}")
+
+    def save_state():
+        extra = {"perm": perm, "history": history, "best": best}
+        save_checkpoint(state_path, make_checkpoint(model, mconf, "lm", tok, asdict(cfg), step, opt, extra))
+
+    def evaluate(epoch):
+        """Validation metrics of the current weights; keep them as `best` if they beat the chosen epoch."""
+        nonlocal best
+        metrics = {"epoch": epoch, "step": step, "val_loss": validation_loss(model, val, tok.pad_id, device)}
+        if by_gold:
+            metrics.update(gold_eval(model, tok, world, world.prompts("val"), cfg, device))
+        score = metrics["gold_sampled"] if by_gold else -metrics["val_loss"]
+        if best is None or score > best["score"]:
+            best = {"epoch": epoch, "score": score, "model": {k: v.clone() for k, v in model.state_dict().items()}}
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "epoch" and isinstance(v, float))
+        print(f"epoch {epoch:g}: {shown}" + (" (best so far)" if best["epoch"] == epoch else ""))
+        return metrics
+
+    mean_len = n_tok / len(train)
+    progress = Progress(stop, cfg.log_every, model.flops_per_token(round(mean_len)), device, start=step, name="sft ")
+    if state is not None:
+        set_rng_state(state["rng"])  # last: Progress measures peak FLOP/s with random matrices
+    t0 = time.perf_counter()
+    model.train()
+    while step < stop:
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0:
+            perm = torch.randperm(len(train)).tolist()  # this epoch's order, from the seeded global RNG
+        ids, loss_mask = make_batch(train, perm[i * cfg.batch_size:(i + 1) * cfg.batch_size], tok.pad_id, device)
+        lr = cosine_lr(step, total, cfg.lr, cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = lm_loss(model, ids, loss_mask)  # mean over response + EOS tokens; prompt tokens are masked
+        if not torch.isfinite(loss):
+            raise SystemExit(f"step {step}: non-finite SFT loss {loss.item()}; last good state in {state_path}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise SystemExit(f"step {step}: non-finite SFT grad norm; last good state in {state_path}")
+        opt.step()
+        step += 1
+        progress.step(step - 1, ids.numel(), loss=loss.item(), lr=lr)
+        if step % steps_per_epoch == 0:
+            history.append(evaluate(step // steps_per_epoch))
+        if step % cfg.save_every == 0 or step % steps_per_epoch == 0 or step == stop:
+            save_state()
+    if step % steps_per_epoch or best is None:  # stopped mid-epoch by --max_steps: a candidate too
+        history.append(evaluate(round(step / steps_per_epoch, 2)))
+    train_seconds = time.perf_counter() - t0
+    print(f"chosen: epoch {best['epoch']:g} of {len(history)} evaluated, by {criterion}")
+
+    results = {"epochs": history, "chosen_epoch": best["epoch"], "chosen_by": criterion,
+               "chosen": next(m for m in history if m["epoch"] == best["epoch"]), "train_seconds": train_seconds}
+    model.load_state_dict(best["model"])
+    if by_gold:  # held-out test prompts: the SFT model vs the base model with the same template and sampling
+        test = world.prompts("test")
+        base, _, _ = load_model(cfg.init, "lm", device)
+        results["test"] = {"sft": gold_eval(model, tok, world, test, cfg, device),
+                           "base": gold_eval(base, tok, world, test, cfg, device)}
+        for name in ("base", "sft"):
+            m = results["test"][name]
+            print(f"test gold ({len(test)} prompts) {name:4s}: sampled {m['gold_sampled']:.4f} | "
+                  f"greedy {m['gold_greedy']:.4f} | EOS {m['eos_fraction_sampled']:.0%}")
+    save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
+                    make_checkpoint(model, mconf, "lm", tok, asdict(cfg), step, extra=results))
+    print(f"sft: {step} steps in {train_seconds:.0f}s, wrote {os.path.join(cfg.out, 'ckpt.pt')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
