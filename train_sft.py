@@ -174,7 +174,7 @@ def main(argv=None):
     mean_len = n_tok / len(train)
     progress = Progress(stop, cfg.log_every, model.flops_per_token(round(mean_len)), device, start=step, name="sft ")
     if state is not None:
-        set_rng_state(state["rng"])  # last: Progress measures peak FLOP/s with random matrices
+        set_rng_state(state["rng"])  # the data order and dropout streams continue where they stopped
     t0 = time.perf_counter()
     model.train()
     while step < stop:
