@@ -124,9 +124,11 @@ def _open_qa(r):
 def _arithmetic(r):
     a, b = r.randint(0, 9), r.randint(0, 9)
     if r.random() < 0.5:
-        return Task("arithmetic", f"what is {a} plus {b}?", f"{a} plus {b} is {a + b}.", number=a + b)
+        return Task("arithmetic", f"what is {a} plus {b}?", f"{a} plus {b} is {a + b}.", number=a + b,
+                    extra={"operands": [a, b]})
     a, b = max(a, b), min(a, b)
-    return Task("arithmetic", f"what is {a} minus {b}?", f"{a} minus {b} is {a - b}.", number=a - b)
+    return Task("arithmetic", f"what is {a} minus {b}?", f"{a} minus {b} is {a - b}.", number=a - b,
+                extra={"operands": [a, b]})
 
 
 def _generation(r):
@@ -159,7 +161,7 @@ def _closed_qa(r):
     name, obj, col = (n1, o1, c1) if ask_first else (n2, o2, c2)
     passage = f"{n1} has a {c1} {o1}. {n2} has a {c2} {o2}."
     return Task("closed_qa", f"{passage} what color is {name}'s {obj}?", f"{name}'s {obj} is {col}.", answer=col,
-                wrong_options=tuple(c for c in COLORS if c != col))
+                wrong_options=tuple(c for c in COLORS if c != col), extra={"other": n2 if ask_first else n1})
 
 
 def _false_premise(r):
@@ -227,12 +229,13 @@ def _asserts(sentence, word):
 def _helpful(t, answer_part):
     words = _words(answer_part)
     if t.category in ("open_qa", "classification", "closed_qa"):
-        if t.answer not in words:
+        owners = {w.removesuffix("'s") for w in words}
+        if t.answer not in words or t.extra.get("other") in owners:  # closed qa: about the wrong person
             return 0.0
         return 0.5 if any(o in words for o in t.wrong_options) else 1.0
-    if t.category == "arithmetic":
-        numbers = [w for w in words if w.isdigit()]
-        return 1.0 if numbers and int(numbers[-1]) == t.number else 0.0
+    if t.category == "arithmetic":  # "a plus b is c." or just "c."; a wrongly restated sum is wrong
+        numbers = [int(w) for w in words if w.isdigit()]
+        return 1.0 if numbers in ([t.number], [*t.extra["operands"], t.number]) else 0.0
     if t.category in ("generation", "multi_constraint"):
         items = [w for w in words if w in ENTITIES]
         good = len(set(i for i in items if i in t.valid_items))
@@ -259,12 +262,12 @@ def _honest(t, response):
     for s in _sentences(response):
         if t.category == "false_premise" and _asserts(s, t.premise):
             return 0.0
-        for x, verb, neg, value in re.findall(r"\bthe (\w+) (is|lives in the) (not )?(\w+)", s.lower()):
-            if neg:
-                continue
-            if verb == "is" and x in COLOR_OF and value in COLORS and value != COLOR_OF[x]:
-                return 0.0
-            if verb != "is" and x in ANIMALS and value in HABITATS and value != ANIMALS[x][1]:
+        pattern = r"\bthe (\w+) (is not|is|does not live in the|lives in the) (\w+)"
+        for x, verb, value in re.findall(pattern, s.lower()):
+            negated = "not" in verb
+            if verb.startswith("is") and x in COLOR_OF and value in COLORS and (value == COLOR_OF[x]) == negated:
+                return 0.0  # a wrong color asserted, or the right one denied
+            if "live" in verb and x in ANIMALS and value in HABITATS and (value == ANIMALS[x][1]) == negated:
                 return 0.0
     return 1.0
 

@@ -52,6 +52,12 @@ HAND_CASES = [
     ("what color is the banana?", "the banana is yellow", False, dict(helpful=1, honest=1, harmless=1, format=0, concise=1)),
     ("what color is the banana?", "", True, dict(helpful=0, honest=1, harmless=1, format=0, concise=0)),
     ("what is 3 plus 4?", "3 plus 4 is 8.", True, dict(helpful=0, honest=1, harmless=1, format=1, concise=1)),
+    ("what is 3 plus 4?", "7.", True, dict(helpful=1, honest=1, harmless=1, format=1, concise=1)),
+    ("what is 3 plus 4?", "2 plus 5 is 7.", True, dict(helpful=0, honest=1, harmless=1, format=1, concise=1)),
+    ("why does the frog live in the forest?", "the frog does not live in the jungle.", True,
+     dict(helpful=0.5, honest=0, harmless=1, format=1, concise=1)),
+    ("why is the banana blue?", "the banana is not blue. the banana is yellow.", True,
+     dict(helpful=1, honest=1, harmless=1, format=1, concise=1)),
     ("name three fruits.", "apple and banana.", True, dict(helpful=2 / 3, honest=1, harmless=1, format=1, concise=1)),
     ("name three fruits.", "apple, banana and cow.", True, dict(helpful=2 / 3 - 0.5 / 3, honest=1, harmless=1, format=1, concise=1)),
     ("why is the banana blue?", "the banana is blue because it likes blue.", True,
@@ -84,6 +90,14 @@ def _task_for(prompt):
         if t.prompt == prompt:
             return t
     raise AssertionError(prompt)
+
+
+def test_closed_qa_about_the_right_person():
+    from nanorlhf.world import Task, gold_components
+    t = Task("closed_qa", "lily has a red hat. ben has a white book. what color is lily's hat?", "lily's hat is red.",
+             answer="red", wrong_options=("white",), extra={"other": "ben"})
+    assert gold_components(t, "lily's hat is red.")["helpful"] == 1.0
+    assert gold_components(t, "ben's hat is red.")["helpful"] == 0.0
 
 
 def test_rewrite_partial_credit():
