@@ -1,0 +1,299 @@
+"""Stage 2: the reward model, trained on labeler rankings with InstructGPT's K-choose-2 ranking loss.
+
+For each RM prompt the SFT policy samples K responses (K drawn from 4..9 as in the paper); a simulated labeler
+ranks them; the RM (the SFT trunk with a scalar head instead of the unembedding) scores each response at its last
+real token, and all C(K,2) comparisons of a prompt form one batch element (Ouyang et al. 2022, sec. 3.5). After
+training, the head's bias is shifted so that the labelers' demonstrations score mean 0 (reward normalization).
+
+    python train_rm.py --init runs/default/sft/ckpt.pt --out runs/default/rm
+    python train_rm.py --data rankings.jsonl --init gpt2 --out runs/mine/rm     # your own rankings or HH pairs
+"""
+import json
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.common import Progress, cosine_lr, load_model, pad, setup
+from nanorlhf.config import CommonConfig, arg, parse_config
+from nanorlhf.data import DataError, read_jsonl
+from nanorlhf.evaluation import sample_responses
+from nanorlhf.rlhf import ranking_loss
+from nanorlhf.world import calibrate_tau, make_world
+
+
+@dataclass
+class RMConfig(CommonConfig):
+    init: str = arg("runs/default/sft/ckpt.pt", "SFT checkpoint (or GPT-2 folder): policy that samples, RM trunk")
+    out: str = arg("runs/default/rm", "output directory (ckpt.pt: the normalized RM; state.pt: resume state)")
+    n_prompts: int = arg(1000, "train on the first N RM prompts of the tiny world (-1 = all); sampling dominates")
+    k_min: int = arg(4, "fewest responses ranked per prompt (paper: 4)")
+    k_max: int = arg(9, "most responses ranked per prompt (paper: 9)")
+    temperature: float = arg(1.0, "sampling temperature of the SFT policy (1.0: diverse candidates)")
+    max_new_tokens: int = arg(48, "longest sampled response")
+    gen_batch_size: int = arg(256, "sequences sampled at once (measured fastest on CPU: 128-256)")
+    n_calibrate: int = arg(300, "response sets used to calibrate the labeler temperature (two labelers agree 75%)")
+    holdout: float = arg(0.05, "--data: fraction of prompts held out for evaluation")
+    batch_size: int = arg(16, "prompts per step (each with all its K responses)")
+    epochs: int = arg(1, "passes over the rankings (paper: 1; more overfits)")
+    lr: float = arg(1e-3, "peak learning rate (AdamW)")
+    warmup: int = arg(10, "linear warm-up steps, then cosine decay to 10%")
+    weight_decay: float = arg(0.0, "AdamW weight decay on matrices")
+    n_norm: int = arg(1000, "demonstrations scored for the reward normalization")
+    save_every: int = arg(50, "write state.pt every N steps")
+    log_every: int = arg(10, "progress line every N steps")
+
+
+def sequence(tok, prompt, response, finished, block_size):
+    """prompt template + response + EOS if the response ended; the last block_size tokens (the end is scored)."""
+    ids = tok.format_prompt(prompt) + tok.encode(response) + ([tok.eos_id] if finished else [])
+    return ids[-block_size:]
+
+
+def score(model, ids, mask):
+    """The reward of each right-padded row, read at its last real token (the EOS if produced): (B,).
+    Right padding: a real token never attends to a pad after it, so the pads' contents cannot change a score."""
+    values = model(ids)  # (B, T) a scalar at every position
+    last = mask.long().sum(1) - 1  # (B,) index of the last real token
+    return values.gather(1, last[:, None]).squeeze(1)  # (B,)
+
+
+def group_scores(model, tok, groups, device):
+    """Scores (B, K) of a batch of ranking records, K ragged: one forward pass over all B·K responses."""
+    seqs, K = [], max(len(g["responses"]) for g in groups)
+    for g in groups:
+        seqs += [sequence(tok, g["prompt"], y, f, model.config.block_size)
+                 for y, f in zip(g["responses"], g["finished"])]
+    ids, mask = pad(seqs, tok.pad_id, device=device)  # (N, T) right-padded
+    flat = score(model, ids, mask)  # (N,)
+    rewards = torch.zeros(len(groups), K, device=device)  # (B, K)
+    valid = torch.zeros(len(groups), K, dtype=torch.bool, device=device)  # (B, K) 1 = a real response
+    i = 0
+    for b, g in enumerate(groups):
+        k = len(g["responses"])
+        rewards[b, :k], valid[b, :k] = flat[i:i + k], True
+        i += k
+    return rewards, valid, ids.numel()
+
+
+@torch.no_grad()
+def score_records(model, tok, records, device, batch_size=64):
+    """Scores of every response of every record, as lists (eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(records), batch_size):
+        rewards, valid, _ = group_scores(model, tok, records[i:i + batch_size], device)
+        out += [r[v].tolist() for r, v in zip(rewards, valid)]
+    model.train(was_training)
+    return out
+
+
+def pair_accuracy(scores, ranks):
+    """Fraction of the pairs ranked apart (ranks[i] != ranks[j], 0 = best) that `scores` order the same way;
+    a tie in scores counts one half (identical responses get identical scores)."""
+    hits = total = 0
+    for s, r in zip(scores, ranks):
+        for i in range(len(r)):
+            for j in range(i + 1, len(r)):
+                if r[i] != r[j]:
+                    total += 1
+                    hits += 0.5 if s[i] == s[j] else float((s[i] > s[j]) == (r[i] < r[j]))
+    return hits / max(total, 1)
+
+
+def expected_agreement(scores, utilities, tau):
+    """Accuracy and ceiling without the labelers' sampling noise. A Plackett-Luce labeler puts i above j with
+    probability p = σ((u_i − u_j)/τ), so a scorer agrees with it w.p. p or 1 − p (½ on a tie in scores) and two
+    independent labelers agree w.p. p² + (1 − p)². Averaged over all pairs: (expected accuracy, ceiling)."""
+    acc = ceiling = total = 0
+    for s, u in zip(scores, utilities):
+        for i in range(len(u)):
+            for j in range(i + 1, len(u)):
+                p = 1 / (1 + math.exp(-(u[i] - u[j]) / tau))
+                acc += 0.5 if s[i] == s[j] else p if s[i] > s[j] else 1 - p
+                ceiling += p * p + (1 - p) * (1 - p)
+                total += 1
+    return acc / max(total, 1), ceiling / max(total, 1)
+
+
+def sample_sets(policy, tok, prompts, ks, cfg, generator):
+    """K_i responses from the policy for prompt i: a list of (responses, finished) per prompt. All prompts'
+    samples go through the sampler together (generation dominates the stage's time)."""
+    flat = [p for p, k in zip(prompts, ks) for _ in range(k)]
+    out = sample_responses(policy, tok, flat, cfg.max_new_tokens, cfg.temperature, batch_size=cfg.gen_batch_size,
+                           generator=generator)
+    sets, i = [], 0
+    for k in ks:
+        sets.append(([y for y, _ in out[i:i + k]], [f for _, f in out[i:i + k]]))
+        i += k
+    return sets
+
+
+def world_rankings(cfg, world, tok, device):
+    """Training and evaluation rankings in the tiny world. Held out: the world's "val" prompts (never trained on),
+    sampled first with their own generator so they do not depend on --n_prompts, and ranked by two fresh
+    labelers: the first is the reference, the second's agreement with it is the ceiling."""
+    policy, _, _ = load_model(cfg.init, head="lm", device=device)
+    rng = random.Random(cfg.seed)
+    train_prompts = world.prompts("rm")[:cfg.n_prompts] if cfg.n_prompts > 0 else world.prompts("rm")
+    eval_prompts = world.prompts("val")
+    t0 = time.perf_counter()
+    sets = []
+    for i, prompts in enumerate((eval_prompts, train_prompts)):
+        ks = [rng.randint(cfg.k_min, cfg.k_max) for _ in prompts]
+        sets.append(sample_sets(policy, tok, prompts, ks, cfg, torch.Generator(device).manual_seed(cfg.seed + i)))
+    eval_sets, train_sets = sets
+    flat = [f for ys, fs in train_sets + eval_sets for f in fs]
+    print(f"sampled {len(flat):,} responses to {len(train_prompts) + len(eval_prompts):,} prompts in "
+          f"{time.perf_counter() - t0:.1f}s ({statistics.mean(flat):.1%} ended with EOS)")
+    # the tiny-world notes: calibrate the labelers on the candidates they will really rank
+    n = min(cfg.n_calibrate, len(train_prompts))
+    world.tau = calibrate_tau(world, train_prompts[:n], [ys for ys, _ in train_sets[:n]],
+                              [fs for _, fs in train_sets[:n]])
+    labeler = world.labeler(cfg.seed)
+    train = [{"prompt": p, "responses": ys, "finished": fs, "ranking": labeler.rank(p, ys, fs)}
+             for p, (ys, fs) in zip(train_prompts, train_sets)]
+    first, second = world.labeler(cfg.seed + 1), world.labeler(cfg.seed + 2)
+    held = []
+    for p, (ys, fs) in zip(eval_prompts, eval_sets):
+        held.append({"prompt": p, "responses": ys, "finished": fs, "ranking": first.rank(p, ys, fs),
+                     "ranking2": second.rank(p, ys, fs), "gold": [world.gold_score(p, y, f) for y, f in zip(ys, fs)],
+                     "utility": [first.utility(p, y, f) for y, f in zip(ys, fs)]})
+    gold_spread = statistics.mean(statistics.pstdev(r["gold"]) for r in held)
+    print(f"labeler temperature tau {world.tau:.4f} (two labelers agree on 75% of pairs) | "
+          f"held-out gold std within a prompt's samples {gold_spread:.3f}")
+    return train, held, world.sft_demos("rm")[:cfg.n_norm]
+
+
+def file_rankings(cfg, records):
+    """Rankings from --data (every response counted as finished); a seeded 5% of prompts held out.
+    Normalization uses the best response of each training prompt (the demonstration's stand-in)."""
+    records = [{**r, "finished": [True] * len(r["responses"])} for r in records]
+    random.Random(cfg.seed).shuffle(records)
+    n_eval = max(1, round(cfg.holdout * len(records))) if len(records) > 1 else 0
+    train, held = records[n_eval:], records[:n_eval]
+    norm = [(r["prompt"], r["responses"][r["ranking"].index(0)]) for r in train[:cfg.n_norm]]
+    return train, held, norm
+
+
+def evaluate(model, tok, held, tau, device):
+    """Held-out pairwise accuracy against the labeler, its ceiling (a second labeler on the same pairs), the same
+    two without labeler noise, and the accuracy against gold on pairs whose gold scores differ."""
+    if not held:
+        return {}
+    scores = score_records(model, tok, held, device)
+    out = {"accuracy": pair_accuracy(scores, [r["ranking"] for r in held]), "eval_prompts": len(held)}
+    if "ranking2" in held[0]:
+        out["ceiling"] = pair_accuracy([[-x for x in r["ranking2"]] for r in held], [r["ranking"] for r in held])
+        utilities = [r["utility"] for r in held]
+        out["accuracy_expected"], out["ceiling_expected"] = expected_agreement(scores, utilities, tau)
+        out["gold_accuracy"] = pair_accuracy(scores, [[-g for g in r["gold"]] for r in held])
+    return out
+
+
+def main(argv=None):
+    cfg = parse_config(RMConfig, argv)
+    device = setup(cfg)
+    t_start = time.perf_counter()
+    state_path = os.path.join(cfg.out, "state.pt")
+    resume = cfg.resume and os.path.exists(state_path)
+    if cfg.data and not resume:
+        try:
+            file_records = read_jsonl(cfg.data, "rm")
+        except DataError as e:
+            print(e)
+            raise SystemExit(2)
+
+    # data: rankings of the SFT policy's samples (tiny world) or of --data; kept in state.pt for --resume
+    model, tok, _ = load_model(cfg.init, head="scalar", device=device)
+    if resume:
+        state = load_checkpoint(state_path)
+        data = state["extra"]["data"]
+        print(f"resumed from {state_path} at step {state['step']}")
+    elif cfg.data:
+        train, held, norm = file_rankings(cfg, file_records)
+        data = {"train": train, "eval": held, "norm": norm, "tau": None}
+    else:
+        world = make_world(cfg.world_seed, cfg.world_scale)
+        train, held, norm = world_rankings(cfg, world, tok, device)
+        data = {"train": train, "eval": held, "norm": norm, "tau": world.tau}
+    train, held = data["train"], data["eval"]
+    data_seconds = time.perf_counter() - t_start
+    print(f"rankings: {len(train):,} training prompts, {sum(len(r['responses']) for r in train):,} responses, "
+          f"{len(held):,} held-out prompts")
+
+    # model: the SFT trunk with a fresh scalar head (load_model replaced the unembedding)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    print(f"reward model: {model.num_params() / 1e6:.2f}M parameters")
+    step = 0
+    if resume:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+
+    # loop: each step a batch of prompts, each with all its K responses (K forward passes, C(K,2) pairs)
+    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    schedule = cfg.epochs * steps_per_epoch
+    total = schedule if cfg.max_steps < 0 else min(schedule, cfg.max_steps)
+    avg_len = statistics.mean(len(sequence(tok, r["prompt"], y, True, model.config.block_size))
+                              for r in train[:200] for y in r["responses"])
+    progress = Progress(total, cfg.log_every, model.flops_per_token(avg_len), device, start=step)
+    model.train()
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        batch = [train[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+        lr = cosine_lr(step, schedule, cfg.lr, cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rewards, valid, n_tokens = group_scores(model, tok, batch, device)  # (B, K), (B, K)
+        ranks = pad([r["ranking"] for r in batch], 0, device=device)[0]  # (B, K), padding masked by `valid`
+        loss = ranking_loss(rewards, ranks, valid)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"step {step}: non-finite ranking loss {loss.item()}; last good state in {state_path}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not torch.isfinite(grad_norm):
+            raise SystemExit(f"step {step}: non-finite ranking loss gradient norm; last good state in {state_path}")
+        opt.step()
+        with torch.no_grad():
+            acc = pair_accuracy(rewards.tolist(), [r["ranking"] for r in batch])  # zip drops the padded columns
+        progress.step(step, n_tokens, loss=loss.item(), acc=acc, lr=lr)
+        step += 1
+        if step % cfg.save_every == 0 or step == total:
+            save_checkpoint(state_path, make_checkpoint(model, model.config, "scalar", tok, asdict(cfg), step, opt,
+                                                        extra={"data": data}))
+
+    # reward normalization (paper sec. 3.5): shift the head's bias so the demonstrations score mean 0
+    demos = [{"prompt": p, "responses": [y], "finished": [True]} for p, y in data["norm"]]
+    raw = [s[0] for s in score_records(model, tok, demos, device)]
+    shift = -statistics.mean(raw)
+    with torch.no_grad():
+        model.score.bias += shift
+    normed = [s[0] for s in score_records(model, tok, demos, device)]
+    results = {**evaluate(model, tok, held, data["tau"], device), "reward_shift": shift,
+               "demo_reward_mean": statistics.mean(normed), "demo_reward_std": statistics.pstdev(normed),
+               "labeler_tau": data["tau"], "steps": step, "train_prompts": len(train),
+               "data_seconds": data_seconds, "seconds": time.perf_counter() - t_start}
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
+    print("reward model: " + " | ".join(f"{k} {v}" for k, v in shown.items()))
+    save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
+                    make_checkpoint(model, model.config, "scalar", tok, asdict(cfg), step, extra=results))
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
