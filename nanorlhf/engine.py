@@ -39,6 +39,10 @@ class KVCache:
     def advance(self, T):
         self.pos.add_(T)
 
+    def keep_rows(self, keep):
+        """Drop finished rows: keep (B,) bool selects the rows that go on decoding."""
+        self.k, self.v, self.key_mask = self.k[:, keep], self.v[:, keep], self.key_mask[keep]
+
 
 @dataclass
 class Generation:
@@ -79,7 +83,10 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, genera
             mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability mass strictly before each token
             sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # first always kept
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)  # (B,)
+        # a draw from softmax(logits): argmax of p / E with E ~ Exp(1) i.i.d. (the exponential race; same law as
+        # torch.multinomial, several times faster on CPU)
+        race = torch.empty_like(logits).exponential_(generator=generator)  # (B, V)
+        token = (logits.softmax(dim=-1) / race).argmax(dim=-1)  # (B,)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -107,26 +114,30 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
         kv_cache = KVCache(config.n_layer, B, config.n_head, P + max_new_tokens, config.n_embd // config.n_head,
                            device=device, dtype=model.transformer.wte.weight.dtype)
         logits = model(prompt, attention_mask=prompt_mask, kv_cache=kv_cache)[:, -1]  # (B, vocab) prefill
-        tokens, logprobs, alive = [], [], []
-        done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) row has emitted EOS
-        for _ in range(max_new_tokens):
-            token, logprob = sample(logits, temperature, top_k, top_p, greedy, generator)  # (B,), (B,)
-            tokens.append(torch.where(done, pad_id, token))
-            logprobs.append(torch.where(done, 0.0, logprob))
-            alive.append(~done)
-            done = done | (token == eos_id)
-            if done.all():
+        response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
+        response_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, N)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)  # (B, N)
+        rows = torch.arange(B, device=device)  # the rows still decoding; finished rows are dropped
+        N = 0
+        for t in range(max_new_tokens):
+            token, logprob = sample(logits, temperature, top_k, top_p, greedy, generator)  # (b,), (b,)
+            response[rows, t], logprobs[rows, t], response_mask[rows, t] = token, logprob, True
+            N = t + 1
+            going = token != eos_id  # (b,)
+            if not going.any():
                 break
-            logits = decode_step(model, tokens[-1], kv_cache)  # (B, vocab)
+            if not going.all():  # shrink the batch: finished rows cost nothing from here on
+                rows, token = rows[going], token[going]
+                kv_cache.keep_rows(going)
+            logits = decode_step(model, token, kv_cache)  # (b, vocab)
     finally:
         model.train(was_training)
 
-    response = torch.stack(tokens, dim=1)  # (B, N)
-    response_mask = torch.stack(alive, dim=1)  # (B, N)
+    response, response_mask, logprobs = response[:, :N], response_mask[:, :N], logprobs[:, :N]
     return Generation(
         tokens=torch.cat([prompt, response], dim=1),  # (B, P+N)
         attention_mask=torch.cat([prompt_mask, response_mask], dim=1),  # (B, P+N)
         response_mask=response_mask,
-        logprobs=torch.stack(logprobs, dim=1),  # (B, N)
+        logprobs=logprobs,
         prompt_len=P,
     )
