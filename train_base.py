@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, cosine_lr, lm_loss, setup, token_stream, val_loss
+from nanorlhf.common import Progress, cosine_lr, get_batch, lm_loss, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
@@ -37,12 +37,6 @@ class BaseConfig(CommonConfig):
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices")
     eval_every: int = arg(200, "evaluate validation loss every N steps")
     log_every: int = arg(25, "progress line every N steps")
-
-
-def get_batch(stream, batch_size, block_size, device):
-    """Random windows of block_size + 1 tokens: inputs and their next tokens in one tensor (B, block_size + 1)."""
-    starts = torch.randint(len(stream) - block_size - 1, (batch_size,))
-    return torch.stack([stream[s:s + block_size + 1] for s in starts]).to(device)
 
 
 @torch.no_grad()

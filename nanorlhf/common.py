@@ -81,6 +81,12 @@ def token_stream(tok, docs):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def get_batch(stream, batch_size, block_size, device):
+    """Random windows of block_size + 1 tokens: inputs and their next tokens in one tensor (B, block_size + 1)."""
+    starts = torch.randint(len(stream) - block_size - 1, (batch_size,))
+    return torch.stack([stream[s:s + block_size + 1] for s in starts]).to(device)
+
+
 @torch.no_grad()
 def val_loss(model, stream, block_size, device, max_windows=200):
     """Mean next-token loss over fixed, non-overlapping windows of held-out text."""

@@ -1,0 +1,259 @@
+"""train_ppo.py wiring: alignment of log-probs / values / rewards, the EOS reward, KL, whitening, the ptx gradient,
+lr-0 ratios, and subprocess runs (smoke, resume, determinism). The rlhf math itself is tested in test_rlhf.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_ppo
+from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["what color is the fox?", "name two fruits.", "what is 3 plus 4?", "reverse the words: cow lime hat",
+           "why is the banana blue?", "is the lemon sweet or sour?", "what is the capital of peru?", "hi"]
+
+
+def tiny_checkpoints(folder, dropout=0.0):
+    """A 1-layer LM (stand-in SFT) and a 1-layer scalar model (stand-in RM) with the tiny tokenizer, as files."""
+    tok = Tokenizer.load("tiny")
+    torch.manual_seed(0)
+    mconf = GPTConfig(block_size=64, vocab_size=1024, n_layer=1, n_head=2, n_embd=32, dropout=dropout)
+    paths = {}
+    for head in ("lm", "scalar"):
+        model = GPT(mconf, head=head)
+        paths[head] = os.path.join(folder, f"{head}.pt")
+        save_checkpoint(paths[head], make_checkpoint(model, mconf, head, tok, {}, 0))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return tiny_checkpoints(str(tmp_path_factory.mktemp("ckpts")))
+
+
+def make_cfg(paths, **kw):
+    kw = {"max_new_tokens": 12, "batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, **kw}
+    return train_ppo.PPOConfig(init=paths["lm"], reward_model=paths["scalar"], **kw)
+
+
+def rollout_batch(cfg, seed=0):
+    torch.manual_seed(seed)
+    policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
+    b, P = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS, cfg)
+    rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                           b["response_mask"], cfg.kl_coef)
+    b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
+    return (policy, ref_policy, reward_model, value_model, tok), b, P
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# alignment and rewards
+
+def test_lr0_first_minibatch_ratio_one_even_with_dropout_in_config(tmp_path):
+    paths = tiny_checkpoints(str(tmp_path), dropout=0.5)  # the update must not run with dropout on
+    cfg = make_cfg(paths, lr=0.0, value_lr=0.0)
+    (policy, _, _, value_model, _), b, P = rollout_batch(cfg)
+    opts = [torch.optim.Adam(m.parameters(), lr=0.0) for m in (policy, value_model)]
+    torch.manual_seed(1)
+    perm = torch.randperm(len(b["tokens"]))
+    idx = perm[:cfg.minibatch_size]  # the first minibatch ppo_update will draw under the same seed
+    mb = {k: v[idx] for k, v in b.items()}
+    _, _, stats = train_ppo.ppo_losses(policy, value_model, mb, P, None, cfg)
+    assert stats["ratio"].item() == 1.0 and stats["approx_kl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
+    logprobs, _ = train_ppo.response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature)
+    assert torch.equal(logprobs, b["logprobs"][idx])  # token by token, bitwise
+    torch.manual_seed(1)
+    stats = train_ppo.ppo_update(policy, value_model, opts, b, P, cfg, step=0)
+    assert stats["ratio"] == 1.0 and stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
+
+
+def test_kl_zero_when_policy_is_reference(ckpts):
+    cfg = make_cfg(ckpts)
+    _, b, _ = rollout_batch(cfg)
+    assert torch.equal(b["logprobs"], b["ref_logprobs"])
+    for kind in ("k1", "k3"):
+        rewards, kl = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                                b["response_mask"], 0.1, kind)
+        assert torch.count_nonzero(kl) == 0
+        assert torch.count_nonzero(rewards) <= len(rewards)  # only the final token of each response is rewarded
+
+
+def test_rewards_hand_case():
+    """RM score on the last real token (EOS), missing-EOS penalty in its place, −β·k1 on every real token."""
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, 7.0], [-0.2, 9.0, 9.0, 9.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-0.7, 3.0, 3.0, 3.0], [-2.0, -1.0, -1.0, -3.0]])
+    scores, finished = torch.tensor([0.7, -0.3, 2.0]), torch.tensor([True, True, False])
+    rewards, kl = train_ppo.compute_rewards(scores, finished, logprobs, ref_logprobs, mask, kl_coef=0.1,
+                                            missing_eos_penalty=-1.0)
+    expected = torch.tensor([[-0.05, 0.1, 0.0 + 0.7, 0.0],
+                             [-0.05 - 0.3, 0.0, 0.0, 0.0],
+                             [-0.1, 0.0, 0.0, -0.2 - 1.0]])  # row 3 never ended: −1 replaces its RM score 2.0
+    torch.testing.assert_close(rewards, expected)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [0.5, 0, 0, 0], [1.0, 0.0, 0.0, 2.0]]))
+
+
+def test_score_aligns_logprobs_values_and_rm_readout(ckpts):
+    """A hand-built batch: left-padded prompts, responses with and without EOS, pads (= EOS id) after the EOS.
+    Each row is compared with a forward over its real tokens alone."""
+    cfg = make_cfg(ckpts)
+    policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
+    with torch.no_grad():  # a policy different from the reference, so the two log-prob rows differ
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    eos, P = tok.eos_id, 4
+    rows = [([5, 6, 7], [20, 21, eos]), ([8, 9, 10, 11], [30, 31, 32, 33]), ([12], [eos])]
+    N = 4
+    tokens = torch.full((3, P + N), eos)
+    mask = torch.zeros(3, P + N, dtype=torch.bool)
+    for i, (x, y) in enumerate(rows):
+        tokens[i, P - len(x):P], mask[i, P - len(x):P] = torch.tensor(x), True
+        tokens[i, P:P + len(y)], mask[i, P:P + len(y)] = torch.tensor(y), True
+    b = train_ppo.score(policy, ref_policy, reward_model, value_model, tokens, mask, P, eos, 1.0)
+    assert b["finished"].tolist() == [True, False, True]
+    assert b["response_mask"].sum(1).tolist() == [3, 4, 1]
+    with torch.no_grad():
+        for i, (x, y) in enumerate(rows):
+            ids = torch.tensor([x + y])  # (1, L) real tokens only, no padding
+            for model, key in ((policy, "logprobs"), (ref_policy, "ref_logprobs")):
+                logp = F.log_softmax(model(ids)[0], dim=-1)  # (L, V)
+                for j, y_j in enumerate(y):
+                    assert b[key][i, j].item() == pytest.approx(logp[len(x) + j - 1, y_j].item(), abs=1e-5)
+            v = value_model(ids)[0]  # (L,)
+            for j in range(len(y)):
+                assert b["values"][i, j].item() == pytest.approx(v[len(x) + j - 1].item(), abs=1e-5)
+            assert b["scores"][i].item() == pytest.approx(reward_model(ids)[0, -1].item(), abs=1e-5)
+
+
+def test_whitening_in_script_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 2, 7, 1]
+    mask = torch.arange(7)[None] < torch.tensor(lengths)[:, None]
+    rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    garbage = torch.full((4, 7), 1e6)
+    adv, ret = train_ppo.compute_advantages(torch.where(mask, rewards, garbage), torch.where(mask, values, -garbage),
+                                            mask, 1.0, 0.95)
+    raw = []  # GAE per row over its real tokens only (γ = 1, λ = 0.95), V after the last token = 0
+    for i, n in enumerate(lengths):
+        a, row = 0.0, []
+        for t in reversed(range(n)):
+            next_v = values[i, t + 1].item() if t + 1 < n else 0.0
+            a = rewards[i, t].item() + next_v - values[i, t].item() + 0.95 * a
+            row.append(a)
+        raw.append(row[::-1])
+    flat = torch.tensor([a for row in raw for a in row], dtype=torch.float64)
+    whitened = (flat - flat.mean()) / flat.std()
+    torch.testing.assert_close(adv[mask].double(), whitened, atol=1e-4, rtol=1e-4)
+    assert torch.count_nonzero(adv[~mask]) == 0
+    raw_padded = torch.zeros(4, 7)
+    for i, row in enumerate(raw):
+        raw_padded[i, :len(row)] = torch.tensor(row)
+    torch.testing.assert_close(ret[mask], (raw_padded + values)[mask])
+
+
+def test_ptx_gradient_is_gamma_times_lm_gradient_added(ckpts):
+    cfg = make_cfg(ckpts, ptx_coef=2.5)
+    (policy, _, _, value_model, tok), b, P = rollout_batch(cfg)
+    with torch.no_grad():
+        b["advantages"] = torch.randn(b["advantages"].shape)  # nonzero policy gradient
+    ptx_ids = torch.randint(0, 1000, (3, 17))
+
+    def grads(loss):
+        policy.zero_grad(set_to_none=True)
+        value_model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() for p in policy.parameters()]
+
+    combined = grads(train_ppo.ppo_losses(policy, value_model, b, P, ptx_ids, cfg)[0])
+    ppo_only = grads(train_ppo.ppo_losses(policy, value_model, b, P, None, cfg)[0])
+    logp = F.log_softmax(policy(ptx_ids)[:, :-1], dim=-1).gather(-1, ptx_ids[:, 1:, None])  # independent LM loss
+    lm = grads(-logp.mean())
+    for c, p, l in zip(combined, ppo_only, lm):
+        torch.testing.assert_close(c, p + 2.5 * l, atol=1e-6, rtol=1e-4)
+    assert any(l.abs().max() > 1e-4 for l in lm)
+
+
+def test_nan_guard_names_step_and_term(ckpts):
+    cfg = make_cfg(ckpts)
+    (policy, _, _, value_model, _), b, P = rollout_batch(cfg)
+    b["advantages"][0, 0] = float("nan")
+    opts = [torch.optim.Adam(m.parameters()) for m in (policy, value_model)]
+    with pytest.raises(SystemExit, match="step 7: non-finite policy loss"):
+        train_ppo.ppo_update(policy, value_model, opts, b, P, cfg, step=7)
+
+
+def test_batch_prompts_cover_a_pass_then_reshuffle():
+    prompts = [f"p{i}" for i in range(10)]
+    first = [p for s in range(3) for p in train_ppo.batch_prompts(prompts, s, 3, seed=1)]  # 3 batches of 3 per pass
+    assert len(set(first)) == 9
+    assert train_ppo.batch_prompts(prompts, 3, 3, 1) != train_ppo.batch_prompts(prompts, 0, 3, 1)
+    assert train_ppo.batch_prompts(prompts, 4, 3, 1) == train_ppo.batch_prompts(prompts, 4, 3, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# subprocess runs
+
+def run(paths, out, *args):
+    argv = [sys.executable, os.path.join(ROOT, "train_ppo.py"), "--init", paths["lm"], "--reward_model",
+            paths["scalar"], "--out", str(out), "--world_scale", "0.01", "--batch_size", "8", "--minibatch_size", "4",
+            "--ppo_epochs", "2", "--max_new_tokens", "12", "--log_every", "1", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def log_lines(out):
+    """log.jsonl without the wall-clock fields."""
+    lines = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    return [{k: v for k, v in line.items() if k not in ("seconds", "tokens_per_s")} for line in lines]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ptx", [False, True])
+def test_smoke_run(ckpts, tmp_path, ptx):
+    out = tmp_path / "ppo"
+    run(ckpts, out, "--max_steps", "2", *(["--ptx_coef", "1.0", "--ptx_per_episode", "0.5"] if ptx else []))
+    lines = log_lines(out)
+    assert [line["step"] for line in lines] == [1, 2]
+    keys = {"reward", "gold", "kl", "kl_k3", "approx_kl", "clipfrac", "entropy", "value_loss", "explained_var",
+            "response_len", "eos_fraction", "kl_coef"}
+    assert keys <= lines[0].keys() and ("ptx_loss" in lines[0]) == ptx
+    metrics = json.load(open(out / "metrics.json"))
+    assert {"win_rate", "gold", "val_loss"} <= metrics.keys() and 0 <= metrics["win_rate"] <= 1
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["head"] == "lm" and ckpt["extra"]["win_rate"] == metrics["win_rate"]
+
+
+@pytest.mark.slow
+def test_resume_bit_identical_and_deterministic(ckpts, tmp_path):
+    opts = ["--ptx_coef", "1.0", "--ptx_per_episode", "0.5", "--ema", "0.9", "--adaptive_kl", "--save_every", "1"]
+    full, again, parts = tmp_path / "full", tmp_path / "again", tmp_path / "parts"
+    printed = run(ckpts, full, "--max_steps", "3", *opts)
+    printed_again = run(ckpts, again, "--max_steps", "3", *opts)
+    run(ckpts, parts, "--max_steps", "2", *opts)
+    run(ckpts, parts, "--max_steps", "3", "--resume", *opts)
+    metrics = lambda text: [line.split("| tok/s")[0] for line in text.splitlines() if line.startswith("step ")]
+    assert metrics(printed) == metrics(printed_again) and len(metrics(printed)) == 3
+    assert log_lines(full) == log_lines(again) == log_lines(parts)
+    a, b = load_checkpoint(str(full / "ckpt.pt")), load_checkpoint(str(parts / "ckpt.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = load_checkpoint(str(full / "state.pt")), load_checkpoint(str(parts / "state.pt"))
+    assert all(torch.equal(sa["extra"]["value_model"][k], sb["extra"]["value_model"][k]) for k in sa["extra"]["value_model"])
+    assert sa["extra"]["kl_ctl"] == sb["extra"]["kl_ctl"] and sa["extra"]["kl_ctl"]["kl_coef"] != 0.02
+
+
+def test_bad_data_exits_2_and_writes_nothing(ckpts, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_ppo.py"), "--init", ckpts["lm"], "--reward_model",
+                           ckpts["scalar"], "--data", str(bad), "--out", str(out)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=60)
+    assert proc.returncode == 2 and "bad.jsonl:2: prompt: missing" in proc.stdout and not out.exists()

@@ -1,0 +1,347 @@
+"""Stage 3: PPO and PPO-ptx against the reward model, with a per-token KL penalty to SFT (InstructGPT §3.5, eq. (2)).
+
+Each PPO batch: sample one response per prompt from the policy (KV-cached, full softmax at temperature T) → score
+it with full forwards (policy and reference log-probs, values, RM score) → per-token rewards −β·KL plus the RM
+score on the EOS → GAE → `ppo_epochs` passes of clipped policy and value updates in minibatches, with γ·ptx
+(next-token loss on pretraining text) added to the same loss for PPO-ptx.
+
+    python train_ppo.py --out runs/default/ppo
+    python train_ppo.py --out runs/default/ppo_ptx --ptx_coef 0.5
+"""
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from nanorlhf import rlhf
+from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.common import Progress, get_batch, lm_loss, load_model, setup, token_stream, val_loss
+from nanorlhf.config import CommonConfig, arg, parse_config
+from nanorlhf.data import DataError, read_jsonl, read_text
+from nanorlhf.engine import generate
+from nanorlhf.evaluation import gold_report, sample_responses
+from nanorlhf.kernels import token_logprobs_and_entropy
+from nanorlhf.world import make_world
+
+
+@dataclass
+class PPOConfig(CommonConfig):
+    init: str = arg("runs/default/sft/ckpt.pt", "SFT checkpoint: the initial policy and the frozen reference")
+    reward_model: str = arg("runs/default/rm/ckpt.pt", "reward model checkpoint (normalized); also inits the value model")
+    out: str = arg("runs/default/ppo", "output directory (ckpt.pt, state.pt, log.jsonl, metrics.json)")
+    ptx_data: str = arg("", "pretraining text for ptx (documents separated by blank lines); empty = the tiny world's")
+    batches: int = arg(40, "PPO batches (rollout + update); episodes = batches × batch_size")
+    batch_size: int = arg(64, "prompts (episodes) per rollout")
+    minibatch_size: int = arg(16, "episodes per gradient step (paper: 64 of 512)")
+    ppo_epochs: int = arg(4, "passes over each rollout (paper: 1; 4 here: ~2.5k episodes in all, so reuse them)")
+    lr: float = arg(3e-5, "policy learning rate (Adam), constant after warm-up")
+    value_lr: float = arg(1e-4, "value model learning rate (Adam)")
+    warmup: int = arg(10, "linear learning-rate warm-up over this many batches (paper: 10 iterations)")
+    max_grad_norm: float = arg(1.0, "clip the policy's and the value model's gradient norms to this")
+    temperature: float = arg(1.0, "sampling temperature of the rollouts (the log-probs use the same T)")
+    max_new_tokens: int = arg(48, "longest response; one that does not end by then gets --missing_eos_penalty")
+    kl_coef: float = arg(0.1, "β, the per-token KL penalty to SFT (paper: 0.02; at 0.02 our RM is over-optimized)")
+    kl_kind: str = arg("k1", "per-token KL estimator in the reward: k1 = log π/π_SFT (paper) | k3 (≥ 0)")
+    adaptive_kl: bool = arg(False, "adapt β toward --target_kl (Ziegler et al. 2019) instead of keeping it fixed")
+    target_kl: float = arg(2.0, "target KL per response (nats, k1 summed over tokens) for --adaptive_kl")
+    kl_horizon: int = arg(1000, "episodes over which --adaptive_kl moves β by at most 20%")
+    gamma: float = arg(1.0, "GAE discount (paper: 1, no discount)")
+    lam: float = arg(0.95, "GAE λ (paper: 0.95)")
+    clip_eps: float = arg(0.2, "PPO ratio clip ε (paper: 0.2)")
+    value_clip: float = arg(0.2, "value clip around the rollout's values")
+    missing_eos_penalty: float = arg(-1.0, "final reward of a response that never emitted EOS (replaces the RM score)")
+    ptx_coef: float = arg(0.0, "γ, weight of the pretraining loss (PPO-ptx); 0 = plain PPO (paper: 27.8)")
+    ptx_per_episode: float = arg(0.5, "pretraining sequences per RL episode in each minibatch (paper: 8)")
+    ptx_block_size: int = arg(64, "tokens per pretraining sequence")
+    ema: float = arg(0.0, "decay of an EMA of the policy weights, saved as ckpt.pt (paper: 0.992); 0 = off")
+    log_every: int = arg(5, "progress line every N batches")
+    save_every: int = arg(10, "write state.pt every N batches")
+
+
+def load_models(cfg, device):
+    """(policy, ref_policy, reward_model, value_model, tok): the policy and a frozen reference from SFT, a frozen
+    reward model, and a value model initialized from the reward model (§3.5). All in eval mode, for good: the
+    update must score tokens exactly as the rollout did (ratio 1 before any step), so dropout stays off."""
+    policy, tok, _ = load_model(cfg.init, "lm", device)
+    ref_policy = copy.deepcopy(policy).requires_grad_(False)
+    if load_checkpoint(cfg.reward_model)["head"] != "scalar":
+        raise SystemExit(f"{cfg.reward_model}: not a reward model (no scalar head)")
+    reward_model, rm_tok, _ = load_model(cfg.reward_model, "scalar", device)
+    if rm_tok.name != tok.name:
+        raise SystemExit(f"tokenizers differ: policy {tok.name!r}, reward model {rm_tok.name!r}")
+    reward_model.requires_grad_(False)
+    value_model = copy.deepcopy(reward_model).requires_grad_(True)
+    for m in (policy, ref_policy, reward_model, value_model):
+        m.eval()
+    return policy, ref_policy, reward_model, value_model, tok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rollout and scoring; tokens (B, P+N) are left-padded prompts followed by right-padded responses
+
+def response_logprobs(model, tokens, mask, P, temperature):
+    """log π(y_t | x, y_<t) and the entropy of π(· | x, y_<t) for the response tokens tokens[:, P:], each (B, N).
+
+    Hidden state t predicts token t+1, so only hidden states P−1 .. P+N−2 go through the LM head (chunked, no
+    logits tensor). The rollout scores and the update recompute with this one function: at lr 0, ratio == 1.
+    """
+    h = model.hidden_states(tokens[:, :-1], attention_mask=mask[:, :-1])[:, P - 1:]  # (B, N, C)
+    return token_logprobs_and_entropy(h, model.lm_head.weight, tokens[:, P:], temperature)
+
+
+def response_values(value_model, tokens, mask, P):
+    """V(x, y_<t) for each response token t, (B, N): read where token t is predicted, as its log-prob is."""
+    return value_model(tokens[:, :-1], attention_mask=mask[:, :-1])[:, P - 1:]  # (B, N)
+
+
+@torch.no_grad()
+def score(policy, ref_policy, reward_model, value_model, tokens, mask, P, eos_id, temperature):
+    """Everything PPO stores about a rollout batch, as tensors with batch dimension first."""
+    response_mask = mask[:, P:]  # (B, N) real response tokens, EOS included
+    last = P + response_mask.sum(1) - 1  # (B,) index of the last real token: the EOS if one was emitted
+    rows = torch.arange(len(tokens), device=tokens.device)
+    return {
+        "tokens": tokens, "mask": mask, "response_mask": response_mask,
+        "logprobs": response_logprobs(policy, tokens, mask, P, temperature)[0],  # (B, N) log π_old
+        "ref_logprobs": response_logprobs(ref_policy, tokens, mask, P, temperature)[0],  # (B, N) log π_SFT
+        "values": response_values(value_model, tokens, mask, P),  # (B, N) V_old
+        "scores": reward_model(tokens, attention_mask=mask)[rows, last],  # (B,) RM score at the last real token
+        "finished": tokens[rows, last] == eos_id,  # (B,) the response ended with EOS
+    }
+
+
+def rollout(policy, ref_policy, reward_model, value_model, tok, prompts, cfg):
+    """Sample one response per prompt (dropout off, full softmax at T) and score it; returns (batch, P)."""
+    gen = generate(policy, [tok.format_prompt(p) for p in prompts], cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                   temperature=cfg.temperature)
+    P = gen.prompt_len
+    b = score(policy, ref_policy, reward_model, value_model, gen.tokens, gen.attention_mask, P, tok.eos_id,
+              cfg.temperature)
+    return b, P
+
+
+def compute_rewards(scores, finished, logprobs, ref_logprobs, response_mask, kl_coef, kl_kind="k1",
+                    missing_eos_penalty=-1.0):
+    """Per-token rewards of eq. (2): −β·KL_t on every response token, plus the RM score on the last real token
+    (the EOS); a response that never emitted EOS gets missing_eos_penalty there instead. Returns (rewards, kl),
+    both (B, N) and 0 on padding."""
+    kl = torch.where(response_mask, rlhf.kl_penalty(logprobs, ref_logprobs, kl_kind), 0.0)  # (B, N)
+    rewards = -kl_coef * kl
+    last = response_mask.sum(1) - 1  # (B,) position of the last real response token
+    final = torch.where(finished, scores, torch.full_like(scores, missing_eos_penalty))  # (B,)
+    rewards[torch.arange(len(rewards), device=rewards.device), last] += final
+    return rewards, kl
+
+
+def compute_advantages(rewards, values, response_mask, gamma, lam):
+    """GAE advantages, whitened over the batch's real tokens, and returns R = A + V (from the raw advantages)."""
+    advantages, returns = rlhf.gae(rewards, values, response_mask, gamma, lam)
+    return rlhf.masked_whiten(advantages, response_mask), returns
+
+
+def batch_prompts(prompts, step, batch_size, seed):
+    """The prompts of batch `step`: a fresh seeded shuffle per pass over the prompts (a tail shorter than a batch
+    is skipped). A function of (seed, step) only, so --resume restores the data order from the step."""
+    per_pass = len(prompts) // batch_size
+    pass_, i = divmod(step, per_pass)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 1000 + pass_))
+    return [prompts[j] for j in order[i * batch_size:(i + 1) * batch_size].tolist()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the update
+
+def ppo_losses(policy, value_model, mb, P, ptx_ids, cfg):
+    """One minibatch's loss, for one backward: clipped policy loss + clipped value loss + γ·ptx loss.
+    Policy and value are separate models, so the value loss needs no coefficient (Adam is scale-invariant)."""
+    m = mb["response_mask"]
+    logprobs, entropy = response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature)  # (b, N) each
+    values = response_values(value_model, mb["tokens"], mb["mask"], P)  # (b, N)
+    pg_loss, stats = rlhf.policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, cfg.clip_eps)
+    v_loss = rlhf.value_loss(values, mb["values"], mb["returns"], m, cfg.value_clip)
+    terms = {"policy": pg_loss, "value": v_loss}
+    loss = pg_loss + v_loss
+    if ptx_ids is not None:
+        terms["ptx"] = lm_loss(policy, ptx_ids, torch.ones_like(ptx_ids, dtype=torch.bool))  # −E log π(x), x ~ D_pretrain
+        loss = loss + cfg.ptx_coef * terms["ptx"]
+    stats["entropy"] = rlhf.masked_mean(entropy, m)  # per real token
+    return loss, terms, stats
+
+
+def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None, ema=None):
+    """cfg.ppo_epochs passes over the batch in shuffled minibatches; returns stats averaged over all minibatches."""
+    B, device = len(b["tokens"]), b["tokens"].device
+    sums, n = {}, 0
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(B).to(device)
+        for start in range(0, B, cfg.minibatch_size):
+            idx = perm[start:start + cfg.minibatch_size]
+            mb = {k: v[idx] for k, v in b.items()}
+            ptx_ids = None
+            if cfg.ptx_coef > 0:
+                n_ptx = max(1, round(cfg.ptx_per_episode * len(idx)))
+                ptx_ids = get_batch(ptx_stream, n_ptx, cfg.ptx_block_size, device)  # (n_ptx, block + 1)
+            loss, terms, stats = ppo_losses(policy, value_model, mb, P, ptx_ids, cfg)
+            for name, term in terms.items():
+                if not torch.isfinite(term):
+                    raise SystemExit(f"step {step}: non-finite {name} loss ({term.item()})")
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norms = {"policy": torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm),
+                          "value": torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)}
+            for name, norm in grad_norms.items():
+                if not torch.isfinite(norm):
+                    raise SystemExit(f"step {step}: non-finite {name} gradient norm")
+            for opt in optimizers:
+                opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), policy.parameters()):
+                        p_ema.lerp_(p, 1 - cfg.ema)  # ema ← decay·ema + (1 − decay)·θ
+            for k, v in {**{f"{k}_loss": t for k, t in terms.items()}, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            n += 1
+    return {k: (v / n).item() for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+
+def win_rate(scores, base_scores, seed=0, n_boot=1000):
+    """Fraction of prompts where the model's gold score beats the baseline's (ties ½), with a 95% bootstrap
+    interval over prompts."""
+    wins = (np.array(scores) > np.array(base_scores)) + 0.5 * (np.array(scores) == np.array(base_scores))
+    boot = np.random.default_rng(seed).choice(wins, (n_boot, len(wins))).mean(1)
+    return float(wins.mean()), [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+
+
+def evaluate(model, tok, world, prompts, val_stream, cfg, device):
+    """Gold report of T-sampled answers to held-out prompts and the pretraining validation loss (alignment tax)."""
+    g = torch.Generator(device=device).manual_seed(cfg.seed)  # the same stream for every model evaluated
+    responses = sample_responses(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, generator=g)
+    report = gold_report(world, prompts, responses)
+    report["val_loss"] = val_loss(model, val_stream, model.config.block_size, device)
+    return report
+
+
+def main(argv=None):
+    cfg = parse_config(PPOConfig, argv)
+    device = setup(cfg)
+    try:
+        prompts = [r["prompt"] for r in read_jsonl(cfg.data, "ppo")] if cfg.data else None
+        ptx_docs = read_text(cfg.ptx_data) if cfg.ptx_data else None
+    except DataError as e:
+        print(e)
+        raise SystemExit(2)
+    world = make_world(cfg.world_seed, cfg.world_scale)
+    prompts = prompts or world.prompts("ppo")
+    if len(prompts) < cfg.batch_size:
+        raise SystemExit(f"{len(prompts)} prompts, fewer than one batch of {cfg.batch_size}")
+
+    policy, ref_policy, reward_model, value_model, tok = load_models(cfg, device)
+    ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema > 0 else None
+    opt_policy = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
+    opt_value = torch.optim.Adam(value_model.parameters(), lr=cfg.value_lr, eps=1e-5)
+    kl_ctl = rlhf.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    ptx_stream = token_stream(tok, ptx_docs or world.pretrain_docs("train")) if cfg.ptx_coef > 0 else None
+    print(f"{len(prompts)} prompts | policy and value {policy.num_params() / 1e6:.2f}M parameters each")
+
+    step, state_path, log_path = 0, os.path.join(cfg.out, "state.pt"), os.path.join(cfg.out, "log.jsonl")
+    if cfg.resume and os.path.exists(state_path):
+        state = load_checkpoint(state_path, map_location=device)
+        policy.load_state_dict(state["model"])
+        opt_policy.load_state_dict(state["optimizer"])
+        value_model.load_state_dict(state["extra"]["value_model"])
+        opt_value.load_state_dict(state["extra"]["value_optimizer"])
+        kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
+        if ema is not None:
+            ema.load_state_dict(state["extra"]["ema"])
+        step = state["step"]
+        print(f"resumed from {state_path} at step {step}")
+    os.makedirs(cfg.out, exist_ok=True)
+    log_lines = open(log_path).readlines()[:step] if step and os.path.exists(log_path) else []
+    with open(log_path, "w") as f:  # drop lines of updates after the resumed state
+        f.writelines(log_lines)
+
+    total = cfg.batches if cfg.max_steps < 0 else min(cfg.batches, cfg.max_steps)
+    # FLOPs per sequence token of one batch (model.flops_per_token = forward + backward = 3× forward; attention at
+    # T = 64): generation and scoring are forwards (policy twice, reference, RM, value); each epoch is a policy and
+    # a value forward + backward. ptx adds more; this counts the RL part only.
+    f_policy, f_value = policy.flops_per_token(64), value_model.flops_per_token(64)
+    flops_per_token = (3 * f_policy + 2 * f_value) / 3 + cfg.ppo_epochs * (f_policy + f_value)
+    progress = Progress(total, cfg.log_every, flops_per_token, device, start=step)
+    if step:
+        set_rng_state(state["rng"])
+    t_start = time.perf_counter()
+    while step < total:
+        t0 = time.perf_counter()
+        for opt, lr in ((opt_policy, cfg.lr), (opt_value, cfg.value_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / cfg.warmup)
+        batch = batch_prompts(prompts, step, cfg.batch_size, cfg.seed)
+        b, P = rollout(policy, ref_policy, reward_model, value_model, tok, batch, cfg)
+        kl_coef = kl_ctl.kl_coef
+        rewards, kl = compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                      b["response_mask"], kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
+        for name, x in (("KL", kl), ("reward", rewards)):
+            if not torch.isfinite(x).all():
+                raise SystemExit(f"step {step}: non-finite {name} in the rollout")
+        b["advantages"], b["returns"] = compute_advantages(rewards, b["values"], b["response_mask"], cfg.gamma,
+                                                           cfg.lam)
+        m = b["response_mask"]
+        k1 = torch.where(m, rlhf.kl_penalty(b["logprobs"], b["ref_logprobs"], "k1"), 0.0).sum(1)  # (B,) per response
+        k3 = torch.where(m, rlhf.kl_penalty(b["logprobs"], b["ref_logprobs"], "k3"), 0.0).sum(1)
+        log = {"step": step + 1, "episodes": (step + 1) * cfg.batch_size, "reward": b["scores"].mean().item(),
+               "kl": k1.mean().item(), "kl_k3": k3.mean().item(), "kl_coef": kl_coef,
+               "explained_var": rlhf.explained_variance(b["values"], b["returns"], m).item(),
+               "response_len": m.sum(1).float().mean().item(), "eos_fraction": b["finished"].float().mean().item()}
+        if not cfg.data:
+            responses = [tok.decode_response(row) for row in b["tokens"][:, P:].tolist()]
+            log["gold"] = float(np.mean([world.gold_score(p, y, f) for p, y, f in
+                                         zip(batch, responses, b["finished"].tolist())]))
+        log.update(ppo_update(policy, value_model, (opt_policy, opt_value), b, P, cfg, step, ptx_stream, ema))
+        if cfg.adaptive_kl:
+            kl_ctl.update(log["kl"], cfg.batch_size)
+        step += 1
+        seconds = time.perf_counter() - t0
+        log.update(tokens_per_s=b["mask"].numel() / seconds, seconds=seconds)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(log) + "\n")
+        progress.step(step - 1, b["mask"].numel(), **{k: log[k] for k in ("reward", "gold", "kl") if k in log})
+        if step % cfg.save_every == 0 or step == total:
+            extra = {"value_model": value_model.state_dict(), "value_optimizer": opt_value.state_dict(),
+                     "kl_ctl": kl_ctl.state_dict(), "ema": ema.state_dict() if ema is not None else None}
+            save_checkpoint(state_path, make_checkpoint(policy, policy.config, "lm", tok, asdict(cfg), step,
+                                                        opt_policy, extra))
+    train_seconds = time.perf_counter() - t_start
+
+    final = ema if ema is not None else policy
+    results = {"steps": step, "episodes": step * cfg.batch_size, "train_seconds": train_seconds}
+    if not cfg.data:
+        test_prompts, val_stream = world.prompts("test"), token_stream(tok, world.pretrain_docs("val"))
+        ppo, sft = (evaluate(m, tok, world, test_prompts, val_stream, cfg, device) for m in (final, ref_policy))
+        rate, interval = win_rate(ppo["scores"], sft["scores"])
+        by_cat = {c: win_rate([s for p, s in zip(test_prompts, ppo["scores"]) if world.category(p) == c],
+                              [s for p, s in zip(test_prompts, sft["scores"]) if world.category(p) == c])[0]
+                  for c in sorted(set(map(world.category, test_prompts)))}
+        results.update(gold={"ppo": ppo["gold"], "sft": sft["gold"]}, win_rate=rate, win_rate_95=interval,
+                       win_rate_by_category=by_cat, val_loss={"ppo": ppo["val_loss"], "sft": sft["val_loss"]},
+                       eos_fraction={"ppo": ppo["eos_fraction"], "sft": sft["eos_fraction"]},
+                       components={"ppo": ppo["components"], "sft": sft["components"]})
+        print(f"test gold: PPO {ppo['gold']:.4f} vs SFT {sft['gold']:.4f} | win rate vs SFT {rate:.1%} "
+              f"[{interval[0]:.1%}, {interval[1]:.1%}] | val loss: PPO {ppo['val_loss']:.4f} vs SFT "
+              f"{sft['val_loss']:.4f} | {train_seconds:.0f}s")
+    save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
+                    make_checkpoint(final, final.config, "lm", tok, asdict(cfg), step, extra=results))
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
