@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from nanorlhf import rlhf
-from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, get_batch, lm_loss, load_model, setup, token_stream, val_loss
+from nanorlhf import dist, kernels, rlhf
+from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.common import (Progress, get_batch, lm_loss, load_model, read_checkpoint, setup,
+                             token_stream, val_loss, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
-from nanorlhf.data import DataError, read_jsonl, read_text
+from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl, read_text
 from nanorlhf.engine import generate
-from nanorlhf.evaluation import gold_report, sample_responses
+from nanorlhf.evaluation import gold_report, sample_responses, win_rate
 from nanorlhf.kernels import token_logprobs_and_entropy
 from nanorlhf.world import make_world
 
@@ -60,6 +61,11 @@ class PPOConfig(CommonConfig):
     ema: float = arg(0.0, "decay of an EMA of the policy weights, saved as ckpt.pt (paper: 0.992); 0 = off")
     log_every: int = arg(5, "progress line every N batches")
     save_every: int = arg(10, "write state.pt every N batches")
+    dtype: str = arg("auto", "auto | bfloat16 | float32: autocast dtype of rollouts and updates (auto: bf16 on CUDA)")
+    grad_accum: int = arg(1, "micro-batches per minibatch (per rank); the minibatch is split, the update is the same")
+    activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
+    compile: bool | None = arg(None, "torch.compile the hot path (decode step, log-probs, losses, GAE); "
+                                     "None = on for CUDA, off for CPU")
 
 
 def load_models(cfg, device):
@@ -68,7 +74,7 @@ def load_models(cfg, device):
     update must score tokens exactly as the rollout did (ratio 1 before any step), so dropout stays off."""
     policy, tok, _ = load_model(cfg.init, "lm", device)
     ref_policy = copy.deepcopy(policy).requires_grad_(False)
-    if load_checkpoint(cfg.reward_model)["head"] != "scalar":
+    if read_checkpoint(cfg.reward_model)["head"] != "scalar":
         raise SystemExit(f"{cfg.reward_model}: not a reward model (no scalar head)")
     reward_model, rm_tok, _ = load_model(cfg.reward_model, "scalar", device)
     if rm_tok.name != tok.name:
@@ -83,14 +89,14 @@ def load_models(cfg, device):
 # ----------------------------------------------------------------------------------------------------------------
 # rollout and scoring; tokens (B, P+N) are left-padded prompts followed by right-padded responses
 
-def response_logprobs(model, tokens, mask, P, temperature):
+def response_logprobs(model, tokens, mask, P, temperature, compiled=None):
     """log π(y_t | x, y_<t) and the entropy of π(· | x, y_<t) for the response tokens tokens[:, P:], each (B, N).
 
     Hidden state t predicts token t+1, so only hidden states P−1 .. P+N−2 go through the LM head (chunked, no
     logits tensor). The rollout scores and the update recompute with this one function: at lr 0, ratio == 1.
     """
     h = model.hidden_states(tokens[:, :-1], attention_mask=mask[:, :-1])[:, P - 1:]  # (B, N, C)
-    return token_logprobs_and_entropy(h, model.lm_head.weight, tokens[:, P:], temperature)
+    return token_logprobs_and_entropy(h, model.lm_head.weight, tokens[:, P:], temperature, compiled=compiled)
 
 
 def response_values(value_model, tokens, mask, P):
@@ -99,15 +105,15 @@ def response_values(value_model, tokens, mask, P):
 
 
 @torch.no_grad()
-def score(policy, ref_policy, reward_model, value_model, tokens, mask, P, eos_id, temperature):
+def score(policy, ref_policy, reward_model, value_model, tokens, mask, P, eos_id, temperature, compiled=None):
     """Everything PPO stores about a rollout batch, as tensors with batch dimension first."""
     response_mask = mask[:, P:]  # (B, N) real response tokens, EOS included
     last = P + response_mask.sum(1) - 1  # (B,) index of the last real token: the EOS if one was emitted
     rows = torch.arange(len(tokens), device=tokens.device)
     return {
         "tokens": tokens, "mask": mask, "response_mask": response_mask,
-        "logprobs": response_logprobs(policy, tokens, mask, P, temperature)[0],  # (B, N) log π_old
-        "ref_logprobs": response_logprobs(ref_policy, tokens, mask, P, temperature)[0],  # (B, N) log π_SFT
+        "logprobs": response_logprobs(policy, tokens, mask, P, temperature, compiled)[0],  # (B, N) log π_old
+        "ref_logprobs": response_logprobs(ref_policy, tokens, mask, P, temperature, compiled)[0],  # (B, N) log π_SFT
         "values": response_values(value_model, tokens, mask, P),  # (B, N) V_old
         "scores": reward_model(tokens, attention_mask=mask)[rows, last],  # (B,) RM score at the last real token
         "finished": tokens[rows, last] == eos_id,  # (B,) the response ended with EOS
@@ -117,10 +123,10 @@ def score(policy, ref_policy, reward_model, value_model, tokens, mask, P, eos_id
 def rollout(policy, ref_policy, reward_model, value_model, tok, prompts, cfg):
     """Sample one response per prompt (dropout off, full softmax at T) and score it; returns (batch, P)."""
     gen = generate(policy, [tok.format_prompt(p) for p in prompts], cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                   temperature=cfg.temperature)
+                   temperature=cfg.temperature, compiled=cfg.compile)
     P = gen.prompt_len
     b = score(policy, ref_policy, reward_model, value_model, gen.tokens, gen.attention_mask, P, tok.eos_id,
-              cfg.temperature)
+              cfg.temperature, cfg.compile)
     return b, P
 
 
@@ -137,10 +143,11 @@ def compute_rewards(scores, finished, logprobs, ref_logprobs, response_mask, kl_
     return rewards, kl
 
 
-def compute_advantages(rewards, values, response_mask, gamma, lam):
+def compute_advantages(rewards, values, response_mask, gamma, lam, compiled=False):
     """GAE advantages, whitened over the batch's real tokens, and returns R = A + V (from the raw advantages)."""
-    advantages, returns = rlhf.gae(rewards, values, response_mask, gamma, lam)
-    return rlhf.masked_whiten(advantages, response_mask), returns
+    gae = kernels.gae_scan if compiled else rlhf.gae  # the compiled reverse scan, or its eager twin
+    advantages, returns = gae(rewards, values, response_mask, gamma, lam)
+    return dist.masked_whiten(advantages, response_mask), returns  # over all ranks' tokens
 
 
 def batch_prompts(prompts, step, batch_size, seed):
@@ -159,10 +166,12 @@ def ppo_losses(policy, value_model, mb, P, ptx_ids, cfg):
     """One minibatch's loss, for one backward: clipped policy loss + clipped value loss + γ·ptx loss.
     Policy and value are separate models, so the value loss needs no coefficient (Adam is scale-invariant)."""
     m = mb["response_mask"]
-    logprobs, entropy = response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature)  # (b, N) each
+    logprobs, entropy = response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature,
+                                          cfg.compile)  # (b, N) each
     values = response_values(value_model, mb["tokens"], mb["mask"], P)  # (b, N)
-    pg_loss, stats = rlhf.policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, cfg.clip_eps)
-    v_loss = rlhf.value_loss(values, mb["values"], mb["returns"], m, cfg.value_clip)
+    ppo_loss = kernels.ppo_loss_fused if cfg.compile else kernels.ppo_loss  # one compiled graph, or its eager twin
+    pg_loss, v_loss, stats = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"], mb["returns"],
+                                      m, cfg.clip_eps, cfg.value_clip)
     terms = {"policy": pg_loss, "value": v_loss}
     loss = pg_loss + v_loss
     if ptx_ids is not None:
@@ -172,26 +181,41 @@ def ppo_losses(policy, value_model, mb, P, ptx_ids, cfg):
     return loss, terms, stats
 
 
-def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None, ema=None):
-    """cfg.ppo_epochs passes over the batch in shuffled minibatches; returns stats averaged over all minibatches."""
-    B, device = len(b["tokens"]), b["tokens"].device
+def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None, ema=None, dtype="float32"):
+    """cfg.ppo_epochs passes over the batch in shuffled minibatches; returns stats averaged over all minibatches.
+
+    Several ranks: `b` is this rank's share of the rollouts and a minibatch is cfg.minibatch_size episodes over all
+    ranks. Each minibatch is cfg.grad_accum micro-batches; a micro-batch's loss (means over its response tokens) is
+    weighted by its share of the global minibatch's response tokens, so any split into micro-batches and ranks
+    gives the same gradient (the ptx term, a mean over sequences, gets the same weights: still a weighted mean)."""
+    B, device, world = len(b["tokens"]), b["tokens"].device, dist.world_size()
+    mb_size = cfg.minibatch_size // world  # this rank's share of a minibatch
     sums, n = {}, 0
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B).to(device)
-        for start in range(0, B, cfg.minibatch_size):
-            idx = perm[start:start + cfg.minibatch_size]
-            mb = {k: v[idx] for k, v in b.items()}
-            ptx_ids = None
-            if cfg.ptx_coef > 0:
-                n_ptx = max(1, round(cfg.ptx_per_episode * len(idx)))
-                ptx_ids = get_batch(ptx_stream, n_ptx, cfg.ptx_block_size, device)  # (n_ptx, block + 1)
-            loss, terms, stats = ppo_losses(policy, value_model, mb, P, ptx_ids, cfg)
-            for name, term in terms.items():
-                if not torch.isfinite(term):
-                    raise SystemExit(f"step {step}: non-finite {name} loss ({term.item()})")
+        for start in range(0, B, mb_size):
+            idx = perm[start:start + mb_size]
+            n_tokens = dist.all_reduce_sum(b["response_mask"][idx].sum())  # real tokens in the global minibatch
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for micro in idx.chunk(cfg.grad_accum):
+                mb = {k: v[micro] for k, v in b.items()}
+                ptx_ids = None
+                if cfg.ptx_coef > 0:
+                    n_ptx = max(1, round(cfg.ptx_per_episode * len(micro)))
+                    ptx_ids = get_batch(ptx_stream, n_ptx, cfg.ptx_block_size, device)  # (n_ptx, block + 1)
+                with dist.autocast(device, dtype):
+                    loss, terms, stats = ppo_losses(policy, value_model, mb, P, ptx_ids, cfg)
+                for name, term in terms.items():
+                    if not torch.isfinite(term):
+                        raise SystemExit(f"step {step}: non-finite {name} loss ({term.item()})")
+                share = mb["response_mask"].sum() / n_tokens  # this micro-batch's share of the minibatch's tokens
+                (loss * share * world).backward()  # average_gradients divides by the number of ranks
+                for k, v in {**{f"{k}_loss": t for k, t in terms.items()}, **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                n += 1
+            for model in (policy, value_model):
+                dist.average_gradients(model)
             grad_norms = {"policy": torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm),
                           "value": torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)}
             for name, norm in grad_norms.items():
@@ -203,22 +227,11 @@ def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None
                 with torch.no_grad():
                     for p_ema, p in zip(ema.parameters(), policy.parameters()):
                         p_ema.lerp_(p, 1 - cfg.ema)  # ema ← decay·ema + (1 − decay)·θ
-            for k, v in {**{f"{k}_loss": t for k, t in terms.items()}, **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach()
-            n += 1
-    return {k: (v / n).item() for k, v in sums.items()}
+    return {k: (dist.all_reduce_sum(v / n) / world).item() for k, v in sums.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation
-
-def win_rate(scores, base_scores, seed=0, n_boot=1000):
-    """Fraction of prompts where the model's gold score beats the baseline's (ties ½), with a 95% bootstrap
-    interval over prompts."""
-    wins = (np.array(scores) > np.array(base_scores)) + 0.5 * (np.array(scores) == np.array(base_scores))
-    boot = np.random.default_rng(seed).choice(wins, (n_boot, len(wins))).mean(1)
-    return float(wins.mean()), [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
-
 
 def evaluate(model, tok, world, prompts, val_stream, cfg, device):
     """Gold report of T-sampled answers to held-out prompts and the pretraining validation loss (alignment tax)."""
@@ -231,7 +244,12 @@ def evaluate(model, tok, world, prompts, val_stream, cfg, device):
 
 def main(argv=None):
     cfg = parse_config(PPOConfig, argv)
+    dist.init(cfg.device)  # under torchrun: one process per device, each its own share of every batch's rollouts
     device = setup(cfg)
+    dtype = dist.resolve_dtype(cfg.dtype, device)
+    if cfg.batch_size % dist.world_size() or cfg.minibatch_size % dist.world_size():
+        raise SystemExit(f"--batch_size and --minibatch_size must be multiples of the {dist.world_size()} processes")
+    cfg.compile = kernels.use_compile(device) if cfg.compile is None else cfg.compile  # resolved, saved in state.pt
     try:
         prompts = [r["prompt"] for r in read_jsonl(cfg.data, "ppo")] if cfg.data else None
         ptx_docs = read_text(cfg.ptx_data) if cfg.ptx_data else None
@@ -244,6 +262,20 @@ def main(argv=None):
         raise SystemExit(f"{len(prompts)} prompts, fewer than one batch of {cfg.batch_size}")
 
     policy, ref_policy, reward_model, value_model, tok = load_models(cfg, device)
+    if cfg.data:  # room for the prompt and the longest response, checked before anything is written
+        T = policy.config.block_size
+        lengths = [(f"{cfg.data}:{n}", len(tok.format_prompt(p))) for p, n in zip(prompts, line_numbers(cfg.data))]
+        try:
+            check_lengths(lengths, T - cfg.max_new_tokens, "prompt",
+                          f"block_size {T} - max_new_tokens {cfg.max_new_tokens} =")
+        except DataError as e:
+            print(e)
+            raise SystemExit(2)
+    if cfg.activation_checkpointing:
+        for m in (policy, value_model):
+            dist.checkpoint_blocks(m)
+    if dist.world_size() > 1:
+        torch.manual_seed(cfg.seed + dist.rank())  # each rank samples its own rollouts
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema > 0 else None
     opt_policy = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
     opt_value = torch.optim.Adam(value_model.parameters(), lr=cfg.value_lr, eps=1e-5)
@@ -253,7 +285,7 @@ def main(argv=None):
 
     step, state_path, log_path = 0, os.path.join(cfg.out, "state.pt"), os.path.join(cfg.out, "log.jsonl")
     if cfg.resume and os.path.exists(state_path):
-        state = load_checkpoint(state_path, map_location=device)
+        state = read_checkpoint(state_path, map_location=device)
         policy.load_state_dict(state["model"])
         opt_policy.load_state_dict(state["optimizer"])
         value_model.load_state_dict(state["extra"]["value_model"])
@@ -263,10 +295,12 @@ def main(argv=None):
             ema.load_state_dict(state["extra"]["ema"])
         step = state["step"]
         print(f"resumed from {state_path} at step {step}")
-    os.makedirs(cfg.out, exist_ok=True)
-    log_lines = open(log_path).readlines()[:step] if step and os.path.exists(log_path) else []
-    with open(log_path, "w") as f:  # drop lines of updates after the resumed state
-        f.writelines(log_lines)
+    if dist.is_main():
+        os.makedirs(cfg.out, exist_ok=True)
+        log_lines = open(log_path).readlines()[:step] if step and os.path.exists(log_path) else []
+        with open(log_path + ".tmp", "w") as f:  # drop lines of updates after the resumed state
+            f.writelines(log_lines)
+        os.replace(log_path + ".tmp", log_path)  # atomic: a kill here cannot lose the lines kept
 
     total = cfg.batches if cfg.max_steps < 0 else min(cfg.batches, cfg.max_steps)
     # FLOPs per sequence token of one batch (model.flops_per_token = forward + backward = 3× forward; attention at
@@ -283,8 +317,9 @@ def main(argv=None):
         for opt, lr in ((opt_policy, cfg.lr), (opt_value, cfg.value_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / cfg.warmup)
-        batch = batch_prompts(prompts, step, cfg.batch_size, cfg.seed)
-        b, P = rollout(policy, ref_policy, reward_model, value_model, tok, batch, cfg)
+        batch = dist.shard(batch_prompts(prompts, step, cfg.batch_size, cfg.seed))  # this rank's prompts
+        with dist.autocast(device, dtype):
+            b, P = rollout(policy, ref_policy, reward_model, value_model, tok, batch, cfg)
         kl_coef = kl_ctl.kl_coef
         rewards, kl = compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                       b["response_mask"], kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
@@ -292,32 +327,36 @@ def main(argv=None):
             if not torch.isfinite(x).all():
                 raise SystemExit(f"step {step}: non-finite {name} in the rollout")
         b["advantages"], b["returns"] = compute_advantages(rewards, b["values"], b["response_mask"], cfg.gamma,
-                                                           cfg.lam)
+                                                           cfg.lam, cfg.compile)
         m = b["response_mask"]
         k1 = torch.where(m, rlhf.kl_penalty(b["logprobs"], b["ref_logprobs"], "k1"), 0.0).sum(1)  # (B,) per response
         k3 = torch.where(m, rlhf.kl_penalty(b["logprobs"], b["ref_logprobs"], "k3"), 0.0).sum(1)
-        log = {"step": step + 1, "episodes": (step + 1) * cfg.batch_size, "reward": b["scores"].mean().item(),
-               "kl": k1.mean().item(), "kl_k3": k3.mean().item(), "kl_coef": kl_coef,
+        # means over the global batch (all ranks); explained_var is this rank's
+        log = {"step": step + 1, "episodes": (step + 1) * cfg.batch_size, "reward": dist.mean(b["scores"]).item(),
+               "kl": dist.mean(k1).item(), "kl_k3": dist.mean(k3).item(), "kl_coef": kl_coef,
                "explained_var": rlhf.explained_variance(b["values"], b["returns"], m).item(),
-               "response_len": m.sum(1).float().mean().item(), "eos_fraction": b["finished"].float().mean().item()}
+               "response_len": dist.mean(m.sum(1).float()).item(),
+               "eos_fraction": dist.mean(b["finished"].float()).item()}
         if not cfg.data:
             responses = [tok.decode_response(row) for row in b["tokens"][:, P:].tolist()]
-            log["gold"] = float(np.mean([world.gold_score(p, y, f) for p, y, f in
-                                         zip(batch, responses, b["finished"].tolist())]))
-        log.update(ppo_update(policy, value_model, (opt_policy, opt_value), b, P, cfg, step, ptx_stream, ema))
+            gold = [world.gold_score(p, y, f) for p, y, f in zip(batch, responses, b["finished"].tolist())]
+            log["gold"] = dist.mean(torch.tensor(gold, dtype=torch.float64)).item()
+        log.update(ppo_update(policy, value_model, (opt_policy, opt_value), b, P, cfg, step, ptx_stream, ema, dtype))
         if cfg.adaptive_kl:
             kl_ctl.update(log["kl"], cfg.batch_size)
         step += 1
         seconds = time.perf_counter() - t0
-        log.update(tokens_per_s=b["mask"].numel() / seconds, seconds=seconds)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(log) + "\n")
-        progress.step(step - 1, b["mask"].numel(), **{k: log[k] for k in ("reward", "gold", "kl") if k in log})
-        if step % cfg.save_every == 0 or step == total:
+        n_tokens = b["mask"].numel() * dist.world_size()
+        log.update(tokens_per_s=n_tokens / seconds, seconds=seconds)
+        if dist.is_main():
+            with open(log_path, "a") as f:
+                f.write(json.dumps(log) + "\n")
+        progress.step(step - 1, n_tokens, **{k: log[k] for k in ("reward", "gold", "kl") if k in log})
+        if (step % cfg.save_every == 0 or step == total) and dist.is_main():
             extra = {"value_model": value_model.state_dict(), "value_optimizer": opt_value.state_dict(),
                      "kl_ctl": kl_ctl.state_dict(), "ema": ema.state_dict() if ema is not None else None}
-            save_checkpoint(state_path, make_checkpoint(policy, policy.config, "lm", tok, asdict(cfg), step,
-                                                        opt_policy, extra))
+            write_state(state_path, make_checkpoint(policy, policy.config, "lm", tok, asdict(cfg), step,
+                                                    opt_policy, extra))
     train_seconds = time.perf_counter() - t_start
 
     final = ema if ema is not None else policy
@@ -336,10 +375,11 @@ def main(argv=None):
         print(f"test gold: PPO {ppo['gold']:.4f} vs SFT {sft['gold']:.4f} | win rate vs SFT {rate:.1%} "
               f"[{interval[0]:.1%}, {interval[1]:.1%}] | val loss: PPO {ppo['val_loss']:.4f} vs SFT "
               f"{sft['val_loss']:.4f} | {train_seconds:.0f}s")
-    save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
-                    make_checkpoint(final, final.config, "lm", tok, asdict(cfg), step, extra=results))
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    if dist.is_main():
+        save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
+                        make_checkpoint(final, final.config, "lm", tok, asdict(cfg), step, extra=results))
+        with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=1)
     return results
 
 

@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, cosine_lr, load_model, pad, setup
+from nanorlhf import dist, kernels
+from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.common import Progress, cosine_lr, load_model, pad, read_checkpoint, setup, write_state
 from nanorlhf.config import CommonConfig, arg, parse_config
-from nanorlhf.data import DataError, read_jsonl
+from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import sample_responses
 from nanorlhf.rlhf import ranking_loss
 from nanorlhf.world import calibrate_tau, make_world
@@ -47,6 +48,10 @@ class RMConfig(CommonConfig):
     n_norm: int = arg(1000, "demonstrations scored for the reward normalization")
     save_every: int = arg(50, "write state.pt every N steps")
     log_every: int = arg(10, "progress line every N steps")
+    dtype: str = arg("auto", "auto | bfloat16 | float32: autocast dtype of the training forward (auto: bf16 on CUDA)")
+    grad_accum: int = arg(1, "micro-batches per optimizer step (per rank); the batch is split, the update is the same")
+    compile: bool | None = arg(None, "torch.compile the ranking loss; None = on for CUDA, off for CPU")
+    activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
 
 
 def sequence(tok, prompt, response, finished, block_size):
@@ -182,6 +187,38 @@ def file_rankings(cfg, records):
     return train, held, norm
 
 
+def check_file_lengths(cfg, records, tok, block_size):
+    """--data: every prompt + response + EOS must fit the context (the score is read at the end, so nothing may be
+    cut), checked before anything is trained or written."""
+    lengths = [(f"{cfg.data}:{n}", len(tok.format_prompt(r["prompt"])) + max(map(len, map(tok.encode, r["responses"])))
+                + 1) for r, n in zip(records, line_numbers(cfg.data))]
+    check_lengths(lengths, block_size, "example (prompt + longest response)")
+
+
+def accumulate_gradients(model, tok, batch, grad_accum, dtype, device, compiled=False):
+    """Gradient of the global batch's ranking loss (a mean over its prompts with at least one pair) from this
+    rank's shard, in `grad_accum` micro-batches, each weighted by its share of those prompts: any split into
+    micro-batches and ranks gives the same gradient. Returns (global loss, this rank's scores, tokens seen)."""
+    n_global = sum(len(set(r["ranking"])) > 1 for r in batch)  # prompts with a pair, over all ranks
+    mine = dist.shard(batch)
+    size = -(-len(mine) // grad_accum)  # ceil: micro-batch size
+    loss, scores, n_tokens = torch.zeros((), device=device), [], 0
+    for k in range(0, len(mine), size):
+        micro = mine[k:k + size]
+        with dist.autocast(device, dtype):
+            rewards, valid, n = group_scores(model, tok, micro, device)  # (b, K), (b, K)
+        ranks = pad([r["ranking"] for r in micro], 0, device=device)[0]  # (b, K), padding masked by `valid`
+        weight = sum(len(set(r["ranking"])) > 1 for r in micro) / max(n_global, 1)
+        loss_fn = kernels.ranking_loss_compiled if compiled else ranking_loss  # compiled twin, or eager
+        micro_loss = loss_fn(rewards.float(), ranks, valid) * weight
+        (micro_loss * dist.world_size()).backward()  # average_gradients divides by the number of ranks
+        loss += micro_loss.detach()
+        scores += rewards.detach().float().tolist()
+        n_tokens += n
+    dist.average_gradients(model)
+    return dist.all_reduce_sum(loss), scores, n_tokens * dist.world_size()
+
+
 def evaluate(model, tok, held, tau, device):
     """Held-out pairwise accuracy against the labeler, its ceiling (a second labeler on the same pairs), the same
     two without labeler noise, and the accuracy against gold on pairs whose gold scores differ."""
@@ -199,7 +236,10 @@ def evaluate(model, tok, held, tau, device):
 
 def main(argv=None):
     cfg = parse_config(RMConfig, argv)
+    dist.init(cfg.device)  # under torchrun: one process per device, each a shard of every batch
     device = setup(cfg)
+    cfg.compile = kernels.use_compile(device) if cfg.compile is None else cfg.compile  # resolved, saved in state.pt
+    dtype = dist.resolve_dtype(cfg.dtype, device)
     t_start = time.perf_counter()
     state_path = os.path.join(cfg.out, "state.pt")
     resume = cfg.resume and os.path.exists(state_path)
@@ -212,8 +252,14 @@ def main(argv=None):
 
     # data: rankings of the SFT policy's samples (tiny world) or of --data; kept in state.pt for --resume
     model, tok, _ = load_model(cfg.init, head="scalar", device=device)
+    if cfg.data and not resume:
+        try:
+            check_file_lengths(cfg, file_records, tok, model.config.block_size)
+        except DataError as e:
+            print(e)
+            raise SystemExit(2)
     if resume:
-        state = load_checkpoint(state_path)
+        state = read_checkpoint(state_path)
         data = state["extra"]["data"]
         print(f"resumed from {state_path} at step {state['step']}")
     elif cfg.data:
@@ -234,6 +280,8 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     print(f"reward model: {model.num_params() / 1e6:.2f}M parameters")
+    if cfg.activation_checkpointing:
+        dist.checkpoint_blocks(model)
     step = 0
     if resume:
         model.load_state_dict(state["model"])
@@ -256,24 +304,21 @@ def main(argv=None):
         lr = cosine_lr(step, schedule, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        rewards, valid, n_tokens = group_scores(model, tok, batch, device)  # (B, K), (B, K)
-        ranks = pad([r["ranking"] for r in batch], 0, device=device)[0]  # (B, K), padding masked by `valid`
-        loss = ranking_loss(rewards, ranks, valid)
+        opt.zero_grad(set_to_none=True)
+        loss, scores, n_tokens = accumulate_gradients(model, tok, batch, cfg.grad_accum, dtype, device,
+                                                              cfg.compile)
         if not torch.isfinite(loss):
             raise SystemExit(f"step {step}: non-finite ranking loss {loss.item()}; last good state in {state_path}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if not torch.isfinite(grad_norm):
             raise SystemExit(f"step {step}: non-finite ranking loss gradient norm; last good state in {state_path}")
         opt.step()
-        with torch.no_grad():
-            acc = pair_accuracy(rewards.tolist(), [r["ranking"] for r in batch])  # zip drops the padded columns
+        acc = pair_accuracy(scores, [r["ranking"] for r in dist.shard(batch)])  # this rank's; zip drops padding
         progress.step(step, n_tokens, loss=loss.item(), acc=acc, lr=lr)
         step += 1
-        if step % cfg.save_every == 0 or step == total:
-            save_checkpoint(state_path, make_checkpoint(model, model.config, "scalar", tok, asdict(cfg), step, opt,
-                                                        extra={"data": data}))
+        if (step % cfg.save_every == 0 or step == total) and dist.is_main():
+            write_state(state_path, make_checkpoint(model, model.config, "scalar", tok, asdict(cfg), step, opt,
+                                                    extra={"data": data}))
 
     # reward normalization (paper sec. 3.5): shift the head's bias so the demonstrations score mean 0
     demos = [{"prompt": p, "responses": [y], "finished": [True]} for p, y in data["norm"]]
@@ -288,10 +333,11 @@ def main(argv=None):
                "data_seconds": data_seconds, "seconds": time.perf_counter() - t_start}
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
     print("reward model: " + " | ".join(f"{k} {v}" for k, v in shown.items()))
-    save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
-                    make_checkpoint(model, model.config, "scalar", tok, asdict(cfg), step, extra=results))
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if dist.is_main():
+        save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
+                        make_checkpoint(model, model.config, "scalar", tok, asdict(cfg), step, extra=results))
+        with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=2)
     return results
 
 

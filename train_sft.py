@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, cosine_lr, lm_loss, load_model, pad, setup
+from nanorlhf import dist, kernels
+from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.common import Progress, cosine_lr, lm_loss, load_model, pad, read_checkpoint, setup, write_state
 from nanorlhf.config import CommonConfig, arg, parse_config
-from nanorlhf.data import DataError, read_jsonl
+from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import gold_report, sample_responses
 from nanorlhf.world import make_world
 
@@ -38,12 +39,10 @@ class SFTConfig(CommonConfig):
     max_new_tokens: int = arg(48, "response length limit when sampling for the gold evaluation")
     log_every: int = arg(50, "progress line every N steps")
     save_every: int = arg(100, "write state.pt every N steps (and at every epoch end)")
-
-
-def line_numbers(path):
-    """Line number of each record read_jsonl returns: it keeps every non-blank line, in order."""
-    with open(path, "rb") as f:
-        return [n for n, line in enumerate(f.read().split(b"\n"), start=1) if line.strip()]
+    dtype: str = arg("auto", "auto | bfloat16 | float32: autocast dtype of the training forward (auto: bf16 on CUDA)")
+    grad_accum: int = arg(1, "micro-batches per optimizer step (per rank); the batch is split, the update is the same")
+    activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
+    compile: bool | None = arg(None, "torch.compile the hot path (fused log-probs); None = on for CUDA, off for CPU")
 
 
 def load_demos(cfg, world):
@@ -63,11 +62,7 @@ def load_demos(cfg, world):
 def tokenize(tok, demos, block_size):
     """(ids, loss_mask) per demonstration; any example longer than the context is an error naming it."""
     examples = [tok.format_example(p, y) for p, y, _ in demos]
-    too_long = [f"{where}: example: {len(ids)} tokens > block_size {block_size}"
-                for (ids, _), (_, _, where) in zip(examples, demos) if len(ids) > block_size]
-    if too_long:
-        shown = "\n".join(too_long[:50]) + (f"\n... and {len(too_long) - 50} more" if len(too_long) > 50 else "")
-        raise DataError(f"{len(too_long)} example(s) longer than the model's context:\n{shown}")
+    check_lengths([(where, len(ids)) for (ids, _), (_, _, where) in zip(examples, demos)], block_size, "example")
     return examples
 
 
@@ -83,6 +78,28 @@ def set_dropout(model, p):
     for block in model.transformer.h:
         block.attn.resid_dropout.p = p
         block.mlp.dropout.p = p
+
+
+def accumulate_gradients(model, examples, batch, pad_id, grad_accum, dtype, device, compiled=False):
+    """Gradient of the global batch's loss, the mean over all its target tokens, from this rank's shard of
+    `batch` in `grad_accum` micro-batches. Each micro-batch's mean is weighted by its share of the batch's target
+    tokens, so every split into micro-batches and ranks gives the same gradient (a plain 1/N per micro-batch
+    would weight a token by the length of the micro-batch it landed in). Returns (global loss, tokens seen)."""
+    n_global = sum(sum(examples[j][1][1:]) for j in batch)  # target tokens in the global batch (all ranks know)
+    mine = dist.shard(batch)
+    size = -(-len(mine) // grad_accum)  # ceil: micro-batch size
+    loss, n_tokens = torch.zeros((), device=device), 0
+    for k in range(0, len(mine), size):
+        micro = mine[k:k + size]
+        ids, loss_mask = make_batch(examples, micro, pad_id, device)
+        weight = sum(sum(examples[j][1][1:]) for j in micro) / n_global
+        with dist.autocast(device, dtype):
+            micro_loss = lm_loss(model, ids, loss_mask, compiled) * weight  # mean over the micro-batch's response + EOS
+        (micro_loss * dist.world_size()).backward()  # average_gradients divides by the number of ranks
+        loss += micro_loss.detach()
+        n_tokens += ids.numel()
+    dist.average_gradients(model)
+    return dist.all_reduce_sum(loss), n_tokens * dist.world_size()
 
 
 @torch.no_grad()
@@ -113,7 +130,10 @@ def gold_eval(model, tok, world, prompts, cfg, device):
 
 def main(argv=None):
     cfg = parse_config(SFTConfig, argv)
+    dist.init(cfg.device)  # under torchrun: one process per device, each a shard of every batch
     device = setup(cfg)
+    cfg.compile = kernels.use_compile(device) if cfg.compile is None else cfg.compile  # resolved, saved in state.pt
+    dtype = dist.resolve_dtype(cfg.dtype, device)
     world = None if cfg.data else make_world(cfg.world_seed, cfg.world_scale)
     try:
         train_demos, val_demos = load_demos(cfg, world)
@@ -133,6 +153,8 @@ def main(argv=None):
     print(f"demonstrations: {len(train)} train ({n_tok:,} tokens), {len(val)} validation | "
           f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}")
     set_dropout(model, cfg.dropout)
+    if cfg.activation_checkpointing:
+        dist.checkpoint_blocks(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -146,7 +168,7 @@ def main(argv=None):
 
     step, perm, history, best = 0, None, [], None  # best: {"epoch", "score", "model"} of the chosen epoch
     state_path = os.path.join(cfg.out, "state.pt")
-    state = load_checkpoint(state_path, map_location=device) if cfg.resume and os.path.exists(state_path) else None
+    state = read_checkpoint(state_path, map_location=device) if cfg.resume and os.path.exists(state_path) else None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -155,8 +177,10 @@ def main(argv=None):
         print(f"resumed from {state_path} at step {step}")
 
     def save_state():
+        if not dist.is_main():
+            return
         extra = {"perm": perm, "history": history, "best": best}
-        save_checkpoint(state_path, make_checkpoint(model, mconf, "lm", tok, asdict(cfg), step, opt, extra))
+        write_state(state_path, make_checkpoint(model, mconf, "lm", tok, asdict(cfg), step, opt, extra))
 
     def evaluate(epoch):
         """Validation metrics of the current weights; keep them as `best` if they beat the chosen epoch."""
@@ -181,21 +205,21 @@ def main(argv=None):
         epoch, i = divmod(step, steps_per_epoch)
         if i == 0:
             perm = torch.randperm(len(train)).tolist()  # this epoch's order, from the seeded global RNG
-        ids, loss_mask = make_batch(train, perm[i * cfg.batch_size:(i + 1) * cfg.batch_size], tok.pad_id, device)
+        batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # the global batch; each rank takes a shard
         lr = cosine_lr(step, total, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = lm_loss(model, ids, loss_mask)  # mean over response + EOS tokens; prompt tokens are masked
+        opt.zero_grad(set_to_none=True)
+        loss, n_tokens = accumulate_gradients(model, train, batch, tok.pad_id, cfg.grad_accum, dtype, device,
+                                               cfg.compile)
         if not torch.isfinite(loss):
             raise SystemExit(f"step {step}: non-finite SFT loss {loss.item()}; last good state in {state_path}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             raise SystemExit(f"step {step}: non-finite SFT grad norm; last good state in {state_path}")
         opt.step()
         step += 1
-        progress.step(step - 1, ids.numel(), loss=loss.item(), lr=lr)
+        progress.step(step - 1, n_tokens, loss=loss.item(), lr=lr)
         if step % steps_per_epoch == 0:
             history.append(evaluate(step // steps_per_epoch))
         if step % cfg.save_every == 0 or step % steps_per_epoch == 0 or step == stop:
@@ -217,8 +241,9 @@ def main(argv=None):
             m = results["test"][name]
             print(f"test gold ({len(test)} prompts) {name:4s}: sampled {m['gold_sampled']:.4f} | "
                   f"greedy {m['gold_greedy']:.4f} | EOS {m['eos_fraction_sampled']:.0%}")
-    save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
-                    make_checkpoint(model, mconf, "lm", tok, asdict(cfg), step, extra=results))
+    if dist.is_main():
+        save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
+                        make_checkpoint(model, mconf, "lm", tok, asdict(cfg), step, extra=results))
     print(f"sft: {step} steps in {train_seconds:.0f}s, wrote {os.path.join(cfg.out, 'ckpt.pt')}")
     return results
 

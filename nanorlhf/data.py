@@ -10,6 +10,7 @@ Formats (one JSON object per line, UTF-8):
   PPO      {"prompt": str}
   ptx      plain UTF-8 text; documents separated by blank lines
 Every bad line is reported as `file:line: field: problem` in one DataError, and nothing is trained or written.
+Examples longer than the model's context are errors too, in every stage (`check_lengths`): nothing is truncated.
 """
 import json
 import os
@@ -128,6 +129,20 @@ def read_jsonl(path, kind):
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+def line_numbers(path):
+    """The line number of each record read_jsonl returns (it keeps every non-blank line, in order)."""
+    with open(path, "rb") as f:
+        return [n for n, line in enumerate(f.read().split(b"\n"), start=1) if line.strip()]
+
+
+def check_lengths(lengths, limit, what, limit_name="block_size"):
+    """Raise one DataError naming every example, given as (where, n_tokens), longer than `limit` tokens."""
+    too_long = [f"{where}: {what}: {n} tokens > {limit_name} {limit}" for where, n in lengths if n > limit]
+    if too_long:
+        shown = "\n".join(too_long[:50]) + (f"\n... and {len(too_long) - 50} more" if len(too_long) > 50 else "")
+        raise DataError(f"{len(too_long)} example(s) longer than the model's context:\n{shown}")
 
 
 def read_text(path):

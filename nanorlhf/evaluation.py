@@ -1,6 +1,7 @@
 """Sampling responses to prompts and judging them with the tiny world's gold judge (shared by every stage)."""
 import statistics
 
+import numpy as np
 import torch
 
 from nanorlhf.engine import generate
@@ -38,3 +39,11 @@ def gold_report(world, prompts, responses):
         "eos_fraction": statistics.mean(f for _, f in responses),
         "scores": scores,
     }
+
+
+def win_rate(scores, baseline, seed=0, n_boot=1000):
+    """Fraction of prompts where the model's gold score beats the baseline's (ties ½), with a 95% bootstrap
+    interval over prompts."""
+    wins = (np.array(scores) > np.array(baseline)) + 0.5 * (np.array(scores) == np.array(baseline))
+    boot = np.random.default_rng(seed).choice(wins, (n_boot, len(wins))).mean(1)
+    return float(wins.mean()), [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
