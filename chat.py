@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-from nanorlhf.checkpoint import CheckpointError
 from nanorlhf.config import arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.common import load_model
@@ -45,7 +44,7 @@ def main(argv=None):
     cfg = parse_config(ChatConfig, argv)
     try:
         model, tok, _ = load_model(cfg.ckpt, "lm", cfg.device)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # a bad checkpoint file already exits in load_model
         raise SystemExit(f"chat.py: {e}")
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     if cfg.prompt:

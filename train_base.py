@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, cosine_lr, get_batch, lm_loss, setup, token_stream, val_loss
+from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.common import (Progress, cosine_lr, get_batch, lm_loss, read_checkpoint, setup, token_stream, val_loss,
+                             write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
@@ -71,7 +72,7 @@ def main(argv=None):
 
     step, state_path = 0, os.path.join(cfg.out, "state.pt")
     if cfg.resume and os.path.exists(state_path):
-        state = load_checkpoint(state_path)
+        state = read_checkpoint(state_path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
@@ -98,7 +99,7 @@ def main(argv=None):
         step += 1
         if step % cfg.eval_every == 0 or step == total:
             print(f"step {step}: validation loss {val_loss(model, val, cfg.block_size, device):.4f}")
-            save_checkpoint(state_path, make_checkpoint(model, mconf, "lm", tok, asdict(cfg), step, opt))
+            write_state(state_path, make_checkpoint(model, mconf, "lm", tok, asdict(cfg), step, opt))
 
     results = {"val_loss": val_loss(model, val, cfg.block_size, device),
                "fact_accuracy": fact_accuracy(model, tok, world, device), "seconds": time.perf_counter() - t0}

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from nanorlhf.checkpoint import load_checkpoint, seed_everything
+from nanorlhf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
 from nanorlhf.config import print_config
 from nanorlhf.kernels import token_logprobs
 from nanorlhf.model import GPT, GPTConfig
@@ -21,6 +21,37 @@ def setup(cfg):
     return torch.device(cfg.device)
 
 
+def read_checkpoint(path, map_location="cpu"):
+    """load_checkpoint for the scripts: a missing, truncated or foreign file (--init, --reward_model, state.pt)
+    ends the run with a one-line error naming it, not a traceback."""
+    try:
+        return load_checkpoint(path, map_location)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def first_nonfinite(x, name=""):
+    """The key path of the first floating-point tensor in a nested dict/list with a NaN or inf, or None."""
+    if isinstance(x, torch.Tensor):
+        return name if x.is_floating_point() and not torch.isfinite(x).all() else None
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()
+    for k, v in items:
+        bad = first_nonfinite(v, f"{name}/{k}" if name else str(k))
+        if bad:
+            return bad
+    return None
+
+
+def write_state(path, ckpt):
+    """The NaN guard's last line before state.pt: an update can leave weights or optimizer moments non-finite
+    even when its loss and gradient were finite (an overflow in the step itself). Such a state is not written:
+    the run stops naming the step and the tensor, and the last good state.pt stays as it was."""
+    bad = first_nonfinite({k: ckpt[k] for k in ("model", "optimizer", "extra")})
+    if bad:
+        raise SystemExit(f"step {ckpt['step'] - 1}: non-finite {bad} after the update; last good state in {path}")
+    save_checkpoint(path, ckpt)
+
+
 def load_model(path, head="lm", device="cpu"):
     """(model, tokenizer, checkpoint or None) from a nanorlhf checkpoint file or a Hugging Face GPT-2 folder.
     An LM checkpoint loaded with head="scalar" keeps its trunk and gets a fresh scalar head (RM from SFT)."""
@@ -29,7 +60,7 @@ def load_model(path, head="lm", device="cpu"):
         if tok.vocab_size > model.config.vocab_size:
             model.resize_token_embeddings(tok.vocab_size)  # the template's special tokens, after GPT-2's ids
     else:
-        ckpt = load_checkpoint(path)
+        ckpt = read_checkpoint(path)
         if ckpt["head"] == "scalar" and head == "lm":
             raise SystemExit(f"{path}: holds a scalar-head (reward/value) model, not a language model")
         model = GPT(GPTConfig(**ckpt["model_config"]), head=head)
@@ -58,17 +89,17 @@ def cosine_lr(step, total, lr, warmup, final_ratio=0.1):
     return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def sequence_logprobs(model, ids, mask=None, temperature=1.0):
+def sequence_logprobs(model, ids, mask=None, temperature=1.0, compiled=None):
     """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1). logits[:, t] predict token t+1, so hidden
     state t scores token t+1; computed chunk-wise from hidden states (no (B, T, V) logits tensor)."""
     h = model.hidden_states(ids[:, :-1], attention_mask=None if mask is None else mask[:, :-1])  # (B, T-1, C)
-    return token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature)  # (B, T-1)
+    return token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature, compiled=compiled)  # (B, T-1)
 
 
-def lm_loss(model, ids, loss_mask):
+def lm_loss(model, ids, loss_mask, compiled=None):
     """Next-token cross-entropy, averaged over the tokens where loss_mask (B, T) is 1 (targets, not inputs).
     Right padding only: a real token never attends to a pad after it."""
-    logp = sequence_logprobs(model, ids)  # (B, T-1)
+    logp = sequence_logprobs(model, ids, compiled=compiled)  # (B, T-1)
     target_mask = loss_mask[:, 1:].to(logp.dtype)  # (B, T-1)
     return -(logp * target_mask).sum() / target_mask.sum().clamp(min=1)
 

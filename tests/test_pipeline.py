@@ -1,0 +1,42 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nanorlhf.evaluation import win_rate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_win_rate_by_hand():
+    rate, (lo, hi) = win_rate([1.0, 0.0, 0.5, 0.9], [0.0, 1.0, 0.5, 0.1])
+    assert rate == pytest.approx((1 + 0 + 0.5 + 1) / 4)  # a tie counts 1/2
+    assert 0.0 <= lo <= rate <= hi <= 1.0
+    assert win_rate([0.3] * 5, [0.3] * 5) == (0.5, [0.5, 0.5])
+
+
+@pytest.mark.slow
+def test_quick_pipeline_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "run.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):
+        assert (out / stage / "ckpt.pt").exists(), stage
+    results = json.loads((out / "results.json").read_text())
+    for key in ("win_rate_vs_sft", "gold_score", "rm_accuracy", "labeler_agreement", "pretrain_val_loss", "seconds"):
+        assert key in results, key
+    assert set(results["gold_score"]) == {"base", "sft", "ppo", "ppo_ptx"}
+    assert results["win_rate_vs_sft"]["sft"] == 0.5  # SFT against itself: every prompt a tie
+    assert set(results["seconds"]) >= {"base", "sft", "rm", "ppo", "ppo_ptx"}
+    report = (out / "report.md").read_text()
+    assert "win rate vs SFT" in report and "ppo_ptx" in report
+    for png in ("win_rates.png", "overoptimization.png", "training.png"):
+        assert (out / png).stat().st_size > 1000, png
+    # a second run finds every checkpoint and skips all training stages
+    again = subprocess.run([sys.executable, "run.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("checkpoint exists, skipped") == 5
