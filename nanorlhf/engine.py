@@ -1,14 +1,20 @@
 """Sampling engine: a static KV cache and `generate`, kept apart from the model's math.
 
-`generate` prefills a left-padded prompt batch once, then calls `decode_step` (one token, fixed shapes, so it can
-be torch.compile'd) until every row has emitted EOS or `max_new_tokens` is reached. It returns the log-probs of
-the sampled tokens under the sampling distribution, which PPO needs as pi_old (Ouyang et al. 2022, sec. 3.5).
+`generate` prefills a left-padded prompt batch once, then calls `decode_step` (one token) until every row has
+emitted EOS or `max_new_tokens` is reached. Eager, finished rows are dropped from the decode batch (they cost
+nothing from then on); compiled, the batch and the cache keep fixed shapes (finished rows decode pads that are
+masked out) and `decode_step` runs through torch.compile, with CUDA graphs on CUDA (gpt-fast's recipe).
+It returns the log-probs of the sampled tokens under the sampling distribution, which PPO needs as pi_old
+(Ouyang et al. 2022, sec. 3.5).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from nanorlhf.kernels import use_compile
 
 
 class KVCache:
@@ -58,6 +64,19 @@ def decode_step(model, token, kv_cache):
     return model(token[:, None], kv_cache=kv_cache)[:, -1]  # (B, vocab)
 
 
+@functools.cache
+def compiled_decode_step(device_type):
+    """decode_step through torch.compile with static shapes; on CUDA as CUDA graphs (mode="reduce-overhead")."""
+    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
+
+
+def cache_length(P, max_new_tokens, block_size, compiled):
+    """Key slots of the cache. Compiled, rounded up to a power of two (≤ block_size): every prompt length in a
+    bucket reuses one compiled decode step (and one CUDA graph) instead of recompiling."""
+    n = P + max_new_tokens
+    return min(block_size, 1 << (n - 1).bit_length()) if compiled else n
+
+
 def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """logits (B, V) -> (token (B,), logprob (B,)).
 
@@ -92,9 +111,10 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, genera
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
-             greedy=False, generator=None) -> Generation:
+             greedy=False, generator=None, compiled=None) -> Generation:
     """Sample a response for each prompt (lists of token ids). N <= max_new_tokens: the loop stops early once
-    every row has emitted EOS. The model runs in eval() mode (no dropout); its previous mode is restored."""
+    every row has emitted EOS. The model runs in eval() mode (no dropout); its previous mode is restored.
+    compiled: decode with the compiled fixed-shape step (default: kernels.use_compile, i.e. on CUDA)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     config = model.config
@@ -102,6 +122,7 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     if P + max_new_tokens > config.block_size:
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds block_size {config.block_size}")
     device = model.transformer.wte.weight.device
+    compiled = use_compile(device) if compiled is None else compiled
     prompt = torch.full((B, P), pad_id, dtype=torch.long, device=device)  # (B, P) left-padded
     prompt_mask = torch.zeros(B, P, dtype=torch.bool, device=device)  # (B, P)
     for i, p in enumerate(prompts):
@@ -111,25 +132,32 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     was_training = model.training
     model.eval()
     try:
-        kv_cache = KVCache(config.n_layer, B, config.n_head, P + max_new_tokens, config.n_embd // config.n_head,
-                           device=device, dtype=model.transformer.wte.weight.dtype)
+        kv_cache = KVCache(config.n_layer, B, config.n_head, cache_length(P, max_new_tokens, config.block_size,
+                                                                          compiled),
+                           config.n_embd // config.n_head, device=device, dtype=model.transformer.wte.weight.dtype)
+        step = compiled_decode_step(device.type) if compiled else decode_step
         logits = model(prompt, attention_mask=prompt_mask, kv_cache=kv_cache)[:, -1]  # (B, vocab) prefill
         response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
         response_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, N)
         logprobs = torch.zeros(B, max_new_tokens, device=device)  # (B, N)
-        rows = torch.arange(B, device=device)  # the rows still decoding; finished rows are dropped
+        rows = torch.arange(B, device=device)  # (b,) the rows in the decode batch (eager drops finished ones)
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # (b,) rows past their EOS (compiled only)
         N = 0
         for t in range(max_new_tokens):
             token, logprob = sample(logits, temperature, top_k, top_p, greedy, generator)  # (b,), (b,)
-            response[rows, t], logprobs[rows, t], response_mask[rows, t] = token, logprob, True
+            token = token.masked_fill(done, pad_id)
+            response[rows, t], logprobs[rows, t], response_mask[rows, t] = token, logprob.masked_fill(done, 0.0), ~done
             N = t + 1
-            going = token != eos_id  # (b,)
-            if not going.any():
+            done = done | (token == eos_id)  # (b,)
+            if done.all():
                 break
-            if not going.all():  # shrink the batch: finished rows cost nothing from here on
-                rows, token = rows[going], token[going]
+            if not compiled and done.any():  # shrink the batch: finished rows cost nothing from here on
+                going = ~done
+                rows, token, done = rows[going], token[going], done[going]
                 kv_cache.keep_rows(going)
-            logits = decode_step(model, token, kv_cache)  # (b, vocab)
+            if compiled and device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+            logits = step(model, token, kv_cache)  # (b, vocab)
     finally:
         model.train(was_training)
 

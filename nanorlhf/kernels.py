@@ -1,11 +1,11 @@
 """Fused hot-path kernels, each beside its eager twin.
 
 token_logprobs goes from hidden states to log p(target) chunk by chunk over rows (LM-head matmul + logsumexp +
-gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V, and the
-backward recomputes each chunk's logits instead of saving them. The per-chunk math and the PPO losses can run
-through torch.compile; compile is on by default on CUDA, off on CPU (see use_compile), and happens lazily on first
-use. Python scalars go in as tensors and the chunk's row count is marked dynamic, so new values or a ragged last
-chunk do not recompile.
+gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (2^23
+logits by default, whatever V), and the backward recomputes each chunk's logits instead of saving them. The
+per-chunk math, the PPO losses, the ranking loss and GAE can run through torch.compile; compile is on by default
+on CUDA, off on CPU (see use_compile), and happens lazily on first use. Python scalars go in as tensors and
+sizes that vary (chunk rows, batch, response length) are marked dynamic, so none of them recompiles.
 """
 
 import functools
@@ -74,7 +74,9 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_temp, chunk_size, compiled):
         forward_fn = _compiled(_chunk_forward) if compiled else _chunk_forward
-        outs = [forward_fn(h, weight, y, inv_temp) for h, y in _row_chunks(chunk_size, compiled, hidden, targets)]
+        # detached: autograd is this Function's job, and one graph then serves frozen and trained weights alike
+        chunks = _row_chunks(chunk_size, compiled, hidden.detach(), targets)
+        outs = [forward_fn(h, weight.detach(), y, inv_temp) for h, y in chunks]
         logp, lse, entropy = (torch.cat(x) for x in zip(*outs))  # (N,) each
         ctx.save_for_backward(hidden, weight, targets, lse, inv_temp)
         ctx.chunk_size, ctx.compiled = chunk_size, compiled
@@ -83,7 +85,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, lse, inv_temp = ctx.saved_tensors
+        hidden, weight, targets, lse, inv_temp = (x.detach() for x in ctx.saved_tensors)
         grad_fn = _compiled(_chunk_grad_logits) if ctx.compiled else _chunk_grad_logits
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden, grad_weight = [], torch.zeros_like(weight)
@@ -98,13 +100,18 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_size=1024, compiled=None):
+CHUNK_ELEMENTS = 2**23  # logits per chunk by default: 32 MiB in fp32, whatever the vocabulary
+
+
+def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_size=None, compiled=None):
     """log p(targets) and entropy under softmax(hidden @ weight.T / temperature), without the full logits.
 
     hidden: (..., C), weight: (V, C) (the tied LM head), targets: (...) int. Returns (logprobs, entropy), each
-    shaped like targets; logprobs carry gradients to hidden and weight, entropy carries none.
+    shaped like targets; logprobs carry gradients to hidden and weight, entropy carries none. chunk_size: rows
+    per chunk (default: CHUNK_ELEMENTS // V, so a chunk's transient logits have a fixed size).
     """
     compiled = use_compile(hidden.device) if compiled is None else compiled
+    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
     lead = targets.shape
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     inv_temp = torch.tensor(1.0 / temperature, dtype=dtype, device=hidden.device)  # a tensor: no recompile per value
@@ -114,7 +121,7 @@ def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_s
     return logp.reshape(lead), entropy.reshape(lead)
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=1024, compiled=None):
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, compiled=None):
     """log p(targets), shaped like targets; see token_logprobs_and_entropy."""
     return token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size, compiled)[0]
 
@@ -129,18 +136,26 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
     return pg_loss, v_loss, stats
 
 
+def _dynamic(*tensors):
+    """Mark every dimension dynamic: a new batch or response length reuses the compiled graph."""
+    for x in tensors:
+        for dim in range(x.dim()):
+            torch._dynamo.maybe_mark_dynamic(x, dim)
+    return tensors
+
+
 def ppo_loss_fused(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps=0.2,
                    value_clip=0.2):
     """Policy loss + value loss + masked means + stats in one compiled graph; all inputs (B, T)."""
-    clip_eps = torch.tensor(clip_eps, device=logprobs.device)
-    value_clip = torch.tensor(value_clip, device=logprobs.device)
-    return _compiled(ppo_loss)(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps,
-                               value_clip)
+    clip_eps = torch.tensor(clip_eps, dtype=logprobs.dtype, device=logprobs.device)  # tensors: no recompile per value
+    value_clip = torch.tensor(value_clip, dtype=logprobs.dtype, device=logprobs.device)
+    tensors = _dynamic(logprobs, old_logprobs, advantages, values, old_values, returns, mask)
+    return _compiled(ppo_loss)(*tensors, clip_eps, value_clip)
 
 
 def ranking_loss_compiled(rewards, ranks, mask):
     """torch.compile of rlhf.ranking_loss."""
-    return _compiled(rlhf.ranking_loss)(rewards, ranks, mask)
+    return _compiled(rlhf.ranking_loss)(*_dynamic(rewards, ranks, mask))
 
 
 def _gae_scan(rewards, values, mask, gamma, lam):
@@ -162,4 +177,4 @@ def gae_scan(rewards, values, mask, gamma=1.0, lam=0.95):
     """Compiled GAE for right-padded rows (eager twin: rlhf.gae); returns (advantages, returns), each (B, T)."""
     gamma = torch.tensor(gamma, dtype=values.dtype, device=values.device)
     lam = torch.tensor(lam, dtype=values.dtype, device=values.device)
-    return _compiled(_gae_scan)(rewards, values, mask, gamma, lam)
+    return _compiled(_gae_scan)(*_dynamic(rewards, values, mask), gamma, lam)

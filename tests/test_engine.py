@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.engine import KVCache, decode_step, generate
+from nanorlhf.engine import KVCache, cache_length, decode_step, generate
 from nanorlhf.model import GPT, GPTConfig
 
 EOS = 0
@@ -168,3 +168,30 @@ def test_decode_step_traces_once_with_fixed_shapes():
     with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
         for t in range(4):
             step(model, torch.full((B,), t + 1), cache)
+
+
+def test_cache_length_buckets_only_when_compiled():
+    assert cache_length(5, 12, 64, compiled=False) == 17
+    assert [cache_length(P, 12, 64, compiled=True) for P in (4, 5, 20, 21, 52)] == [16, 32, 32, 64, 64]
+    assert cache_length(60, 4, 64, compiled=True) == 64
+
+
+@pytest.mark.slow
+def test_compiled_generation_matches_eager_and_does_not_recompile():
+    """Compiled: fixed batch (finished rows decode masked pads), static cache, compiled decode step. Greedy
+    tokens, masks and log-probs equal the eager path's, which drops finished rows instead."""
+    import torch._dynamo
+
+    model = tiny(eos_bias=2.0)  # rows finish at different steps
+    eager = generate(model, PROMPTS, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=False)
+    compiled = generate(model, PROMPTS, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=True)
+    lengths = eager.response_mask.sum(1)
+    assert lengths.min() < lengths.max() < 20  # the fixed batch really carried finished rows
+    assert torch.equal(compiled.tokens, eager.tokens)
+    assert torch.equal(compiled.response_mask, eager.response_mask)
+    torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
+    shorter = [p[:2] for p in PROMPTS]  # another prompt length in the same cache bucket: the same graph
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = generate(model, shorter, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=True)
+    assert torch.equal(again.tokens, generate(model, shorter, 20, eos_id=EOS, pad_id=EOS, greedy=True,
+                                              compiled=False).tokens)

@@ -118,38 +118,50 @@ def test_token_logprobs_compiled_matches_eager(dtype, atol):
     assert graphs[1] == graphs[0]  # a new temperature and the ragged last chunk reuse the compiled graphs
 
 
+def ragged_mask(lengths, T):
+    return torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T) right-padded
+
+
 @pytest.mark.slow
-def test_ppo_loss_fused_matches_eager():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ppo_loss_fused_matches_eager(dtype):
     g = torch.Generator().manual_seed(3)
-    B, T = 4, 6
-    mask = torch.arange(T)[None, :] < torch.tensor([6, 2, 5, 1])[:, None]
-    old_logprobs, advantages, old_values, returns = torch.randn(4, B, T, generator=g)
-    logprobs = (old_logprobs + 0.3 * torch.randn(B, T, generator=g)).requires_grad_()
-    values = (old_values + 0.3 * torch.randn(B, T, generator=g)).requires_grad_()
-    args = (logprobs, old_logprobs, advantages, values, old_values, returns, mask)
-    got = kernels.ppo_loss_fused(*args, clip_eps=0.2, value_clip=0.2)
-    want = kernels.ppo_loss(*args, clip_eps=0.2, value_clip=0.2)
-    for a, b in zip(got[:2], want[:2]):
-        torch.testing.assert_close(a, b)
-    for key in want[2]:
-        torch.testing.assert_close(got[2][key], want[2][key])
-    grads_got = torch.autograd.grad(got[0] + got[1], (logprobs, values))
-    grads_want = torch.autograd.grad(want[0] + want[1], (logprobs, values))
-    for a, b in zip(grads_got, grads_want):
-        torch.testing.assert_close(a, b)
+    for B, T, lengths in [(4, 6, [6, 2, 5, 1]), (3, 9, [9, 0, 4])]:  # a new shape and an empty row
+        mask = ragged_mask(lengths, T)
+        old_logprobs, advantages, old_values, returns = torch.randn(4, B, T, generator=g, dtype=dtype)
+        logprobs = (old_logprobs + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)).requires_grad_()
+        values = (old_values + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)).requires_grad_()
+        logprobs.data[~mask] = 30.0  # garbage on padding (ratio e^30): the masked means must not see it
+        args = (logprobs, old_logprobs, advantages, values, old_values, returns, mask)
+        got = kernels.ppo_loss_fused(*args, clip_eps=0.2, value_clip=0.2)
+        want = kernels.ppo_loss(*args, clip_eps=0.2, value_clip=0.2)
+        assert got[0].dtype == dtype and torch.isfinite(got[0])
+        for a, b in zip(got[:2], want[:2]):
+            torch.testing.assert_close(a, b)
+        for key in want[2]:
+            torch.testing.assert_close(got[2][key], want[2][key])
+        grads_got = torch.autograd.grad(got[0] + got[1], (logprobs, values))
+        grads_want = torch.autograd.grad(want[0] + want[1], (logprobs, values))
+        for a, b in zip(grads_got, grads_want):
+            torch.testing.assert_close(a, b)
+            assert (a[~mask] == 0).all()  # no gradient reaches padding
 
 
 @pytest.mark.slow
-def test_ranking_loss_and_gae_compiled_match_eager():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ranking_loss_and_gae_compiled_match_eager(dtype):
     g = torch.Generator().manual_seed(4)
-    rewards = torch.randn(3, 4, generator=g, requires_grad=True)
+    rewards = torch.randn(3, 4, generator=g, dtype=dtype, requires_grad=True)
     ranks = torch.tensor([[0, 1, 1, 2], [2, 0, 1, 3], [0, 0, 1, 1]])
-    mask = torch.arange(4)[None, :] < torch.tensor([4, 3, 2])[:, None]
+    mask = ragged_mask([4, 3, 2], 4)
     got, want = kernels.ranking_loss_compiled(rewards, ranks, mask), rlhf.ranking_loss(rewards, ranks, mask)
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, rewards), torch.autograd.grad(want, rewards)):
         torch.testing.assert_close(a, b)
-    token_mask = torch.arange(7)[None, :] < torch.tensor([7, 3, 5])[:, None]
-    token_rewards, values = torch.randn(2, 3, 7, generator=g)
-    for a, b in zip(kernels.gae_scan(token_rewards, values, token_mask), rlhf.gae(token_rewards, values, token_mask)):
-        torch.testing.assert_close(a, b)
+    for B, T, lengths in [(3, 7, [7, 3, 5]), (2, 11, [1, 11])]:  # a new shape reuses the dynamic graph
+        token_mask = ragged_mask(lengths, T)
+        token_rewards, values = torch.randn(2, B, T, generator=g, dtype=dtype)
+        for gamma, lam in [(1.0, 0.95), (0.9, 0.5)]:
+            got = kernels.gae_scan(token_rewards, values, token_mask, gamma, lam)
+            for a, b in zip(got, rlhf.gae(token_rewards, values, token_mask, gamma, lam)):
+                torch.testing.assert_close(a, b)
