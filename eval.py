@@ -6,7 +6,9 @@
   prompts, for base, SFT, PPO and PPO-ptx; mean gold score, its components, and per task category.
 - Reward model: held-out accuracy, the labeler-agreement ceiling, accuracy against gold (from train_rm.py).
 - Alignment tax: pretraining validation loss of every model.
-- Over-optimization: gold and RM score against KL from the PPO logs (Gao et al. 2022).
+- Over-optimization: gold and RM score against KL from the PPO logs (Gao et al. 2022), and for best-of-N.
+- Beyond the paper (when run.py ran them): best-of-N, DPO, RFT and iterated-RLHF rounds in one table of
+  method × win rate × gold × KL from SFT × labels × minutes.
 Writes results.json, report.md and PNG plots (if matplotlib is installed) into the run folder.
 """
 import json
@@ -20,9 +22,13 @@ from nanorlhf.checkpoint import load_checkpoint
 from nanorlhf.common import load_model, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.evaluation import gold_report, sample_responses, win_rate
+from nanorlhf.engine import generate
 from nanorlhf.world import make_world
+from train_ppo import response_logprobs
+from train_rm import n_pairs
 
 POLICIES = ["base", "sft", "ppo", "ppo_ptx"]
+BASELINES = ["dpo", "rft"]  # run.py --baselines
 
 
 @dataclass
@@ -42,14 +48,38 @@ def overoptimization(log_path):
     return [(r["kl"], r["reward"], r["gold"]) for r in rows if "gold" in r]
 
 
+def rounds(run):
+    """The iterated-RLHF rounds present in a run folder: [2, 3, ...] (round 1 is rm/ and ppo/)."""
+    k = 2
+    while os.path.exists(os.path.join(run, f"ppo_r{k}", "ckpt.pt")):
+        k += 1
+    return list(range(2, k))
+
+
+@torch.no_grad()
+def kl_from_sft(model, sft, tok, prompts, cfg, device):
+    """KL(π || π_SFT) per response, the mean of Σ_t log π(y_t) − log π_SFT(y_t) (k1) over the model's own samples
+    at the evaluation temperature, scored on the sampled token ids (not re-tokenized text)."""
+    total, gen = 0.0, torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    for i in range(0, len(prompts), 64):
+        g = generate(model, [tok.format_prompt(p) for p in prompts[i:i + 64]], cfg.max_new_tokens, tok.eos_id,
+                     tok.pad_id, temperature=cfg.temperature, generator=gen)
+        logp = response_logprobs(model, g.tokens, g.attention_mask, g.prompt_len, cfg.temperature)[0]  # (B, N)
+        ref = response_logprobs(sft, g.tokens, g.attention_mask, g.prompt_len, cfg.temperature)[0]  # (B, N)
+        total += ((logp - ref) * g.attention_mask[:, g.prompt_len:]).sum().item()  # response tokens only
+    return total / len(prompts)
+
+
 def evaluate(cfg, device):
     world = make_world(cfg.world_seed, cfg.world_scale)
     prompts = world.prompts("test")
     val_docs = world.pretrain_docs("val")
     results = {"gold_score": {}, "gold_components": {}, "gold_by_category": {}, "win_rate_vs_sft": {},
-               "win_rate_ci": {}, "pretrain_val_loss": {}, "eos_fraction": {}, "examples": {}}
+               "win_rate_ci": {}, "pretrain_val_loss": {}, "eos_fraction": {}, "examples": {}, "kl_from_sft": {}}
     per_prompt = {}
-    for name in POLICIES:
+    sft_path = os.path.join(cfg.run, "sft", "ckpt.pt")
+    sft = load_model(sft_path, "lm", device)[0] if os.path.exists(sft_path) else None
+    for name in POLICIES + BASELINES + [f"ppo_r{k}" for k in rounds(cfg.run)]:
         path = os.path.join(cfg.run, name, "ckpt.pt")
         if not os.path.exists(path):
             print(f"{name}: no checkpoint at {path}, skipped")
@@ -69,9 +99,16 @@ def evaluate(cfg, device):
                                      for p, (y, _), s in list(zip(reps, responses, rep["scores"]))[:12:cfg.samples]]
         stream = token_stream(tok, val_docs)
         results["pretrain_val_loss"][name] = val_loss(model, stream, model.config.block_size, device)
+        if sft is not None:
+            results["kl_from_sft"][name] = kl_from_sft(model, sft, tok, prompts, cfg, device)
         print(f"{name}: gold {rep['gold']:.3f} | pretraining val loss {results['pretrain_val_loss'][name]:.4f}")
+    bon_path = os.path.join(cfg.run, "bestofn.json")
+    if os.path.exists(bon_path):  # bestofn.py: per-prompt gold of the picks, on the same test prompts
+        results["best_of_n"] = json.load(open(bon_path))
+        for r in results["best_of_n"]["by_n"].values():
+            per_prompt[f"best_of_{r['n']}"] = r.pop("gold_per_prompt")
     if "sft" in per_prompt:
-        for name, scores in per_prompt.items():
+        for name, scores in per_prompt.items():  # best-of-N: each prompt's mean over its groups' picks
             rate, (lo, hi) = win_rate(scores, per_prompt["sft"], cfg.seed, cfg.bootstrap)
             results["win_rate_vs_sft"][name], results["win_rate_ci"][name] = rate, [lo, hi]
             print(f"{name}: win rate vs SFT {rate:.1%} (95% CI {lo:.1%}-{hi:.1%})")
@@ -80,11 +117,80 @@ def evaluate(cfg, device):
         m = load_checkpoint(rm_path)["extra"]
         results["rm_accuracy"], results["labeler_agreement"] = m.get("accuracy"), m.get("ceiling")
         results["rm_gold_accuracy"] = m.get("gold_accuracy")
+    studies = sorted(d for d in os.listdir(cfg.run) if d.startswith("study_"))  # run.py --study
     results["overoptimization"] = {n: overoptimization(os.path.join(cfg.run, n, "log.jsonl"))
-                                   for n in ("ppo", "ppo_ptx")}
+                                   for n in ["ppo", "ppo_ptx"] + studies + [f"ppo_r{k}" for k in rounds(cfg.run)]}
+    results["gold_peak_kl"] = {n: gold_peak(pts) for n, pts in results["overoptimization"].items() if pts}
     seconds_path = os.path.join(cfg.run, "seconds.json")
     results["seconds"] = json.load(open(seconds_path)) if os.path.exists(seconds_path) else {}
+    results["rounds"] = round_table(cfg.run, results)
+    results["methods"] = methods_table(cfg.run, results, len(world.prompts("sft")))
     return results
+
+
+def gold_peak(points, window=3):
+    """The KL where gold, smoothed by a centred moving average, peaks: past it, PPO buys RM score with gold."""
+    gold = [statistics.mean(p[2] for p in points[max(0, i - window // 2):i + window // 2 + 1])
+            for i in range(len(points))]
+    return points[max(range(len(points)), key=gold.__getitem__)][0]
+
+
+def _rm_extra(run, name):
+    path = os.path.join(run, name, "ckpt.pt")
+    return load_checkpoint(path)["extra"] if os.path.exists(path) else {}
+
+
+def _pairs(run, rm):
+    """Pairwise comparisons an RM trained on (all rounds so far), from the comparisons.jsonl train_rm.py wrote."""
+    path = os.path.join(run, rm, "comparisons.jsonl")
+    return sum(n_pairs(json.loads(line)["ranking"]) for line in open(path)) if os.path.exists(path) else None
+
+
+def round_table(run, results):
+    """Per round of iterated RLHF: gold, win rate, labels, and the accuracy (vs the labelers) on the samples of
+    the policy the round's RM was trained for: round 1's RM on SFT samples; round k's RM, and round k−1's, on
+    round k−1's PPO policy's samples (the distribution shift the retraining is meant to fix)."""
+    if not rounds(run):
+        return []
+    table = []
+    for k, (rm, ppo) in enumerate([("rm", "ppo")] + [(f"rm_r{k}", f"ppo_r{k}") for k in rounds(run)], start=1):
+        m = _rm_extra(run, rm)
+        table.append({"round": k, "policy": ppo, "gold": results["gold_score"].get(ppo),
+                      "win_rate": results["win_rate_vs_sft"].get(ppo), "pairs": _pairs(run, rm),
+                      "rm_accuracy": m.get("accuracy"), "previous_rm_accuracy": m.get("previous_rm_accuracy")})
+    return table
+
+
+def methods_table(run, results, n_demos):
+    """One row per method that ran: win rate vs SFT, gold, KL from SFT (measured, analytic for best-of-N), labels
+    (demonstrations + pairwise comparisons) and the minutes of every stage it needed, base model included."""
+    sec = results["seconds"]
+
+    def minutes(*stages):
+        return sum(sec.get(s, 0.0) for s in stages) / 60 if all(s in sec for s in stages) else None
+    pairs = _pairs(run, "rm")
+    rlhf_labels = f"{n_demos} demos + {pairs} pairs" if pairs else None
+    rows = []
+
+    def add(method, key, kl, labels, mins, gold=None):
+        rows.append({"method": method, "win_rate": results["win_rate_vs_sft"].get(key),
+                     "gold": gold if gold is not None else results["gold_score"].get(key), "kl": kl,
+                     "labels": labels, "minutes": mins})
+    paper = ("base", "sft", "rm")
+    if "sft" in results["gold_score"]:
+        add("SFT", "sft", 0.0, f"{n_demos} demos", minutes("base", "sft"))
+    for r in results.get("best_of_n", {}).get("by_n", {}).values():
+        if r["n"] > 1:
+            add(f"best-of-{r['n']}", f"best_of_{r['n']}", r["kl"], rlhf_labels, minutes(*paper, "bestofn"), r["gold"])
+    for name, key in (("DPO", "dpo"), ("RFT", "rft"), ("PPO", "ppo"), ("PPO-ptx", "ppo_ptx")):
+        if key in results["gold_score"]:
+            add(name, key, results["kl_from_sft"].get(key), rlhf_labels, minutes(*paper, key))
+    stages = list(paper) + ["ppo"]
+    for r in results["rounds"][1:]:
+        stages += [f"rm_r{r['round']}", r["policy"]]
+        add(f"RLHF round {r['round']}", r["policy"], results["kl_from_sft"].get(r["policy"]),
+            f"{n_demos} demos + {r['pairs']} pairs", minutes(*stages))
+    return rows
 
 
 def _fmt(x, pct=False):
@@ -118,12 +224,53 @@ def write_report(results, path, machine=""):
         lines += ["## Time per stage (s)", "", "| " + " | ".join(results["seconds"]) + " |",
                   "|---" * len(results["seconds"]) + "|",
                   "| " + " | ".join(f"{v:.0f}" for v in results["seconds"].values()) + " |", ""]
+    lines += beyond_report(results)
     lines += ["## Samples (first test prompts)", ""]
     for n in names:
         for ex in results["examples"][n][:3]:
             lines.append(f"- **{n}** `{ex['prompt']}` → `{ex['response']}` (gold {ex['gold']:.2f})")
     lines += ["", "Plots: `win_rates.png`, `overoptimization.png`, `training.png`."]
     open(path, "w").write("\n".join(lines) + "\n")
+
+
+def beyond_report(results):
+    """The report's sections on the methods beyond the paper (empty when only the paper's pipeline ran)."""
+    rows = results.get("methods", [])
+    if not any(r["method"] not in ("SFT", "PPO", "PPO-ptx") for r in rows):
+        return []
+    lines = ["## Methods on the same label budget", "",
+             "KL from SFT per response in nats (best-of-N: the analytic log N − (N−1)/N; others: k1 on their own "
+             "test samples); minutes: every stage the method needs, base model included, on this machine. "
+             "Best-of-N's win rate sets each prompt's mean over its 64/N picks against SFT's mean over its samples.",
+             "",
+             "| method | win rate vs SFT | gold score | KL from SFT | labels used | minutes |", "|---" * 6 + "|"]
+    for r in rows:
+        mins = "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
+        lines.append(f"| {r['method']} | {_fmt(r['win_rate'], True)} | {_fmt(r['gold'])} | {_fmt(r['kl'])} | "
+                     f"{r['labels'] or '–'} | {mins} |")
+    lines.append("")
+    if results.get("best_of_n"):
+        lines += ["## Best-of-N: truth (gold) and proxy (RM) against KL", "", "| N | KL | RM score | gold |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['n']} | {r['kl']:.3f} | {r['rm']:.4f} | {r['gold']:.4f} |"
+                  for r in results["best_of_n"]["by_n"].values()]
+        lines.append("")
+    if results.get("rounds"):
+        lines += ["## Iterated RLHF", "", "RM accuracy vs the labelers on the samples of the policy it was trained "
+                  "for (round 1: SFT; round k: round k−1's PPO policy), and the previous round's RM on the same.", "",
+                  "| round | gold | win rate vs SFT | pairs so far | RM accuracy | previous RM accuracy |",
+                  "|---" * 6 + "|"]
+        lines += [f"| {r['round']} | {_fmt(r['gold'])} | {_fmt(r['win_rate'], True)} | {r['pairs']} | "
+                  f"{_fmt(r['rm_accuracy'], True)} | {_fmt(r['previous_rm_accuracy'], True)} |"
+                  for r in results["rounds"]]
+        lines.append("")
+    if results.get("gold_peak_kl"):
+        lines += ["## Over-optimization: where gold peaks", "", "KL (nats) at which the PPO run's gold score "
+                  "(3-update moving average) peaks; past it the RM score still rises. Plot: `overoptimization.png`.",
+                  "", "| run | KL at the gold peak |", "|---|---|"]
+        lines += [f"| {n} | {kl:.3f} |" for n, kl in results["gold_peak_kl"].items()]
+        lines.append("")
+    return lines
 
 
 def make_plots(results, run):
@@ -154,7 +301,12 @@ def make_plots(results, run):
         for n, pts in curves.items():
             kl, rm, gold = zip(*pts)
             axes[0].plot(kl, rm, ".-", label=n)
-            axes[1].plot(kl, gold, ".-", label=n)
+            line, = axes[1].plot(kl, gold, ".-", label=n)
+            axes[1].axvline(results["gold_peak_kl"][n], color=line.get_color(), ls=":", lw=1)  # gold's peak
+        bon = results.get("best_of_n", {}).get("by_n", {}).values()
+        if bon:  # best-of-N at its analytic KL
+            axes[0].plot([r["kl"] for r in bon], [r["rm"] for r in bon], "k*--", label="best-of-N")
+            axes[1].plot([r["kl"] for r in bon], [r["gold"] for r in bon], "k*--", label="best-of-N")
         axes[0].set_title("proxy: reward-model score")
         axes[1].set_title("truth: gold score")
         for ax in axes:

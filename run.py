@@ -5,6 +5,9 @@
     python run.py                   # ≈15 minutes on 2 CPU cores; outputs in runs/default/
     python run.py --quick           # ≈2 minutes, tiny sizes: tries the code, not the quality bar
     python run.py --device cuda     # on a GPU
+    python run.py --baselines       # + best-of-N, DPO and RFT on the same labels (beyond the paper)
+    python run.py --rounds 3        # iterated RLHF: 3 rounds of sample → rank → RM → PPO
+    python run.py --study           # over-optimization study: longer PPO runs at a small and a large β
 
 A stage whose checkpoint exists is skipped (--force redoes everything); an interrupted stage resumes from its
 state.pt. Each stage is its own script (train_base.py, train_sft.py, train_rm.py, train_ppo.py, eval.py),
@@ -16,8 +19,10 @@ import shutil
 import time
 from dataclasses import dataclass
 
+import bestofn
 import eval as evaluate_run
 import train_base
+import train_dpo
 import train_ppo
 import train_rm
 import train_sft
@@ -32,6 +37,11 @@ class RunConfig:
     world_seed: int = arg(0, "seed of the tiny world")
     quick: bool = arg(False, "tiny preset (≈2 minutes): for tests and trying the code")
     force: bool = arg(False, "redo every stage even if its checkpoint exists")
+    baselines: bool = arg(False, "also best-of-N from SFT (N = 1, 4, 16, 64), DPO and RFT (SFT on the labelers' "
+                                 "best-ranked responses), all on the RM's comparisons")
+    rounds: int = arg(1, "rounds of RLHF (1 = the paper). Round k ranks round k−1's policy's samples on fresh RM "
+                         "prompts, retrains the RM on all comparisons so far, and continues PPO (reference: SFT)")
+    study: bool = arg(False, "over-optimization study: PPO twice as long at β = 0.01 and β = 0.3")
 
 
 # flags of each stage: (default preset, quick preset). Everything else is the stage's own default.
@@ -61,6 +71,55 @@ def stage_args(cfg, name, extra):
     return args + extra
 
 
+def write_rft_data(comparisons, path):
+    """Rejection-sampling fine-tuning data: each ranked prompt's best-ranked response as a demonstration (skipped
+    if it is empty or never ended: SFT would teach it to end where it did not)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for line in open(comparisons):
+            r = json.loads(line)
+            best = r["ranking"].index(0)
+            if r["responses"][best].strip() and r["finished"][best]:
+                f.write(json.dumps({"prompt": r["prompt"], "response": r["responses"][best]}) + "\n")
+
+
+def beyond_stages(cfg):
+    """The opt-in stages beyond the paper: name → (module, expected seconds, args). `args` is a function, called
+    when the stage starts: later rounds read the labeler temperature the first RM calibrated."""
+    def ckpt(name):
+        return os.path.join(cfg.out, name, "ckpt.pt")
+    rm_quick, ppo_quick = STAGES["rm"][2], STAGES["ppo"][2]
+    stages = {}
+    if cfg.baselines:
+        world = ["--device", cfg.device, "--seed", str(cfg.seed), "--world_seed", str(cfg.world_seed),
+                 "--world_scale", "0.01" if cfg.quick else "0.1"]
+        stages["bestofn"] = (bestofn, 120, lambda: ["--run", cfg.out] + world)
+        stages["dpo"] = (train_dpo, 90, lambda: stage_args(cfg, "dpo", [
+            "--init", ckpt("sft"), "--comparisons", os.path.join(cfg.out, "rm", "comparisons.jsonl")]))
+        stages["rft"] = (train_sft, 60, lambda: stage_args(cfg, "rft", [
+            "--init", ckpt("sft"), "--data", os.path.join(cfg.out, "rft", "best_ranked.jsonl"),
+            "--epochs", "2" if cfg.quick else "3", "--lr", "3e-4", "--warmup", "5"]))
+    n_prompts = int(rm_quick[rm_quick.index("--n_prompts") + 1]) if cfg.quick else train_rm.RMConfig.n_prompts
+    for k in range(2, cfg.rounds + 1):
+        prev_rm, prev_ppo = ("rm", "ppo") if k == 2 else (f"rm_r{k - 1}", f"ppo_r{k - 1}")
+        stages[f"rm_r{k}"] = (train_rm, 150, lambda k=k, prev_rm=prev_rm, prev_ppo=prev_ppo: stage_args(
+            cfg, f"rm_r{k}", ["--init", ckpt("sft"), "--policy", ckpt(prev_ppo), "--seed", str(cfg.seed + k - 1),
+                              "--prompt_offset", str((k - 1) * n_prompts), "--previous_rm", ckpt(prev_rm),
+                              "--extra_comparisons", os.path.join(cfg.out, prev_rm, "comparisons.jsonl"),
+                              "--labeler_tau", str(json.load(open(os.path.join(cfg.out, "rm", "metrics.json")))
+                                                   ["labeler_tau"])] + (rm_quick if cfg.quick else [])))
+        stages[f"ppo_r{k}"] = (train_ppo, 170, lambda k=k, prev_ppo=prev_ppo: stage_args(
+            cfg, f"ppo_r{k}", ["--init", ckpt(prev_ppo), "--reference", ckpt("sft"), "--seed", str(cfg.seed + k - 1),
+                               "--reward_model", ckpt(f"rm_r{k}")] + (ppo_quick if cfg.quick else [])))
+    if cfg.study:
+        batches = 2 * (int(ppo_quick[ppo_quick.index("--batches") + 1]) if cfg.quick else train_ppo.PPOConfig.batches)
+        for beta in ("0.01", "0.3"):
+            stages[f"study_kl{beta}"] = (train_ppo, 340, lambda beta=beta: stage_args(
+                cfg, f"study_kl{beta}", ["--init", ckpt("sft"), "--reward_model", ckpt("rm")]
+                + (ppo_quick if cfg.quick else []) + ["--kl_coef", beta, "--batches", str(batches)]))
+    return stages
+
+
 def main(argv=None):
     cfg = parse_config(RunConfig, argv)
     print_config(cfg)
@@ -69,11 +128,14 @@ def main(argv=None):
     os.makedirs(cfg.out, exist_ok=True)
     seconds_path = os.path.join(cfg.out, "seconds.json")
     seconds = json.load(open(seconds_path)) if os.path.exists(seconds_path) else {}
-    names = list(STAGES) + ["eval"]
+    beyond = beyond_stages(cfg)
+    names = list(STAGES) + list(beyond) + ["eval"]
+    expected = {**EXPECTED_SECONDS, **{n: s for n, (_, s, _) in beyond.items()}}
     t_start = time.perf_counter()
     for i, name in enumerate(names):
-        left = sum(EXPECTED_SECONDS[n] for n in names[i:] if n not in seconds)
-        if name != "eval" and os.path.exists(os.path.join(cfg.out, name, "ckpt.pt")):
+        left = sum(expected[n] for n in names[i:] if n not in seconds)
+        done = os.path.join(cfg.out, "bestofn.json" if name == "bestofn" else os.path.join(name, "ckpt.pt"))
+        if name != "eval" and os.path.exists(done):
             print(f"\n=== [{i + 1}/{len(names)}] {name}: checkpoint exists, skipped (--force to redo) ===")
             continue
         eta = "" if cfg.quick else f" | ETA for the rest ≈ {left / 60:.0f} min"
@@ -81,6 +143,12 @@ def main(argv=None):
             args = ["--run", cfg.out, "--device", cfg.device, "--seed", str(cfg.seed),
                     "--world_seed", str(cfg.world_seed), "--world_scale", "0.01" if cfg.quick else "0.1"]
             module = evaluate_run
+        elif name in beyond:
+            module, _, make_args = beyond[name]
+            if name == "rft":
+                write_rft_data(os.path.join(cfg.out, "rm", "comparisons.jsonl"),
+                               os.path.join(cfg.out, "rft", "best_ranked.jsonl"))
+            args = make_args()
         else:
             module, default, quick = STAGES[name]
             args = stage_args(cfg, name, quick if cfg.quick else default)

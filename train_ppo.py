@@ -33,6 +33,8 @@ from nanorlhf.world import make_world
 class PPOConfig(CommonConfig):
     init: str = arg("runs/default/sft/ckpt.pt", "SFT checkpoint: the initial policy and the frozen reference")
     reward_model: str = arg("runs/default/rm/ckpt.pt", "reward model checkpoint (normalized); also inits the value model")
+    reference: str = arg("", "the frozen reference π_SFT of the KL penalty; empty = --init (iterated RLHF: round k "
+                             "starts from round k-1's policy, the reference stays SFT)")
     out: str = arg("runs/default/ppo", "output directory (ckpt.pt, state.pt, log.jsonl, metrics.json)")
     ptx_data: str = arg("", "pretraining text for ptx (documents separated by blank lines); empty = the tiny world's")
     batches: int = arg(40, "PPO batches (rollout + update); episodes = batches × batch_size")
@@ -73,7 +75,8 @@ def load_models(cfg, device):
     reward model, and a value model initialized from the reward model (§3.5). All in eval mode, for good: the
     update must score tokens exactly as the rollout did (ratio 1 before any step), so dropout stays off."""
     policy, tok, _ = load_model(cfg.init, "lm", device)
-    ref_policy = copy.deepcopy(policy).requires_grad_(False)
+    ref_policy = (load_model(cfg.reference, "lm", device)[0] if cfg.reference else copy.deepcopy(policy))
+    ref_policy.requires_grad_(False)
     if read_checkpoint(cfg.reward_model)["head"] != "scalar":
         raise SystemExit(f"{cfg.reward_model}: not a reward model (no scalar head)")
     reward_model, rm_tok, _ = load_model(cfg.reward_model, "scalar", device)

@@ -52,6 +52,12 @@ class RMConfig(CommonConfig):
     grad_accum: int = arg(1, "micro-batches per optimizer step (per rank); the batch is split, the update is the same")
     compile: bool | None = arg(None, "torch.compile the ranking loss; None = on for CUDA, off for CPU")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
+    policy: str = arg("", "tiny world: the policy that samples the candidates (empty = --init); iterated RLHF "
+                          "passes the latest PPO policy")
+    prompt_offset: int = arg(0, "tiny world: skip the first N RM prompts (iterated RLHF: fresh prompts each round)")
+    extra_comparisons: list[str] = arg([], "comparisons.jsonl files of earlier rounds, trained on as well")
+    labeler_tau: float = arg(0.0, "tiny world: the labelers' temperature; 0 = calibrate to 75% agreement")
+    previous_rm: str = arg("", "a reward model to evaluate on the same held-out rankings (the last round's)")
 
 
 def sequence(tok, prompt, response, finished, block_size):
@@ -112,6 +118,11 @@ def pair_accuracy(scores, ranks):
     return hits / max(total, 1)
 
 
+def n_pairs(ranking):
+    """The comparisons a ranking implies: pairs of responses ranked apart (the labels the RM trains on)."""
+    return sum(a != b for i, a in enumerate(ranking) for b in ranking[i + 1:])
+
+
 def expected_agreement(scores, utilities, tau):
     """Accuracy and ceiling without the labelers' sampling noise. A Plackett-Luce labeler puts i above j with
     probability p = σ((u_i − u_j)/τ), so a scorer agrees with it w.p. p or 1 − p (½ on a tie in scores) and two
@@ -144,9 +155,12 @@ def world_rankings(cfg, world, tok, device):
     """Training and evaluation rankings in the tiny world. Held out: the world's "val" prompts (never trained on),
     sampled first with their own generator so they do not depend on --n_prompts, and ranked by two fresh
     labelers: the first is the reference, the second's agreement with it is the ceiling."""
-    policy, _, _ = load_model(cfg.init, head="lm", device=device)
+    policy, _, _ = load_model(cfg.policy or cfg.init, head="lm", device=device)
     rng = random.Random(cfg.seed)
-    train_prompts = world.prompts("rm")[:cfg.n_prompts] if cfg.n_prompts > 0 else world.prompts("rm")
+    train_prompts = world.prompts("rm")[cfg.prompt_offset:]
+    train_prompts = train_prompts[:cfg.n_prompts] if cfg.n_prompts > 0 else train_prompts
+    if not train_prompts:
+        raise SystemExit(f"--prompt_offset {cfg.prompt_offset}: no RM prompts left ({len(world.prompts('rm'))} in all)")
     eval_prompts = world.prompts("val")
     t0 = time.perf_counter()
     sets = []
@@ -159,8 +173,8 @@ def world_rankings(cfg, world, tok, device):
           f"{time.perf_counter() - t0:.1f}s ({statistics.mean(flat):.1%} ended with EOS)")
     # the tiny-world notes: calibrate the labelers on the candidates they will really rank
     n = min(cfg.n_calibrate, len(train_prompts))
-    world.tau = calibrate_tau(world, train_prompts[:n], [ys for ys, _ in train_sets[:n]],
-                              [fs for _, fs in train_sets[:n]])
+    world.tau = cfg.labeler_tau or calibrate_tau(world, train_prompts[:n], [ys for ys, _ in train_sets[:n]],
+                                                 [fs for _, fs in train_sets[:n]])
     labeler = world.labeler(cfg.seed)
     train = [{"prompt": p, "responses": ys, "finished": fs, "ranking": labeler.rank(p, ys, fs)}
              for p, (ys, fs) in zip(train_prompts, train_sets)]
@@ -269,6 +283,8 @@ def main(argv=None):
         world = make_world(cfg.world_seed, cfg.world_scale)
         train, held, norm = world_rankings(cfg, world, tok, device)
         data = {"train": train, "eval": held, "norm": norm, "tau": world.tau}
+    if not resume:  # earlier rounds' comparisons (iterated RLHF): trained on together with this round's
+        data["train"] = [json.loads(line) for path in cfg.extra_comparisons for line in open(path)] + data["train"]
     train, held = data["train"], data["eval"]
     data_seconds = time.perf_counter() - t_start
     print(f"rankings: {len(train):,} training prompts, {sum(len(r['responses']) for r in train):,} responses, "
@@ -327,10 +343,15 @@ def main(argv=None):
     with torch.no_grad():
         model.score.bias += shift
     normed = [s[0] for s in score_records(model, tok, demos, device)]
+    previous = {}
+    if cfg.previous_rm:  # how well the last round's RM judges this round's (new policy's) samples
+        old, _, _ = load_model(cfg.previous_rm, head="scalar", device=device)
+        previous = {f"previous_rm_{k}": v for k, v in evaluate(old, tok, held, data["tau"], device).items()}
     results = {**evaluate(model, tok, held, data["tau"], device), "reward_shift": shift,
                "demo_reward_mean": statistics.mean(normed), "demo_reward_std": statistics.pstdev(normed),
                "labeler_tau": data["tau"], "steps": step, "train_prompts": len(train),
-               "data_seconds": data_seconds, "seconds": time.perf_counter() - t_start}
+               "data_seconds": data_seconds, "seconds": time.perf_counter() - t_start,
+               "pairs": sum(n_pairs(r["ranking"]) for r in train), **previous}
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
     print("reward model: " + " | ".join(f"{k} {v}" for k, v in shown.items()))
     if dist.is_main():
@@ -338,6 +359,9 @@ def main(argv=None):
                         make_checkpoint(model, model.config, "scalar", tok, asdict(cfg), step, extra=results))
         with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
             json.dump(results, f, indent=2)
+        with open(os.path.join(cfg.out, "comparisons.jsonl"), "w") as f:  # the exact labels, for DPO / RFT / rounds
+            f.writelines(json.dumps({k: r[k] for k in ("prompt", "responses", "finished", "ranking")}) + "\n"
+                         for r in train)
     return results
 
 

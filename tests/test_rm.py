@@ -81,7 +81,7 @@ def test_smoke_run_and_normalization(tmp_path, lm_ckpt):
     proc = run_script("--init", lm_ckpt, "--out", str(out), "--max_steps", "3", *TINY)
     assert proc.returncode == 0, proc.stderr
     assert "step 3/3" in proc.stdout and "labeler temperature tau" in proc.stdout
-    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.json", "state.pt"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "comparisons.jsonl", "metrics.json", "state.pt"]
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     extra = ckpt["extra"]
     assert ckpt["head"] == "scalar" and ckpt["step"] == 3

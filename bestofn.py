@@ -1,0 +1,75 @@
+"""Baseline: best-of-N sampling from SFT, reranked by the reward model, on the held-out test prompts.
+
+No training: sample N responses at temperature 1, keep the one the RM scores highest. Its KL from SFT has a closed
+form, log N − (N−1)/N (rlhf.best_of_n_kl), so gold (truth) and RM score (proxy) can be set against KL just as PPO's
+log does (Gao et al. 2022): where the RM keeps rising and gold flattens, the RM is being over-optimized.
+Each prompt gets max(ns) samples; for each N they are cut into max(ns)/N disjoint groups of N, and a prompt's
+score is the mean over its groups' picks (every sample used, lower variance than one group).
+
+    python bestofn.py --run runs/default          # reads sft/ckpt.pt and rm/ckpt.pt, writes bestofn.json
+"""
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanorlhf.common import load_model, setup
+from nanorlhf.config import CommonConfig, arg, parse_config
+from nanorlhf.rlhf import best_of_n_kl
+from nanorlhf.world import make_world
+from train_rm import sample_sets, score_records
+
+
+@dataclass
+class BestOfNConfig(CommonConfig):
+    run: str = arg("runs/default", "run folder with sft/ckpt.pt and rm/ckpt.pt; bestofn.json is written there")
+    ns: list[int] = arg([1, 4, 16, 64], "the N of best-of-N; each must divide the largest")
+    temperature: float = arg(1.0, "sampling temperature (the KL formula assumes the policy's own distribution)")
+    max_new_tokens: int = arg(48, "response length limit (as eval.py)")
+    gen_batch_size: int = arg(256, "sequences sampled at once")
+
+
+def best_of_n(rm_scores, n):
+    """Indices of the picks: rm_scores (one prompt's samples) cut into consecutive groups of n, the argmax of
+    each group (the first of equal scores)."""
+    return [g + max(range(n), key=lambda i: rm_scores[g + i]) for g in range(0, len(rm_scores) - n + 1, n)]
+
+
+def main(argv=None):
+    cfg = parse_config(BestOfNConfig, argv)
+    device = setup(cfg)
+    t0 = time.perf_counter()
+    n_max = max(cfg.ns)
+    if any(n_max % n for n in cfg.ns):
+        raise SystemExit(f"--ns {cfg.ns}: each N must divide the largest, {n_max}")
+    world = make_world(cfg.world_seed, cfg.world_scale)
+    prompts = world.prompts("test")
+    policy, tok, _ = load_model(os.path.join(cfg.run, "sft", "ckpt.pt"), "lm", device)
+    reward_model, _, _ = load_model(os.path.join(cfg.run, "rm", "ckpt.pt"), "scalar", device)
+    sets = sample_sets(policy, tok, prompts, [n_max] * len(prompts), cfg,
+                       torch.Generator(device).manual_seed(cfg.seed))
+    records = [{"prompt": p, "responses": ys, "finished": fs} for p, (ys, fs) in zip(prompts, sets)]
+    rm = score_records(reward_model, tok, records, device)  # normalized RM score of every sample
+    gold = [[world.gold_score(p, y, f) for y, f in zip(ys, fs)] for p, (ys, fs) in zip(prompts, sets)]
+    results = {"prompts": len(prompts), "samples_per_prompt": n_max, "by_n": {}}
+    for n in cfg.ns:
+        picks = [best_of_n(s, n) for s in rm]
+        per_prompt = [statistics.mean(g[i] for i in idx) for g, idx in zip(gold, picks)]
+        results["by_n"][str(n)] = {
+            "n": n, "kl": best_of_n_kl(n), "gold": statistics.mean(per_prompt),
+            "rm": statistics.mean(statistics.mean(s[i] for i in idx) for s, idx in zip(rm, picks)),
+            "gold_per_prompt": per_prompt}
+        r = results["by_n"][str(n)]
+        print(f"best-of-{n}: KL {r['kl']:.3f} | RM {r['rm']:.4f} | gold {r['gold']:.4f}")
+    results["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(cfg.run, "bestofn.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"best-of-N on {len(prompts)} test prompts × {n_max} samples in {results['seconds']:.0f}s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

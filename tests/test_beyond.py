@@ -1,0 +1,130 @@
+"""Beyond the paper: best-of-N selection, DPO's pair wiring, and --quick runs of run.py --baselines --rounds 2
+--study. The best-of-N KL formula and the DPO loss itself are tested against hand/brute-force cases in
+test_rlhf.py; here: what the scripts feed them."""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bestofn import best_of_n
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.rlhf import dpo_loss
+from nanorlhf.tokenizer import Tokenizer
+from nanorlhf.world import make_world
+from train_dpo import batch_logps, preference_pairs, response_example
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_best_of_n_picks_the_argmax_rm_sample_of_each_group():
+    rm = [0.1, 0.5, 0.3, 0.2, 0.9, 0.0, 0.9, 0.1]
+    assert best_of_n(rm, 1) == list(range(8))  # best-of-1 is plain sampling
+    assert best_of_n(rm, 4) == [1, 4]  # groups [0..3] and [4..7]; a tie goes to the first
+    assert best_of_n(rm, 2) == [1, 2, 4, 6]
+    assert best_of_n(rm, 8) == [4]
+
+
+def test_preference_pairs_by_hand():
+    assert sorted(preference_pairs([2, 0, 1])) == [(1, 0), (1, 2), (2, 0)]  # (chosen, rejected)
+    assert preference_pairs([0, 0]) == []  # a tie is no comparison
+
+
+def test_dpo_logps_align_pairs_and_mask_the_prompt():
+    torch.manual_seed(0)
+    tok = Tokenizer.load("tiny")
+    policy = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)).eval()
+    reference = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)).eval()
+    responses, finished = ["the cat is red.", "blue", "a dog lives in the jungle"], [True, False, True]
+    record = {"prompt": "name a color.", "ranking": [2, 0, 1],
+              "examples": [response_example(tok, "name a color.", y, f) for y, f in zip(responses, finished)]}
+    prompt_len = len(tok.format_prompt("name a color."))
+    for (ids, mask), y, f in zip(record["examples"], responses, finished):
+        assert ids[prompt_len:] == tok.encode(y) + [tok.eos_id] * f  # the EOS only if the response ended
+        assert mask == [0] * prompt_len + [1] * (len(ids) - prompt_len)
+
+    def brute(model, i):  # one unpadded sequence, full logits, the response tokens summed one by one
+        ids = torch.tensor(record["examples"][i][0])
+        logp = F.log_softmax(model(ids[None])[0].double(), -1)  # (T, V)
+        return sum(logp[t - 1, ids[t]].item() for t in range(prompt_len, len(ids)))
+
+    pc, pr, rc, rr = batch_logps(policy, reference, [record], tok.pad_id, "cpu")  # (3,) each, one per pair
+    pairs = preference_pairs(record["ranking"])
+    assert sorted(pairs) == [(1, 0), (1, 2), (2, 0)]  # response 1 is best, then 2, then 0
+    for k, (c, r) in enumerate(pairs):
+        assert pc[k].item() == pytest.approx(brute(policy, c), abs=1e-4)
+        assert pr[k].item() == pytest.approx(brute(policy, r), abs=1e-4)
+        assert rc[k].item() == pytest.approx(brute(reference, c), abs=1e-4)
+        assert rr[k].item() == pytest.approx(brute(reference, r), abs=1e-4)
+    # policy == reference (DPO's step 0): every implicit reward is 0, the loss exactly log 2
+    loss, _ = dpo_loss(*batch_logps(policy, copy.deepcopy(policy), [record], tok.pad_id, "cpu"), 0.1)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def beyond_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("beyond") / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "run.py", "--quick", "--baselines", "--rounds", "2", "--study", "--out",
+                        str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quick_baselines_rounds_and_study_fill_the_report(beyond_run):
+    out = beyond_run
+    results = json.loads((out / "results.json").read_text())
+    methods = [r["method"] for r in results["methods"]]
+    assert methods == ["SFT", "best-of-4", "best-of-16", "best-of-64", "DPO", "RFT", "PPO", "PPO-ptx",
+                       "RLHF round 2"]
+    for row in results["methods"]:
+        assert 0 <= row["win_rate"] <= 1 and row["minutes"] > 0 and row["labels"], row
+    assert results["methods"][0]["win_rate"] == 0.5 and results["methods"][0]["kl"] == 0.0
+    assert [r["n"] for r in results["best_of_n"]["by_n"].values()] == [1, 4, 16, 64]
+    # iterated RLHF: round 2's RM saw round 1's comparisons plus new ones, sampled by round 1's policy
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    r1, r2 = results["rounds"]
+    assert r2["pairs"] > r1["pairs"] > 0 and r2["previous_rm_accuracy"] is not None
+    round1 = (out / "rm" / "comparisons.jsonl").read_text().splitlines()
+    round2 = (out / "rm_r2" / "comparisons.jsonl").read_text().splitlines()
+    assert round2[:len(round1)] == round1 and len(round2) == 2 * len(round1)
+    rm_prompts = make_world(0, 0.01).prompts("rm")  # round 2 ranks the next, fresh RM prompts
+    assert [json.loads(x)["prompt"] for x in round2] == rm_prompts[:2 * len(round1)]
+    ppo_r2 = torch.load(out / "ppo_r2" / "ckpt.pt", weights_only=True)["config"]
+    assert ppo_r2["reference"].endswith(os.path.join("sft", "ckpt.pt"))
+    assert ppo_r2["init"].endswith(os.path.join("ppo", "ckpt.pt"))
+    # RFT trained on each prompt's best-ranked response
+    best = [json.loads(x) for x in (out / "rft" / "best_ranked.jsonl").read_text().splitlines()]
+    expected = []
+    for r in map(json.loads, round1):
+        i = r["ranking"].index(0)
+        if r["responses"][i].strip() and r["finished"][i]:  # an empty or unfinished best is no demonstration
+            expected.append({"prompt": r["prompt"], "response": r["responses"][i]})
+    assert best == expected and len(best) > len(round1) // 2
+    assert set(results["gold_peak_kl"]) >= {"ppo", "study_kl0.01", "study_kl0.3", "ppo_r2"}
+    report = (out / "report.md").read_text()
+    for section in ("Methods on the same label budget", "Best-of-N", "Iterated RLHF", "where gold peaks"):
+        assert section in report
+
+
+@pytest.mark.slow
+def test_dpo_resume_is_bit_identical(beyond_run, tmp_path):
+    args = [sys.executable, "train_dpo.py", "--init", str(beyond_run / "sft" / "ckpt.pt"), "--comparisons",
+            str(beyond_run / "rm" / "comparisons.jsonl"), "--world_scale", "0.01", "--max_steps", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(args + ["--out", str(tmp_path / "a")], cwd=ROOT, capture_output=True, text=True, env=env)
+    half = subprocess.run(args[:-1] + ["2", "--out", str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True,
+                          env=env)
+    rest = subprocess.run(args + ["--out", str(tmp_path / "b"), "--resume"], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
+    for p in (whole, half, rest):
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,152 @@
+"""Baseline: Direct Preference Optimization (Rafailov et al. 2023) on the comparisons the reward model saw.
+
+No reward model and no sampling: every pair (y_w, y_l) implied by a labeler's ranking (all C(K,2) of a prompt,
+ties dropped) raises the policy's log-ratio to the frozen SFT reference on y_w over y_l,
+    loss = −log σ( β·log π(y_w|x)/π_SFT(y_w|x) − β·log π(y_l|x)/π_SFT(y_l|x) )          (Rafailov et al. eq. 7)
+where log π(y|x) sums the response tokens (and the EOS, if the response ended) and never the prompt's. As in the
+RM, a prompt's K responses go through the model once and all its pairs are formed from those K log-probs.
+
+    python train_dpo.py --init runs/default/sft/ckpt.pt --comparisons runs/default/rm/comparisons.jsonl \\
+        --out runs/default/dpo
+"""
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.common import Progress, cosine_lr, load_model, pad, read_checkpoint, sequence_logprobs, setup, write_state
+from nanorlhf.config import CommonConfig, arg, parse_config
+from nanorlhf.data import DataError, check_lengths
+from nanorlhf.rlhf import dpo_loss
+
+
+@dataclass
+class DPOConfig(CommonConfig):
+    init: str = arg("runs/default/sft/ckpt.pt", "SFT checkpoint: the initial policy and the frozen reference")
+    comparisons: str = arg("runs/default/rm/comparisons.jsonl", "rankings written by train_rm.py (the RM's labels)")
+    out: str = arg("runs/default/dpo", "output directory (ckpt.pt, state.pt, metrics.json)")
+    beta: float = arg(0.1, "β: the KL strength of the implicit reward β·log π/π_SFT (paper default 0.1)")
+    epochs: int = arg(1, "passes over the ranked prompts")
+    batch_size: int = arg(8, "ranked prompts per step, each with all its pairs")
+    lr: float = arg(1e-4, "peak learning rate (AdamW), cosine decay to 10%")
+    warmup: int = arg(5, "linear warm-up steps")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this")
+    log_every: int = arg(10, "progress line every N steps")
+    save_every: int = arg(50, "write state.pt every N steps")
+
+
+def preference_pairs(ranking):
+    """(chosen, rejected) index pairs of one ranking (0 = best); tied responses form no pair."""
+    return [(i, j) for i in range(len(ranking)) for j in range(len(ranking)) if ranking[i] < ranking[j]]
+
+
+def response_example(tok, prompt, response, finished):
+    """(ids, response_mask): the prompt template, the response and its EOS if it ended; mask 1 on the response."""
+    prompt_ids = tok.format_prompt(prompt)
+    response_ids = tok.encode(response) + ([tok.eos_id] if finished else [])
+    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
+
+def response_logps(model, examples, pad_id, device):
+    """log π(y|x) of each example, (N,): the sum of the response tokens' log-probs (right-padded batch)."""
+    ids, _ = pad([e[0] for e in examples], pad_id, device=device)  # (N, T)
+    response_mask, _ = pad([e[1] for e in examples], 0, device=device)  # (N, T) 1 on response tokens
+    logp = sequence_logprobs(model, ids)  # (N, T-1) log p(ids[:, t+1])
+    return (logp * response_mask[:, 1:]).sum(1)  # targets 1..T-1: prompt and padding contribute 0
+
+
+def batch_logps(policy, reference, records, pad_id, device):
+    """Policy and reference log-probs of every pair of a batch of records: four (P,) tensors, chosen then
+    rejected, pair p's entries aligned across all four."""
+    examples, chosen, rejected = [], [], []
+    for r in records:
+        base = len(examples)
+        examples += r["examples"]
+        for i, j in preference_pairs(r["ranking"]):
+            chosen.append(base + i)
+            rejected.append(base + j)
+    logp = response_logps(policy, examples, pad_id, device)  # (N,)
+    with torch.no_grad():
+        ref = response_logps(reference, examples, pad_id, device)  # (N,)
+    c, r = torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)
+    return logp[c], logp[r], ref[c], ref[r]
+
+
+def main(argv=None):
+    cfg = parse_config(DPOConfig, argv)
+    device = setup(cfg)
+    t_start = time.perf_counter()
+    policy, tok, _ = load_model(cfg.init, "lm", device)
+    # dropout off in both models: at step 0 the policy equals the reference and the loss is exactly log 2
+    policy.eval()
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    records = [json.loads(line) for line in open(cfg.comparisons) if line.strip()]
+    records = [r for r in records if preference_pairs(r["ranking"])]
+    for r in records:
+        r["examples"] = [response_example(tok, r["prompt"], y, f) for y, f in zip(r["responses"], r["finished"])]
+    try:
+        check_lengths([(f"{cfg.comparisons}: {r['prompt']!r}", len(e[0])) for r in records for e in r["examples"]],
+                      policy.config.block_size, "prompt + response")
+    except DataError as e:
+        print(e)
+        raise SystemExit(2)
+    n_pairs = sum(len(preference_pairs(r["ranking"])) for r in records)
+    print(f"{len(records)} ranked prompts, {n_pairs} pairs | policy {policy.num_params() / 1e6:.2f}M parameters")
+
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, state_path = 0, os.path.join(cfg.out, "state.pt")
+    if cfg.resume and os.path.exists(state_path):
+        state = read_checkpoint(state_path, map_location=device)
+        policy.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        print(f"resumed from {state_path} at step {step}")
+    steps_per_epoch = -(-len(records) // cfg.batch_size)
+    schedule = cfg.epochs * steps_per_epoch
+    total = schedule if cfg.max_steps < 0 else min(schedule, cfg.max_steps)
+    avg_len = sum(len(e[0]) for r in records for e in r["examples"]) / sum(len(r["examples"]) for r in records)
+    progress = Progress(total, cfg.log_every, policy.flops_per_token(round(avg_len)) * 4 / 3, device, start=step,
+                        name="dpo ")  # the reference's forward adds a third
+    sums, start = {}, step  # the summary averages the steps this invocation ran
+    while step < total:
+        epoch, i = divmod(step, steps_per_epoch)  # the data order is a function of (seed, epoch): resumable
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        batch = [records[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+        lr = cosine_lr(step, schedule, cfg.lr, cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss, stats = dpo_loss(*batch_logps(policy, reference, batch, tok.pad_id, device), cfg.beta)  # mean over pairs
+        if not torch.isfinite(loss):
+            raise SystemExit(f"step {step}: non-finite DPO loss {loss.item()}; last good state in {state_path}")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise SystemExit(f"step {step}: non-finite DPO gradient norm; last good state in {state_path}")
+        opt.step()
+        metrics = {"loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_tokens = sum(len(e[0]) for r in batch for e in r["examples"])
+        progress.step(step, n_tokens, loss=loss.item(), acc=metrics["reward_accuracy"], lr=lr)
+        step += 1
+        if step % cfg.save_every == 0 or step == total:
+            write_state(state_path, make_checkpoint(policy, policy.config, "lm", tok, asdict(cfg), step, opt))
+
+    results = {"steps": step, "ranked_prompts": len(records), "pairs": n_pairs, "beta": cfg.beta,
+               **{f"mean_{k}": v / max(step - start, 1) for k, v in sums.items()}, "seconds": time.perf_counter() - t_start}
+    print("dpo: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
+    save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
+                    make_checkpoint(policy, policy.config, "lm", tok, asdict(cfg), step, extra=results))
+    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
