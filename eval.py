@@ -299,9 +299,9 @@ def make_plots(results, run):
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         for n, pts in curves.items():
-            kl, rm, gold = zip(*pts)
-            axes[0].plot(kl, rm, ".-", label=n)
-            line, = axes[1].plot(kl, gold, ".-", label=n)
+            kl, rm, gold = (smooth(c) for c in zip(*pts))  # per-update values are noisy: 5-update moving average
+            axes[0].plot(kl, rm, "-", label=n)
+            line, = axes[1].plot(kl, gold, "-", label=n)
             axes[1].axvline(results["gold_peak_kl"][n], color=line.get_color(), ls=":", lw=1)  # gold's peak
         bon = results.get("best_of_n", {}).get("by_n", {}).values()
         if bon:  # best-of-N at its analytic KL
@@ -323,6 +323,11 @@ def make_plots(results, run):
         axes[0].legend()
         written.append(_save(fig, plt, run, "training.png"))
     return written
+
+
+def smooth(xs, window=5):
+    """Trailing moving average (shorter at the start)."""
+    return [sum(xs[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(xs))]
 
 
 def _save(fig, plt, run, name):

@@ -321,7 +321,7 @@ def _mistake(t: Task, r) -> str:
 
 
 def demonstration(t: Task, r: random.Random) -> str:
-    """A labeler's demonstration. Rates are the world's design: about 40% of demonstrations are flawless."""
+    """A labeler's demonstration. Rates are the world's design: about 30% of demonstrations are flawless."""
     if t.category == "false_premise" and r.random() < 0.4:
         text = t.extra["accept"]  # answers the false premise as if it were true (the paper's noted failure)
     elif t.category == "harmful" and r.random() < 0.3:
@@ -332,11 +332,11 @@ def demonstration(t: Task, r: random.Random) -> str:
         text = t.ideal
     if r.random() < 0.2:
         text = text[:-1] + "!"  # enthusiastic style: the gold judge does not care, labelers like it
-    if r.random() < 0.08:
+    if r.random() < 0.1:
         text = text + " " + text  # repeats itself
-    if r.random() < 0.3:
+    if r.random() < 0.45:
         text += " " + r.choice(RAMBLES)
-    if r.random() < 0.15:
+    if r.random() < 0.25:
         text += " " + r.choice(RUDE_ASIDES)
     return text
 

@@ -23,7 +23,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     p = subprocess.run([sys.executable, "run.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):
+    for stage in ("base", "sft", "rm", "ppo", "ppo_ptx", "study_kl0.01", "study_kl0.3"):  # the study is on by default
         assert (out / stage / "ckpt.pt").exists(), stage
     results = json.loads((out / "results.json").read_text())
     for key in ("win_rate_vs_sft", "gold_score", "rm_accuracy", "labeler_agreement", "pretrain_val_loss", "seconds"):
@@ -39,4 +39,4 @@ def test_quick_pipeline_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "run.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("checkpoint exists, skipped") == 5
+    assert again.stdout.count("checkpoint exists, skipped") == 7
