@@ -233,11 +233,7 @@ def write_report(results, path, machine=""):
     open(path, "w").write("\n".join(lines) + "\n")
 
 
-def beyond_report(results):
-    """The report's sections on the methods beyond the paper (empty when only the paper's pipeline ran)."""
-    rows = results.get("methods", [])
-    if not any(r["method"] not in ("SFT", "PPO", "PPO-ptx") for r in rows):
-        return []
+def methods_report(rows):
     lines = ["## Methods on the same label budget", "",
              "KL from SFT per response in nats (best-of-N: the analytic log N − (N−1)/N; others: k1 on their own "
              "test samples); minutes: every stage the method needs, base model included, on this machine. "
@@ -248,7 +244,15 @@ def beyond_report(results):
         mins = "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
         lines.append(f"| {r['method']} | {_fmt(r['win_rate'], True)} | {_fmt(r['gold'])} | {_fmt(r['kl'])} | "
                      f"{r['labels'] or '–'} | {mins} |")
-    lines.append("")
+    return lines + [""]
+
+
+def beyond_report(results):
+    """The report's sections beyond the paper: other methods on the same labels, iterated rounds, over-optimization."""
+    rows = results.get("methods", [])
+    lines = []
+    if any(r["method"] not in ("SFT", "PPO", "PPO-ptx") for r in rows):
+        lines += methods_report(rows)
     if results.get("best_of_n"):
         lines += ["## Best-of-N: truth (gold) and proxy (RM) against KL", "", "| N | KL | RM score | gold |",
                   "|---|---|---|---|"]
@@ -267,8 +271,10 @@ def beyond_report(results):
     if results.get("gold_peak_kl"):
         lines += ["## Over-optimization: where gold peaks", "", "KL (nats) at which the PPO run's gold score "
                   "(3-update moving average) peaks; past it the RM score still rises. Plot: `overoptimization.png`.",
-                  "", "| run | KL at the gold peak |", "|---|---|"]
-        lines += [f"| {n} | {kl:.3f} |" for n, kl in results["gold_peak_kl"].items()]
+                  "", "| run | KL at the gold peak | final KL | final RM score | final gold |", "|---" * 5 + "|"]
+        for n, kl in results["gold_peak_kl"].items():
+            end_kl, end_rm, end_gold = results["overoptimization"][n][-1]
+            lines.append(f"| {n} | {kl:.2f} | {end_kl:.2f} | {end_rm:.3f} | {end_gold:.3f} |")
         lines.append("")
     return lines
 
