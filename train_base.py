@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, cosine_lr, get_batch, lm_loss, read_checkpoint, setup, token_stream, val_loss,
-                             write_state)
+from nanorlhf.common import (Progress, adamw, cosine_lr, get_batch, lm_loss, read_checkpoint, setup, token_stream,
+                             val_loss, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
@@ -64,10 +64,7 @@ def main(argv=None):
     mconf = GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
                       n_embd=cfg.n_embd, dropout=cfg.dropout)
     model = GPT(mconf).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters")
 
     step, state_path = 0, os.path.join(cfg.out, "state.pt")

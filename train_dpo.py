@@ -44,13 +44,6 @@ def preference_pairs(ranking):
     return [(i, j) for i in range(len(ranking)) for j in range(len(ranking)) if ranking[i] < ranking[j]]
 
 
-def response_example(tok, prompt, response, finished):
-    """(ids, response_mask): the prompt template, the response and its EOS if it ended; mask 1 on the response."""
-    prompt_ids = tok.format_prompt(prompt)
-    response_ids = tok.encode(response) + ([tok.eos_id] if finished else [])
-    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
-
-
 def response_logps(model, examples, pad_id, device):
     """log π(y|x) of each example, (N,): the sum of the response tokens' log-probs (right-padded batch)."""
     ids, _ = pad([e[0] for e in examples], pad_id, device=device)  # (N, T)
@@ -87,7 +80,7 @@ def main(argv=None):
     records = [json.loads(line) for line in open(cfg.comparisons) if line.strip()]
     records = [r for r in records if preference_pairs(r["ranking"])]
     for r in records:
-        r["examples"] = [response_example(tok, r["prompt"], y, f) for y, f in zip(r["responses"], r["finished"])]
+        r["examples"] = [tok.format_example(r["prompt"], y, f) for y, f in zip(r["responses"], r["finished"])]
     try:
         check_lengths([(f"{cfg.comparisons}: {r['prompt']!r}", len(e[0])) for r in records for e in r["examples"]],
                       policy.config.block_size, "prompt + response")

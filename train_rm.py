@@ -20,7 +20,7 @@ import torch
 
 from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, cosine_lr, load_model, pad, read_checkpoint, setup, write_state
+from nanorlhf.common import Progress, adamw, cosine_lr, load_model, pad, read_checkpoint, setup, write_state
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import sample_responses
@@ -62,8 +62,7 @@ class RMConfig(CommonConfig):
 
 def sequence(tok, prompt, response, finished, block_size):
     """prompt template + response + EOS if the response ended; the last block_size tokens (the end is scored)."""
-    ids = tok.format_prompt(prompt) + tok.encode(response) + ([tok.eos_id] if finished else [])
-    return ids[-block_size:]
+    return tok.format_example(prompt, response, finished)[0][-block_size:]
 
 
 def score(model, ids, mask):
@@ -291,10 +290,7 @@ def main(argv=None):
           f"{len(held):,} held-out prompts")
 
     # model: the SFT trunk with a fresh scalar head (load_model replaced the unembedding)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     print(f"reward model: {model.num_params() / 1e6:.2f}M parameters")
     if cfg.activation_checkpointing:
         dist.checkpoint_blocks(model)

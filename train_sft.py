@@ -18,7 +18,7 @@ import torch
 
 from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, cosine_lr, lm_loss, load_model, pad, read_checkpoint, setup, write_state
+from nanorlhf.common import Progress, adamw, cosine_lr, lm_loss, load_model, pad, read_checkpoint, setup, write_state
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import gold_report, sample_responses
@@ -155,10 +155,7 @@ def main(argv=None):
     set_dropout(model, cfg.dropout)
     if cfg.activation_checkpointing:
         dist.checkpoint_blocks(model)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch

@@ -81,6 +81,14 @@ def pad(seqs, pad_id, left=False, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
+def adamw(model, lr, weight_decay):
+    """AdamW with weight decay on the matrices only (not on biases, LayerNorm gains), betas as GPT-3/nanoGPT."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
 def cosine_lr(step, total, lr, warmup, final_ratio=0.1):
     """Linear warm-up for `warmup` steps, then cosine decay to final_ratio·lr at `total` steps."""
     if step < warmup:

@@ -59,10 +59,11 @@ class Tokenizer:
     def format_prompt(self, instruction):
         return [self.prompt_id] + self.encode(instruction) + [self.response_id]
 
-    def format_example(self, instruction, response):
-        """(ids, loss_mask) of a demonstration; loss_mask is 1 on the response tokens and the closing EOS."""
+    def format_example(self, instruction, response, finished=True):
+        """(ids, loss_mask) of a prompt-response pair; loss_mask is 1 on the response tokens and the closing EOS,
+        which is there if the response ended (finished=True, always for demonstrations)."""
         prompt = self.format_prompt(instruction)
-        completion = self.encode(response) + [self.eos_id]
+        completion = self.encode(response) + ([self.eos_id] if finished else [])
         return prompt + completion, [0] * len(prompt) + [1] * len(completion)
 
     @classmethod

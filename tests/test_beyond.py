@@ -17,7 +17,7 @@ from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.rlhf import dpo_loss
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.world import make_world
-from train_dpo import batch_logps, preference_pairs, response_example
+from train_dpo import batch_logps, preference_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def test_dpo_logps_align_pairs_and_mask_the_prompt():
     reference = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)).eval()
     responses, finished = ["the cat is red.", "blue", "a dog lives in the jungle"], [True, False, True]
     record = {"prompt": "name a color.", "ranking": [2, 0, 1],
-              "examples": [response_example(tok, "name a color.", y, f) for y, f in zip(responses, finished)]}
+              "examples": [tok.format_example("name a color.", y, f) for y, f in zip(responses, finished)]}
     prompt_len = len(tok.format_prompt("name a color."))
     for (ids, mask), y, f in zip(record["examples"], responses, finished):
         assert ids[prompt_len:] == tok.encode(y) + [tok.eos_id] * f  # the EOS only if the response ended

@@ -120,6 +120,9 @@ def test_format_prompt_and_example(tok):
     assert mask == [0] * n_prompt + [1] * n_resp
     assert tok.decode_response(ids[n_prompt:] + tok.encode(" junk after eos")) == resp
     assert tok.decode_response([tok.prompt_id] + tok.encode("a") + [tok.response_id]) == "a"
+    # a sampled response that never ended (RM / DPO data) gets no EOS, and the mask covers only its tokens
+    cut, cut_mask = tok.format_example(ins, resp, finished=False)
+    assert cut == ids[:-1] and cut_mask == mask[:-1]
 
 
 def test_save_load_and_tiny_asset(tmp_path, monkeypatch):
