@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from types import SimpleNamespace
 
 import torch
@@ -210,7 +211,7 @@ def report_decode(device, B=32, P=32, N=224, repeats=3):
     graphs), GPT-2 124M in bf16, no early stop."""
     torch.manual_seed(0)
     model = GPT(gpt2_small()).to(device, torch.bfloat16).eval()
-    prompts = torch.randint(0, 50257, (B, P)).tolist()
+    prompts = torch.randint(0, model.config.vocab_size, (B, P)).tolist()
     rates = {}
     for compiled in (False, True):
         generate(model, prompts, N, -1, 0, compiled=compiled)  # warm-up (compiles)
@@ -235,7 +236,7 @@ def report_train_mfu(device, B=8, T=1024, steps=10):
             for block in model.transformer.h:
                 block.compile()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        ids = torch.randint(0, 50257, (B, T + 1), device=device)
+        ids = torch.randint(0, model.config.vocab_size, (B, T + 1), device=device)
         mask = torch.ones_like(ids, dtype=torch.bool)
         for i in range(steps + 3):  # 3 warm-up steps
             if i == 3:
@@ -266,12 +267,19 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads | load average {os.getloadavg()[0]:.2f} (other work on the machine)")
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(device)}")
-    report_w1(device, args.batches)
-    report_memory(device)
-    if device.type == "cuda":
-        report_decode(device)
-        report_train_mfu(device)
+    sections = [lambda: report_w1(device, args.batches), lambda: report_memory(device)]
+    if device.type == "cuda":  # the GPU-only figures first
+        sections = [lambda: report_decode(device), lambda: report_train_mfu(device)] + sections
+    failed = 0
+    for section in sections:
+        try:
+            section()
+        except Exception as e:  # one broken section must not hide the others' figures
+            failed += 1
+            traceback.print_exc()
+            print(f"FAILED: {type(e).__name__}: {e}", flush=True)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

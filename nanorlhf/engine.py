@@ -45,9 +45,25 @@ class KVCache:
     def advance(self, T):
         self.pos.add_(T)
 
+    def reset(self):
+        """Empty the cache for a new batch; stale keys/values stay behind masked-out slots."""
+        self.key_mask.zero_()
+        self.pos.zero_()
+
     def keep_rows(self, keep):
         """Drop finished rows: keep (B,) bool selects the rows that go on decoding."""
         self.k, self.v, self.key_mask = self.k[:, keep], self.v[:, keep], self.key_mask[keep]
+
+
+@functools.lru_cache(maxsize=4)
+def static_kv_cache(n_layer, batch_size, n_head, max_len, head_dim, device, dtype):
+    """The compiled decode step reuses one cache per shape, its tensors marked as static addresses: every call
+    then sees the same inputs, so nothing recompiles and, on CUDA, the recorded graph is replayed (a new cache
+    per call would be new graph inputs, and CUDA graphs do not accept in-place writes to those)."""
+    cache = KVCache(n_layer, batch_size, n_head, max_len, head_dim, device=device, dtype=dtype)
+    for t in (cache.k, cache.v, cache.key_mask, cache.pos):
+        torch._dynamo.mark_static_address(t)
+    return cache
 
 
 @dataclass
@@ -132,9 +148,14 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     was_training = model.training
     model.eval()
     try:
-        kv_cache = KVCache(config.n_layer, B, config.n_head, cache_length(P, max_new_tokens, config.block_size,
-                                                                          compiled),
-                           config.n_embd // config.n_head, device=device, dtype=model.transformer.wte.weight.dtype)
+        shape = (config.n_layer, B, config.n_head, cache_length(P, max_new_tokens, config.block_size, compiled),
+                 config.n_embd // config.n_head)
+        dtype = model.transformer.wte.weight.dtype
+        if compiled:
+            kv_cache = static_kv_cache(*shape, device, dtype)
+            kv_cache.reset()
+        else:
+            kv_cache = KVCache(*shape, device=device, dtype=dtype)
         step = compiled_decode_step(device.type) if compiled else decode_step
         logits = model(prompt, attention_mask=prompt_mask, kv_cache=kv_cache)[:, -1]  # (B, vocab) prefill
         response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
