@@ -103,8 +103,9 @@ def response_logprobs(model, tokens, mask, P, temperature, compiled=None):
 
 
 def response_values(value_model, tokens, mask, P):
-    """V(x, y_<t) for each response token t, (B, N): read where token t is predicted, as its log-prob is."""
-    return value_model(tokens[:, :-1], attention_mask=mask[:, :-1])[:, P - 1:]  # (B, N)
+    """V(x, y_<t) for each response token t, (B, N): read where token t is predicted, as its log-prob is.
+    float32 also under bf16 autocast: returns, advantages and the value loss are computed in float32."""
+    return value_model(tokens[:, :-1], attention_mask=mask[:, :-1])[:, P - 1:].float()  # (B, N)
 
 
 @torch.no_grad()
@@ -118,7 +119,7 @@ def score(policy, ref_policy, reward_model, value_model, tokens, mask, P, eos_id
         "logprobs": response_logprobs(policy, tokens, mask, P, temperature, compiled)[0],  # (B, N) log π_old
         "ref_logprobs": response_logprobs(ref_policy, tokens, mask, P, temperature, compiled)[0],  # (B, N) log π_SFT
         "values": response_values(value_model, tokens, mask, P),  # (B, N) V_old
-        "scores": reward_model(tokens, attention_mask=mask)[rows, last],  # (B,) RM score at the last real token
+        "scores": reward_model(tokens, attention_mask=mask)[rows, last].float(),  # (B,) RM score at the last token
         "finished": tokens[rows, last] == eos_id,  # (B,) the response ended with EOS
     }
 

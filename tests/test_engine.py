@@ -195,3 +195,15 @@ def test_compiled_generation_matches_eager_and_does_not_recompile():
         again = generate(model, shorter, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=True)
     assert torch.equal(again.tokens, generate(model, shorter, 20, eos_id=EOS, pad_id=EOS, greedy=True,
                                               compiled=False).tokens)
+
+
+def test_generation_under_bf16_autocast_matches_its_own_full_forward():
+    """PPO rollouts run inside bf16 autocast on GPUs: the cache then holds bf16 keys/values. Greedy tokens from the
+    cached decode equal greedy decoding by full forwards under the same autocast, one token at a time."""
+    model = tiny(eos_bias=0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gen = generate(model, PROMPTS[:1], 6, eos_id=EOS, pad_id=EOS, greedy=True)
+        idx = torch.tensor(PROMPTS[:1])
+        for _ in range(6):
+            idx = torch.cat([idx, model(idx)[:, -1].float().argmax(-1, keepdim=True)], dim=1)
+    assert gen.tokens[0].tolist() == idx[0].tolist()

@@ -131,6 +131,22 @@ def test_score_aligns_logprobs_values_and_rm_readout(ckpts):
             assert b["scores"][i].item() == pytest.approx(reward_model(ids)[0, -1].item(), abs=1e-5)
 
 
+@pytest.mark.slow
+def test_bf16_rollout_scores_in_float32_and_compiled_gae_takes_them(ckpts):
+    """On GPUs rollouts run under bf16 autocast: values and scores come back float32, so the compiled GAE (one
+    matmul, which needs one dtype) and the eager loop give the same advantages."""
+    cfg = make_cfg(ckpts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        models, b, P = rollout_batch(cfg)
+    assert b["values"].dtype == b["scores"].dtype == b["logprobs"].dtype == torch.float32
+    rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                           b["response_mask"], cfg.kl_coef)
+    eager = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95, compiled=False)
+    fused = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95, compiled=True)
+    for a, c in zip(eager, fused):
+        torch.testing.assert_close(a * b["response_mask"], c * b["response_mask"], atol=1e-5, rtol=1e-5)
+
+
 def test_whitening_in_script_ignores_padding():
     g = torch.Generator().manual_seed(0)
     lengths = [5, 2, 7, 1]
