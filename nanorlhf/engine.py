@@ -162,7 +162,8 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
         else:
             kv_cache = KVCache(*shape, device=device, dtype=dtype)
         step = compiled_decode_step(device.type) if compiled else decode_step
-        logits = model(prompt, attention_mask=prompt_mask, kv_cache=kv_cache)[:, -1]  # (B, vocab) prefill
+        h = model.hidden_states(prompt, attention_mask=prompt_mask, kv_cache=kv_cache)[:, -1]  # (B, C) prefill
+        logits = model.lm_head(h)  # (B, vocab): only the last position samples
         response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
         response_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, N)
         logprobs = torch.zeros(B, max_new_tokens, device=device)  # (B, N)
