@@ -87,7 +87,7 @@ def main(argv=None):
         batch = get_batch(train, cfg.batch_size, cfg.block_size, device)
         loss = lm_loss(model, batch, torch.ones_like(batch, dtype=torch.bool))
         if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: non-finite pretraining loss {loss.item()}; last good state in {state_path}")
+            raise SystemExit(f"step {step + 1}: non-finite pretraining loss {loss.item()}; last good state in {state_path}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

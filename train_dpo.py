@@ -116,11 +116,11 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss, stats = dpo_loss(*batch_logps(policy, reference, batch, tok.pad_id, device), cfg.beta)  # mean over pairs
         if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: non-finite DPO loss {loss.item()}; last good state in {state_path}")
+            raise SystemExit(f"step {step + 1}: non-finite DPO loss {loss.item()}; last good state in {state_path}")
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):
-            raise SystemExit(f"step {step}: non-finite DPO gradient norm; last good state in {state_path}")
+            raise SystemExit(f"step {step + 1}: non-finite DPO gradient norm; last good state in {state_path}")
         opt.step()
         metrics = {"loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
         for k, v in metrics.items():

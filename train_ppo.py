@@ -212,7 +212,7 @@ def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None
                     loss, terms, stats = ppo_losses(policy, value_model, mb, P, ptx_ids, cfg)
                 for name, term in terms.items():
                     if not torch.isfinite(term):
-                        raise SystemExit(f"step {step}: non-finite {name} loss ({term.item()})")
+                        raise SystemExit(f"step {step + 1}: non-finite {name} loss ({term.item()})")
                 share = mb["response_mask"].sum() / n_tokens  # this micro-batch's share of the minibatch's tokens
                 (loss * share * world).backward()  # average_gradients divides by the number of ranks
                 for k, v in {**{f"{k}_loss": t for k, t in terms.items()}, **stats}.items():
@@ -224,7 +224,7 @@ def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None
                           "value": torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)}
             for name, norm in grad_norms.items():
                 if not torch.isfinite(norm):
-                    raise SystemExit(f"step {step}: non-finite {name} gradient norm")
+                    raise SystemExit(f"step {step + 1}: non-finite {name} gradient norm")
             for opt in optimizers:
                 opt.step()
             if ema is not None:
@@ -329,7 +329,7 @@ def main(argv=None):
                                       b["response_mask"], kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
         for name, x in (("KL", kl), ("reward", rewards)):
             if not torch.isfinite(x).all():
-                raise SystemExit(f"step {step}: non-finite {name} in the rollout")
+                raise SystemExit(f"step {step + 1}: non-finite {name} in the rollout")
         b["advantages"], b["returns"] = compute_advantages(rewards, b["values"], b["response_mask"], cfg.gamma,
                                                            cfg.lam, cfg.compile)
         m = b["response_mask"]

@@ -320,10 +320,10 @@ def main(argv=None):
         loss, scores, n_tokens = accumulate_gradients(model, tok, batch, cfg.grad_accum, dtype, device,
                                                               cfg.compile)
         if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: non-finite ranking loss {loss.item()}; last good state in {state_path}")
+            raise SystemExit(f"step {step + 1}: non-finite ranking loss {loss.item()}; last good state in {state_path}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if not torch.isfinite(grad_norm):
-            raise SystemExit(f"step {step}: non-finite ranking loss gradient norm; last good state in {state_path}")
+            raise SystemExit(f"step {step + 1}: non-finite ranking loss gradient norm; last good state in {state_path}")
         opt.step()
         acc = pair_accuracy(scores, [r["ranking"] for r in dist.shard(batch)])  # this rank's; zip drops padding
         progress.step(step, n_tokens, loss=loss.item(), acc=acc, lr=lr)

@@ -210,10 +210,10 @@ def main(argv=None):
         loss, n_tokens = accumulate_gradients(model, train, batch, tok.pad_id, cfg.grad_accum, dtype, device,
                                                cfg.compile)
         if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: non-finite SFT loss {loss.item()}; last good state in {state_path}")
+            raise SystemExit(f"step {step + 1}: non-finite SFT loss {loss.item()}; last good state in {state_path}")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):
-            raise SystemExit(f"step {step}: non-finite SFT grad norm; last good state in {state_path}")
+            raise SystemExit(f"step {step + 1}: non-finite SFT grad norm; last good state in {state_path}")
         opt.step()
         step += 1
         progress.step(step - 1, n_tokens, loss=loss.item(), lr=lr)

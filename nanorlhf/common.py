@@ -48,7 +48,7 @@ def write_state(path, ckpt):
     the run stops naming the step and the tensor, and the last good state.pt stays as it was."""
     bad = first_nonfinite({k: ckpt[k] for k in ("model", "optimizer", "extra")})
     if bad:
-        raise SystemExit(f"step {ckpt['step'] - 1}: non-finite {bad} after the update; last good state in {path}")
+        raise SystemExit(f"step {ckpt['step']}: non-finite {bad} after the update; last good state in {path}")
     save_checkpoint(path, ckpt)
 
 

@@ -145,3 +145,23 @@ def test_rng_restored_after_cuda_map_location(tmp_path):
     expected = draw(), torch.rand(2, device="cuda").tolist()
     ck.set_rng_state(load_checkpoint(path, map_location="cuda")["rng"])  # RNG tensors now live on the GPU
     assert (draw(), torch.rand(2, device="cuda").tolist()) == expected
+
+
+def test_save_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Durable, not only atomic: the data reaches the disk before the rename publishes it, and the rename itself is
+    synced by an fsync of the folder."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 1})
+    assert events == [("fsync", False), ("replace", "ckpt.pt"), ("fsync", True)]

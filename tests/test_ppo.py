@@ -200,7 +200,7 @@ def test_nan_guard_names_step_and_term(ckpts):
     (policy, _, _, value_model, _), b, P = rollout_batch(cfg)
     b["advantages"][0, 0] = float("nan")
     opts = [torch.optim.Adam(m.parameters()) for m in (policy, value_model)]
-    with pytest.raises(SystemExit, match="step 7: non-finite policy loss"):
+    with pytest.raises(SystemExit, match="step 8: non-finite policy loss"):
         train_ppo.ppo_update(policy, value_model, opts, b, P, cfg, step=7)
 
 

@@ -221,11 +221,11 @@ def test_bad_checkpoint_files_give_a_one_line_error_naming_them(ckpts, tmp_path)
 
 NAN = {  # stage: (flags of the good run, flags of the resumed run whose first update blows up, expected message)
     "sft": (["--epochs", "1", "--max_steps", "2", "--save_every", "1"], ["--max_steps", "4", "--lr", "inf"],
-            r"step 2: non-finite (model|weights)"),
+            r"step 3: non-finite (model|weights)"),
     "rm": (["--max_steps", "2", "--save_every", "1"], ["--max_steps", "4", "--lr", "inf"],
-           r"step 2: non-finite (model|weights)"),
+           r"step 3: non-finite (model|weights)"),
     "ppo": (["--max_steps", "2", "--save_every", "1"], ["--max_steps", "4", "--value_lr", "inf"],
-            r"step 2: non-finite value"),
+            r"step 3: non-finite value"),
 }
 
 
@@ -245,7 +245,7 @@ def test_nan_guard_names_step_and_term_and_keeps_last_good_state(ckpts, tmp_path
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_nan_in_the_init_weights_stops_sft_at_step_0_naming_the_loss(ckpts, tmp_path):
+def test_nan_in_the_init_weights_stops_sft_at_step_1_naming_the_loss(ckpts, tmp_path):
     ckpt = load_checkpoint(ckpts["lm"])
     ckpt["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = float("nan")
     poisoned = str(tmp_path / "nan.pt")
@@ -253,7 +253,7 @@ def test_nan_in_the_init_weights_stops_sft_at_step_0_naming_the_loss(ckpts, tmp_
     r = subprocess.run(argv("sft", {"lm": poisoned}, tmp_path / "sft"), capture_output=True, text=True, env=ENV,
                        cwd=ROOT)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "step 0: non-finite SFT loss" in r.stderr
+    assert "step 1: non-finite SFT loss" in r.stderr
     assert not os.path.exists(tmp_path / "sft" / "state.pt")
 
 
