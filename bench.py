@@ -25,7 +25,7 @@ import torch
 
 import train_ppo
 from nanorlhf import kernels
-from nanorlhf.common import lm_loss, peak_flops
+from nanorlhf.common import get_device, lm_loss, peak_flops
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
 
@@ -273,7 +273,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=3, help="timed PPO batches per mode, after one warm-up")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = get_device(args.device)
     print(f"{platform.node()} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads | load average {os.getloadavg()[0]:.2f} (other work on the machine)")
     if device.type == "cuda":

@@ -11,7 +11,7 @@ import torch
 
 from nanorlhf.config import arg, parse_config
 from nanorlhf.engine import generate
-from nanorlhf.common import load_model
+from nanorlhf.common import get_device, load_model
 
 
 @dataclass
@@ -42,11 +42,12 @@ def reply(model, tok, prompt, cfg, generator):
 
 def main(argv=None):
     cfg = parse_config(ChatConfig, argv)
+    device = get_device(cfg.device)
     try:
-        model, tok, _ = load_model(cfg.ckpt, "lm", cfg.device)
+        model, tok, _ = load_model(cfg.ckpt, "lm", device)
     except (FileNotFoundError, ValueError) as e:  # a bad checkpoint file already exits in load_model
         raise SystemExit(f"chat.py: {e}")
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if cfg.prompt:
         print(reply(model, tok, cfg.prompt, cfg, generator))
         return

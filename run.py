@@ -26,6 +26,7 @@ import train_dpo
 import train_ppo
 import train_rm
 import train_sft
+from nanorlhf.common import get_device
 from nanorlhf.config import arg, parse_config, print_config
 
 
@@ -123,6 +124,7 @@ def beyond_stages(cfg):
 def main(argv=None):
     cfg = parse_config(RunConfig, argv)
     print_config(cfg)
+    get_device(cfg.device)  # a device this machine lacks stops here, before any stage
     if cfg.force and os.path.isdir(cfg.out):
         shutil.rmtree(cfg.out)
     os.makedirs(cfg.out, exist_ok=True)

@@ -15,10 +15,23 @@ from nanorlhf.tokenizer import Tokenizer
 def setup(cfg):
     """Print the config and seed, seed every RNG, and return the torch device (clear error if unavailable)."""
     print_config(cfg)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {cfg.device}: CUDA is not available on this machine (use --device cpu)")
+    device = get_device(cfg.device)
     seed_everything(cfg.seed)
-    return torch.device(cfg.device)
+    return device
+
+
+def get_device(name):
+    """torch.device(name), or a one-line exit when this machine cannot run on it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    usable = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if not usable.get(device.type, lambda: False)():
+        raise SystemExit(f"--device {name}: not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def read_checkpoint(path, map_location="cpu"):

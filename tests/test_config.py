@@ -6,6 +6,7 @@ import sys
 from typing import Optional
 
 import pytest
+import torch
 
 from nanorlhf.config import CommonConfig, arg, parse_config, print_config
 
@@ -102,3 +103,27 @@ def test_print_config(capsys):
     assert lines[0] == "ToyConfig:"
     assert "  seed = 7" in lines and "  lr = 0.0003" in lines and "  out = 'runs/run'" in lines
     assert len(lines) == 1 + len(dataclasses.fields(ToyConfig))
+
+
+@pytest.mark.parametrize("name, message", [("gpu0", "not a device name"), ("xpu:7", "not available"),
+                                           ("cpu", None)])
+def test_get_device_names_a_bad_or_missing_device(name, message):
+    from nanorlhf.common import get_device
+
+    if message is None:
+        assert get_device(name) == torch.device("cpu")
+        return
+    with pytest.raises(SystemExit, match=f"--device {name}: {message}"):
+        get_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("script, args", [("bench.py", []), ("run.py", ["--out", "/nonexistent/run"]),
+                                          ("chat.py", ["--ckpt", "missing.pt"]),
+                                          ("train_sft.py", ["--out", "/nonexistent/sft"])])
+def test_scripts_exit_with_one_line_when_cuda_is_missing(script, args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, script), "--device", "cuda", *args], capture_output=True,
+                       text=True, cwd=root, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == "--device cuda: not available on this machine (use --device cpu)"
