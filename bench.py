@@ -272,6 +272,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (W1 is defined at 2)")
     parser.add_argument("--batches", type=int, default=3, help="timed PPO batches per mode, after one warm-up")
     args = parser.parse_args(argv)
+    if args.batches < 1 or args.threads < 1:
+        parser.error("--batches and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     device = get_device(args.device)
     print(f"{platform.node()} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "

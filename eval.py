@@ -347,6 +347,10 @@ def _save(fig, plt, run, name):
 def main(argv=None):
     cfg = parse_config(EvalConfig, argv)
     device = setup(cfg)
+    found = [n for n in POLICIES + BASELINES if os.path.exists(os.path.join(cfg.run, n, "ckpt.pt"))]
+    if not found:
+        raise SystemExit(f"--run {cfg.run}: no checkpoints to evaluate (expected the --out folder of run.py, "
+                         f"holding {', '.join(n + '/ckpt.pt' for n in POLICIES)})")
     results = evaluate(cfg, device)
     with open(os.path.join(cfg.run, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

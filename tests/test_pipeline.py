@@ -40,3 +40,11 @@ def test_quick_pipeline_end_to_end(tmp_path):
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("checkpoint exists, skipped") == 7
+
+
+def test_eval_of_a_folder_without_checkpoints_exits_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--run", str(tmp_path)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"--run {tmp_path}: no checkpoints to evaluate")
+    assert os.listdir(tmp_path) == []  # nothing written
