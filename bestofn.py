@@ -27,9 +27,10 @@ from train_rm import sample_sets, score_records
 class BestOfNConfig(CommonConfig):
     run: str = arg("runs/default", "run folder with sft/ckpt.pt and rm/ckpt.pt; bestofn.json is written there")
     ns: list[int] = arg([1, 4, 16, 64], "the N of best-of-N; each must divide the largest")
-    temperature: float = arg(1.0, "sampling temperature (the KL formula assumes the policy's own distribution)")
-    max_new_tokens: int = arg(48, "response length limit (as eval.py)")
-    gen_batch_size: int = arg(256, "sequences sampled at once")
+    temperature: float = arg(1.0, "sampling temperature (the KL formula assumes the policy's own distribution)",
+                             positive=True)
+    max_new_tokens: int = arg(48, "response length limit (as eval.py)", low=1)
+    gen_batch_size: int = arg(256, "sequences sampled at once", low=1)
 
 
 def best_of_n(rm_scores, n):

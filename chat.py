@@ -18,11 +18,11 @@ from nanorlhf.common import get_device, load_model
 class ChatConfig:
     ckpt: str = arg("runs/default/ppo_ptx/ckpt.pt", "checkpoint file (any LM stage) or GPT-2 folder")
     prompt: str = arg("", "answer this one prompt and exit; empty = interactive")
-    temperature: float = arg(1.0, "sampling temperature")
-    top_k: int = arg(0, "sample from the k most likely tokens only; 0 = off")
-    top_p: float = arg(1.0, "nucleus sampling threshold; 1.0 = off")
+    temperature: float = arg(1.0, "sampling temperature", positive=True)
+    top_k: int = arg(0, "sample from the k most likely tokens only; 0 = off", low=0)
+    top_p: float = arg(1.0, "nucleus sampling threshold; 1.0 = off", positive=True, high=1)
     greedy: bool = arg(False, "always take the most likely token")
-    max_new_tokens: int = arg(64, "response length limit")
+    max_new_tokens: int = arg(64, "response length limit", low=1)
     seed: int = arg(1337, "sampling seed")
     device: str = arg("cpu", "cpu | cuda")
 

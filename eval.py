@@ -34,10 +34,10 @@ BASELINES = ["dpo", "rft"]  # run.py --baselines
 @dataclass
 class EvalConfig(CommonConfig):
     run: str = arg("runs/default", "run folder holding base/ sft/ rm/ ppo/ ppo_ptx/ (missing stages are skipped)")
-    samples: int = arg(2, "samples per test prompt and model (temperature 1, as PPO samples)")
-    max_new_tokens: int = arg(48, "response length limit")
-    temperature: float = arg(1.0, "sampling temperature for every model")
-    bootstrap: int = arg(1000, "bootstrap resamples for the 95% intervals")
+    samples: int = arg(2, "samples per test prompt and model (temperature 1, as PPO samples)", low=1)
+    max_new_tokens: int = arg(48, "response length limit", low=1)
+    temperature: float = arg(1.0, "sampling temperature for every model", positive=True)
+    bootstrap: int = arg(1000, "bootstrap resamples for the 95% intervals", low=1)
 
 
 def overoptimization(log_path):

@@ -41,7 +41,7 @@ class RunConfig:
     baselines: bool = arg(False, "also best-of-N from SFT (N = 1, 4, 16, 64), DPO and RFT (SFT on the labelers' "
                                  "best-ranked responses), all on the RM's comparisons")
     rounds: int = arg(1, "rounds of RLHF (1 = the paper). Round k ranks round k−1's policy's samples on fresh RM "
-                         "prompts, retrains the RM on all comparisons so far, and continues PPO (reference: SFT)")
+                         "prompts, retrains the RM on all comparisons so far, and continues PPO (reference: SFT)", low=1)
     study: bool = arg(True, "over-optimization study: PPO twice as long at β = 0.01 and β = 0.3 (--no-study skips)")
 
 

@@ -29,14 +29,14 @@ class DPOConfig(CommonConfig):
     init: str = arg("runs/default/sft/ckpt.pt", "SFT checkpoint: the initial policy and the frozen reference")
     comparisons: str = arg("runs/default/rm/comparisons.jsonl", "rankings written by train_rm.py (the RM's labels)")
     out: str = arg("runs/default/dpo", "output directory (ckpt.pt, state.pt, metrics.json)")
-    beta: float = arg(0.1, "β: the KL strength of the implicit reward β·log π/π_SFT (paper default 0.1)")
-    epochs: int = arg(1, "passes over the ranked prompts")
-    batch_size: int = arg(8, "ranked prompts per step, each with all its pairs")
-    lr: float = arg(1e-4, "peak learning rate (AdamW), cosine decay to 10%")
-    warmup: int = arg(5, "linear warm-up steps")
-    grad_clip: float = arg(1.0, "clip the gradient norm to this")
-    log_every: int = arg(10, "progress line every N steps")
-    save_every: int = arg(50, "write state.pt every N steps")
+    beta: float = arg(0.1, "β: the KL strength of the implicit reward β·log π/π_SFT (paper default 0.1)", positive=True)
+    epochs: int = arg(1, "passes over the ranked prompts", low=1)
+    batch_size: int = arg(8, "ranked prompts per step, each with all its pairs", low=1)
+    lr: float = arg(1e-4, "peak learning rate (AdamW), cosine decay to 10%", low=0)
+    warmup: int = arg(5, "linear warm-up steps", low=0)
+    grad_clip: float = arg(1.0, "clip the gradient norm to this", positive=True)
+    log_every: int = arg(10, "progress line every N steps", low=1)
+    save_every: int = arg(50, "write state.pt every N steps", low=1)
 
 
 def preference_pairs(ranking):

@@ -18,11 +18,25 @@ import types
 import typing
 
 
-def arg(default=dataclasses.MISSING, help=""):
-    """A dataclass field with help text; mutable defaults are copied per instance. No default = required flag."""
+def arg(default=dataclasses.MISSING, help="", low=None, high=None, positive=False):
+    """A dataclass field with help text; mutable defaults are copied per instance. No default = required flag.
+    low / high: the smallest / largest value the flag accepts; positive: it must be > 0 (parse_config checks)."""
+    metadata = {"help": help, "low": low, "high": high, "positive": positive}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _out_of_range(value, metadata):
+    """Why value breaks the field's bounds, or None. NaN breaks every bound."""
+    low, high = metadata.get("low"), metadata.get("high")
+    if metadata.get("positive") and not value > 0:
+        return "must be > 0"
+    if low is not None and not value >= low:
+        return f"must be ≥ {low}"
+    if high is not None and not value <= high:
+        return f"must be ≤ {high}"
+    return None
 
 
 @dataclasses.dataclass
@@ -30,12 +44,13 @@ class CommonConfig:
     data: str = arg("", "JSONL data file; empty = the built-in tiny world")
     init: str = arg("", "checkpoint file or GPT-2 folder to start from")
     out: str = arg("runs/run", "output directory")
-    max_steps: int = arg(-1, "stop after this many steps; -1 = the full schedule")
+    max_steps: int = arg(-1, "stop after this many steps; -1 = the full schedule", low=-1)
     seed: int = arg(1337, "seed for torch, numpy and python random")
     device: str = arg("cpu", "cpu | cuda")
     resume: bool = arg(False, "continue from the checkpoint in --out")
     world_seed: int = arg(0, "seed of the built-in tiny world (used when --data is empty)")
-    world_scale: float = arg(0.1, "size of the tiny world: 1.0 = the paper's 13k/33k/31k SFT/RM/PPO prompts")
+    world_scale: float = arg(0.1, "size of the tiny world: 1.0 = the paper's 13k/33k/31k SFT/RM/PPO prompts",
+                             positive=True)
 
 
 def _optional_of(tp):
@@ -64,7 +79,10 @@ def parse_config(cls, argv=None, description=None):
         else:
             default = dataclasses.MISSING
         required = default is dataclasses.MISSING
-        help_text = f.metadata.get("help", "") + (" (required)" if required else f" (default: {default!r})")
+        bounds = [f"{op} {f.metadata[k]}" for k, op in (("low", "≥"), ("high", "≤")) if f.metadata.get(k) is not None]
+        bounds = (["> 0"] if f.metadata.get("positive") else []) + bounds
+        help_text = f.metadata.get("help", "") + (" (required" if required else f" (default: {default!r}")
+        help_text += "".join(f"; {b}" for b in bounds) + ")"
         kwargs = dict(default=None if required else default, required=required, help=help_text.replace("%", "%%"))
         tp = hints[f.name]
         optional = _optional_of(tp)
@@ -79,7 +97,14 @@ def parse_config(cls, argv=None, description=None):
             parser.add_argument(f"--{f.name}", type=item, nargs="*", metavar=item.__name__.upper(), **kwargs)
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported config type {tp!r}")
-    return cls(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(cls):
+        value = values.get(f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            problem = _out_of_range(value, f.metadata)
+            if problem:
+                parser.error(f"--{f.name} {value}: {problem}")
+    return cls(**values)
 
 
 def print_config(cfg):

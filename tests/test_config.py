@@ -78,11 +78,12 @@ def test_help_lists_every_field(capsys):
     for f in dataclasses.fields(ToyConfig):
         if f.init:
             assert f"--{f.name}" in out
-            assert f"{f.metadata['help']} (default: {getattr(ToyConfig(), f.name)!r})" in out
+            assert f"{f.metadata['help']} (default: {getattr(ToyConfig(), f.name)!r}" in out
     assert "--derived" not in out
     assert "--no-compile" in out and "--no-resume" in out
     assert "peak learning rate (default: 0.0003)" in out  # spelled out once, independent of the loop
     assert "stages to run; 100% of them (default: ['sft', 'rm'])" in out
+    assert "stop after this many steps; -1 = the full schedule (default: -1; ≥ -1)" in out  # bounds listed too
 
 
 def test_script_help_uses_module_docstring(tmp_path):
@@ -127,3 +128,43 @@ def test_scripts_exit_with_one_line_when_cuda_is_missing(script, args):
                        text=True, cwd=root, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == "--device cuda: not available on this machine (use --device cpu)"
+
+
+@dataclasses.dataclass
+class Bounded:
+    steps: int = arg(10, "steps", low=1)
+    gamma: float = arg(1.0, "discount", low=0, high=1)
+    temperature: float = arg(1.0, "sampling temperature", positive=True)
+    beta: Optional[float] = arg(None, "optional, bounded when given", low=0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps 0: must be ≥ 1"), (["--gamma", "1.5"], "--gamma 1.5: must be ≤ 1"),
+    (["--gamma", "-0.1"], "--gamma -0.1: must be ≥ 0"), (["--temperature", "0"], "--temperature 0.0: must be > 0"),
+    (["--temperature", "nan"], "--temperature nan: must be > 0"), (["--gamma", "nan"], "--gamma nan: must be ≥ 0"),
+    (["--beta", "-1"], "--beta -1.0: must be ≥ 0"),
+])
+def test_out_of_range_flags_exit_naming_the_flag_and_the_bound(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Bounded, argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_bounds_are_inclusive_and_none_passes():
+    cfg = parse_config(Bounded, ["--steps", "1", "--gamma", "0", "--temperature", "1e-9", "--beta", "none"])
+    assert (cfg.steps, cfg.gamma, cfg.temperature, cfg.beta) == (1, 0.0, 1e-9, None)
+    assert parse_config(Bounded, ["--gamma", "1"]).gamma == 1.0
+
+
+@pytest.mark.parametrize("script, flag, value", [("train_ppo.py", "--minibatch_size", "0"),
+                                                 ("train_ppo.py", "--temperature", "0"),
+                                                 ("train_ppo.py", "--max_new_tokens", "0"),
+                                                 ("train_rm.py", "--k_min", "1"), ("eval.py", "--samples", "0")])
+def test_scripts_refuse_out_of_range_flags_before_doing_anything(script, flag, value, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, script), flag, value, "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{flag} {value}" in r.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "o")
