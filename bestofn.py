@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanorlhf.common import load_model, setup
+from nanorlhf.common import check_room, load_model, setup
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.rlhf import best_of_n_kl
 from nanorlhf.world import make_world
@@ -49,6 +49,7 @@ def main(argv=None):
     world = make_world(cfg.world_seed, cfg.world_scale)
     prompts = world.prompts("test")
     policy, tok, _ = load_model(os.path.join(cfg.run, "sft", "ckpt.pt"), "lm", device)
+    check_room(tok, prompts, cfg.max_new_tokens, policy.config.block_size)
     reward_model, _, _ = load_model(os.path.join(cfg.run, "rm", "ckpt.pt"), "scalar", device)
     sets = sample_sets(policy, tok, prompts, [n_max] * len(prompts), cfg,
                        torch.Generator(device).manual_seed(cfg.seed))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nanorlhf.checkpoint import load_checkpoint
-from nanorlhf.common import load_model, setup, token_stream, val_loss
+from nanorlhf.common import check_room, load_model, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.evaluation import gold_report, sample_responses, win_rate
 from nanorlhf.engine import generate
@@ -85,6 +85,7 @@ def evaluate(cfg, device):
             print(f"{name}: no checkpoint at {path}, skipped")
             continue
         model, tok, _ = load_model(path, "lm", device)
+        check_room(tok, prompts, cfg.max_new_tokens, model.config.block_size)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same sampling noise for every model
         reps = [p for p in prompts for _ in range(cfg.samples)]
         responses = sample_responses(model, tok, reps, cfg.max_new_tokens, cfg.temperature, generator=gen)

@@ -19,7 +19,7 @@ import torch
 
 from nanorlhf import dist, kernels, rlhf
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, get_batch, lm_loss, load_model, read_checkpoint, setup,
+from nanorlhf.common import (Progress, check_room, get_batch, lm_loss, load_model, read_checkpoint, setup,
                              token_stream, val_loss, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl, read_text
@@ -278,6 +278,7 @@ def main(argv=None):
         except DataError as e:
             print(e)
             raise SystemExit(2)
+    check_room(tok, prompts, cfg.max_new_tokens, policy.config.block_size)
     if cfg.activation_checkpointing:
         for m in (policy, value_model):
             dist.checkpoint_blocks(m)

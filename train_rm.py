@@ -20,7 +20,8 @@ import torch
 
 from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, adamw, cosine_lr, load_model, pad, read_checkpoint, setup, write_state
+from nanorlhf.common import (Progress, adamw, check_room, cosine_lr, load_model, pad, read_checkpoint, setup,
+                             write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import sample_responses
@@ -164,6 +165,7 @@ def world_rankings(cfg, world, tok, device):
     if not train_prompts:
         raise SystemExit(f"--prompt_offset {cfg.prompt_offset}: no RM prompts left ({len(world.prompts('rm'))} in all)")
     eval_prompts = world.prompts("val")
+    check_room(tok, eval_prompts + train_prompts, cfg.max_new_tokens, policy.config.block_size)
     t0 = time.perf_counter()
     sets = []
     for i, prompts in enumerate((eval_prompts, train_prompts)):
@@ -254,6 +256,8 @@ def main(argv=None):
     cfg = parse_config(RMConfig, argv)
     dist.init(cfg.device)  # under torchrun: one process per device, each a shard of every batch
     device = setup(cfg)
+    if cfg.k_min > cfg.k_max:
+        raise SystemExit(f"--k_min {cfg.k_min} is larger than --k_max {cfg.k_max}")
     cfg.compile = kernels.use_compile(device) if cfg.compile is None else cfg.compile  # resolved, saved in state.pt
     dtype = dist.resolve_dtype(cfg.dtype, device)
     t_start = time.perf_counter()

@@ -18,7 +18,8 @@ import torch
 
 from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, adamw, cosine_lr, lm_loss, load_model, pad, read_checkpoint, setup, write_state
+from nanorlhf.common import (Progress, adamw, check_room, cosine_lr, lm_loss, load_model, pad, read_checkpoint,
+                             setup, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import gold_report, sample_responses
@@ -150,6 +151,8 @@ def main(argv=None):
     except DataError as e:
         print(e)
         raise SystemExit(2)
+    if world is not None:  # the gold evaluation samples responses to the world's validation and test prompts
+        check_room(tok, world.prompts("val") + world.prompts("test"), cfg.max_new_tokens, mconf.block_size)
     n_tok = sum(len(ids) for ids, _ in train)
     print(f"demonstrations: {len(train)} train ({n_tok:,} tokens), {len(val)} validation | "
           f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}")

@@ -117,6 +117,15 @@ def sequence_logprobs(model, ids, mask=None, temperature=1.0, compiled=None):
     return token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature, compiled=compiled)  # (B, T-1)
 
 
+def check_room(tok, prompts, max_new_tokens, block_size):
+    """Exit with one line when the longest prompt (as formatted for the model) and max_new_tokens do not fit the
+    context, before any sampling (generate would otherwise fail deep inside a run)."""
+    longest = max(len(tok.format_prompt(p)) for p in prompts)
+    if longest + max_new_tokens > block_size:
+        raise SystemExit(f"--max_new_tokens {max_new_tokens}: the longest prompt has {longest} tokens and the "
+                         f"model's context is {block_size}, so at most {block_size - longest} new tokens fit")
+
+
 def lm_loss(model, ids, loss_mask, compiled=None):
     """Next-token cross-entropy, averaged over the tokens where loss_mask (B, T) is 1 (targets, not inputs).
     Right padding only: a real token never attends to a pad after it."""

@@ -168,3 +168,33 @@ def test_scripts_refuse_out_of_range_flags_before_doing_anything(script, flag, v
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"{flag} {value}" in r.stderr.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_check_room_counts_the_formatted_prompt():
+    from nanorlhf.common import check_room
+    from nanorlhf.tokenizer import Tokenizer
+
+    tok = Tokenizer.load("tiny")
+    prompts = ["hi", "what is the capital of peru?"]
+    n = max(len(tok.format_prompt(p)) for p in prompts)  # the template's special tokens included
+    check_room(tok, prompts, 64 - n, 64)  # exactly fits
+    with pytest.raises(SystemExit, match=f"--max_new_tokens {65 - n}: the longest prompt has {n} tokens and the "
+                                         f"model's context is 64, so at most {64 - n} new tokens fit"):
+        check_room(tok, prompts, 65 - n, 64)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train_ppo.py", ["--max_new_tokens", "64"], "--max_new_tokens 64: the longest prompt has"),
+    ("train_rm.py", ["--k_min", "5", "--k_max", "3"], "--k_min 5 is larger than --k_max 3"),
+])
+def test_scripts_refuse_flags_that_cannot_work_together(script, args, message, tmp_path):
+    from test_ppo import tiny_checkpoints
+
+    paths = tiny_checkpoints(str(tmp_path))  # block_size 64
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = [sys.executable, os.path.join(root, script), "--init", paths["lm"], "--out", str(tmp_path / "o"),
+            "--world_scale", "0.01", *(["--reward_model", paths["scalar"]] if script == "train_ppo.py" else []), *args]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=root, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(message)
+    assert not os.path.exists(tmp_path / "o")
