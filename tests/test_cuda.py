@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from nanorlhf import kernels, rlhf
-from nanorlhf.engine import generate
-from test_engine import EOS, PROMPTS, tiny
+from test_engine import check_compiled_generation, tiny
 from test_kernels import lm_head_case, reference_logprobs
 from test_ppo import ROOT, log_lines, tiny_checkpoints
 
@@ -19,18 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_graph_decode_matches_eager_and_replays_without_recompiling():
     from torch._dynamo.utils import counters
 
-    model = tiny(eos_bias=2.0).cuda()  # rows finish at different steps
     counters.clear()
-    eager = generate(model, PROMPTS, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=False)
-    compiled = generate(model, PROMPTS, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=True)
-    assert torch.equal(compiled.tokens, eager.tokens)
-    assert torch.equal(compiled.response_mask, eager.response_mask)
-    torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
-    shorter = [p[:2] for p in PROMPTS]  # another prompt length in the same cache bucket: the same graph
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        again = generate(model, shorter, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=True)
-    assert torch.equal(again.tokens, generate(model, shorter, 20, eos_id=EOS, pad_id=EOS, greedy=True,
-                                              compiled=False).tokens)
+    check_compiled_generation(tiny(eos_bias=2.0).cuda())  # rows finish at different steps
     assert counters["inductor"]["cudagraph_skips"] == 0, "the decode step fell back from CUDA graphs"
 
 

@@ -180,13 +180,18 @@ def test_cache_length_buckets_only_when_compiled():
 def test_compiled_generation_matches_eager_and_does_not_recompile():
     """Compiled: fixed batch (finished rows decode masked pads), static cache, compiled decode step. Greedy
     tokens, masks and log-probs equal the eager path's, which drops finished rows instead."""
-    import torch._dynamo
-
-    model = tiny(eos_bias=2.0)  # rows finish at different steps
-    eager = generate(model, PROMPTS, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=False)
-    compiled = generate(model, PROMPTS, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=True)
+    eager = check_compiled_generation(tiny(eos_bias=2.0))  # rows finish at different steps
     lengths = eager.response_mask.sum(1)
     assert lengths.min() < lengths.max() < 20  # the fixed batch really carried finished rows
+
+
+def check_compiled_generation(model):
+    """Greedy compiled generation == eager (tokens, masks, log-probs), and a second prompt length in the same cache
+    bucket runs without recompiling; returns the eager generation."""
+    import torch._dynamo
+
+    eager = generate(model, PROMPTS, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=False)
+    compiled = generate(model, PROMPTS, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=True)
     assert torch.equal(compiled.tokens, eager.tokens)
     assert torch.equal(compiled.response_mask, eager.response_mask)
     torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
@@ -195,6 +200,7 @@ def test_compiled_generation_matches_eager_and_does_not_recompile():
         again = generate(model, shorter, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=True)
     assert torch.equal(again.tokens, generate(model, shorter, 20, eos_id=EOS, pad_id=EOS, greedy=True,
                                               compiled=False).tokens)
+    return eager
 
 
 def test_generation_under_bf16_autocast_matches_its_own_full_forward():
