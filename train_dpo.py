@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import Progress, cosine_lr, load_model, pad, read_checkpoint, sequence_logprobs, setup, write_state
+from nanorlhf.common import (Progress, cosine_lr, epoch_batch, load_model, pad, read_checkpoint, sequence_logprobs,
+                             setup, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths
 from nanorlhf.rlhf import dpo_loss
@@ -99,17 +100,14 @@ def main(argv=None):
         set_rng_state(state["rng"])
         step = state["step"]
         print(f"resumed from {state_path} at step {step}")
-    steps_per_epoch = -(-len(records) // cfg.batch_size)
-    schedule = cfg.epochs * steps_per_epoch
+    schedule = cfg.epochs * -(-len(records) // cfg.batch_size)  # epochs of ceil(N / batch_size) steps
     total = schedule if cfg.max_steps < 0 else min(schedule, cfg.max_steps)
     avg_len = sum(len(e[0]) for r in records for e in r["examples"]) / sum(len(r["examples"]) for r in records)
     progress = Progress(total, cfg.log_every, policy.flops_per_token(round(avg_len)) * 4 / 3, device, start=step,
                         name="dpo ")  # the reference's forward adds a third
     sums, start = {}, step  # the summary averages the steps this invocation ran
     while step < total:
-        epoch, i = divmod(step, steps_per_epoch)  # the data order is a function of (seed, epoch): resumable
-        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        batch = [records[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+        batch = epoch_batch(records, step, cfg.batch_size, cfg.seed)  # resumable: a function of (seed, step)
         lr = cosine_lr(step, schedule, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr

@@ -20,8 +20,8 @@ import torch
 
 from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, adamw, check_room, cosine_lr, load_model, pad, read_checkpoint, setup,
-                             write_state)
+from nanorlhf.common import (Progress, adamw, check_room, cosine_lr, epoch_batch, load_model, pad, read_checkpoint,
+                             setup, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import sample_responses
@@ -309,17 +309,14 @@ def main(argv=None):
         step = state["step"]
 
     # loop: each step a batch of prompts, each with all its K responses (K forward passes, C(K,2) pairs)
-    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-    schedule = cfg.epochs * steps_per_epoch
+    schedule = cfg.epochs * -(-len(train) // cfg.batch_size)  # epochs of ceil(N / batch_size) steps
     total = schedule if cfg.max_steps < 0 else min(schedule, cfg.max_steps)
     avg_len = statistics.mean(len(sequence(tok, r["prompt"], y, True, model.config.block_size))
                               for r in train[:200] for y in r["responses"])
     progress = Progress(total, cfg.log_every, model.flops_per_token(avg_len), device, start=step)
     model.train()
     while step < total:
-        epoch, i = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        batch = [train[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+        batch = epoch_batch(train, step, cfg.batch_size, cfg.seed)  # resumable: a function of (seed, step)
         lr = cosine_lr(step, schedule, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr

@@ -142,6 +142,15 @@ def token_stream(tok, docs):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def epoch_batch(items, step, batch_size, seed):
+    """The items of optimizer step `step`, in epochs of ceil(len(items) / batch_size) steps. Each epoch's order comes
+    from a generator seeded with seed + epoch, so the batches are a function of (seed, step): a resumed run sees
+    the same ones."""
+    epoch, i = divmod(step, -(-len(items) // batch_size))
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [items[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+
+
 def get_batch(stream, batch_size, block_size, device):
     """Random windows of block_size + 1 tokens: inputs and their next tokens in one tensor (B, block_size + 1)."""
     starts = torch.randint(len(stream) - block_size - 1, (batch_size,))

@@ -172,3 +172,15 @@ def test_expected_agreement_matches_simulated_labelers():
     acc, ceiling = train_rm.expected_agreement([scores], [utilities], tau)
     assert acc == pytest.approx(train_rm.pair_accuracy([scores] * 20000, ranks_a), abs=0.01)
     assert ceiling == pytest.approx(pairwise_agreement(ranks_a, ranks_b), abs=0.01)
+
+
+def test_epoch_batch_covers_each_item_once_per_epoch_and_depends_only_on_seed_and_step():
+    from nanorlhf.common import epoch_batch
+
+    items = list(range(10))  # batch 4: epochs of 3 steps (4, 4, 2)
+    epochs = [[epoch_batch(items, e * 3 + i, 4, seed=7) for i in range(3)] for e in range(2)]
+    for batches in epochs:
+        assert [len(b) for b in batches] == [4, 4, 2]
+        assert sorted(x for b in batches for x in b) == items
+    assert epochs[0] != epochs[1]  # reshuffled each epoch
+    assert epoch_batch(items, 4, 4, seed=7) == epochs[1][1]  # no state: a resumed run gets the same batch
