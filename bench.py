@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import traceback
-from types import SimpleNamespace
 
 import torch
 

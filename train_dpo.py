@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.checkpoint import make_checkpoint, set_rng_state
 from nanorlhf.common import (Progress, cosine_lr, epoch_batch, load_model, pad, read_checkpoint, sequence_logprobs,
-                             setup, write_state)
+                             setup, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths
 from nanorlhf.rlhf import dpo_loss
@@ -132,10 +132,7 @@ def main(argv=None):
     results = {"steps": step, "ranked_prompts": len(records), "pairs": n_pairs, "beta": cfg.beta,
                **{f"mean_{k}": v / max(step - start, 1) for k, v in sums.items()}, "seconds": time.perf_counter() - t_start}
     print("dpo: " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
-    save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
-                    make_checkpoint(policy, policy.config, "lm", tok, asdict(cfg), step, extra=results))
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(cfg.out, make_checkpoint(policy, policy.config, "lm", tok, asdict(cfg), step, extra=results), results)
     return results
 
 

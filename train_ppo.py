@@ -14,13 +14,12 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from nanorlhf import dist, kernels, rlhf
-from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.checkpoint import make_checkpoint, set_rng_state
 from nanorlhf.common import (Progress, check_room, get_batch, lm_loss, load_model, read_checkpoint, setup,
-                             token_stream, val_loss, write_state)
+                             token_stream, val_loss, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl, read_text
 from nanorlhf.engine import generate
@@ -384,10 +383,8 @@ def main(argv=None):
               f"[{interval[0]:.1%}, {interval[1]:.1%}] | val loss: PPO {ppo['val_loss']:.4f} vs SFT "
               f"{sft['val_loss']:.4f} | {train_seconds:.0f}s")
     if dist.is_main():
-        save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
-                        make_checkpoint(final, final.config, "lm", tok, asdict(cfg), step, extra=results))
-        with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        write_results(cfg.out, make_checkpoint(final, final.config, "lm", tok, asdict(cfg), step, extra=results),
+                      results)
     return results
 
 

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanorlhf import dist, kernels
-from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf.checkpoint import make_checkpoint, set_rng_state
 from nanorlhf.common import (Progress, adamw, check_room, cosine_lr, epoch_batch, load_model, pad, read_checkpoint,
-                             setup, write_state)
+                             setup, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import sample_responses
@@ -355,10 +355,8 @@ def main(argv=None):
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
     print("reward model: " + " | ".join(f"{k} {v}" for k, v in shown.items()))
     if dist.is_main():
-        save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
-                        make_checkpoint(model, model.config, "scalar", tok, asdict(cfg), step, extra=results))
-        with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_results(cfg.out, make_checkpoint(model, model.config, "scalar", tok, asdict(cfg), step, extra=results),
+                      results)
         with open(os.path.join(cfg.out, "comparisons.jsonl"), "w") as f:  # the exact labels, for DPO / RFT / rounds
             f.writelines(json.dumps({k: r[k] for k in ("prompt", "responses", "finished", "ranking")}) + "\n"
                          for r in train)

@@ -1,4 +1,5 @@
 """Plumbing shared by the training scripts: setup, loading models, padding, LR schedule, LM loss, progress/MFU."""
+import json
 import math
 import os
 import time
@@ -63,6 +64,13 @@ def write_state(path, ckpt):
     if bad:
         raise SystemExit(f"step {ckpt['step']}: non-finite {bad} after the update; last good state in {path}")
     save_checkpoint(path, ckpt)
+
+
+def write_results(out, ckpt, results):
+    """A stage's final outputs: `out`/ckpt.pt (the checkpoint, results in its extra) and `out`/metrics.json."""
+    save_checkpoint(os.path.join(out, "ckpt.pt"), ckpt)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 def load_model(path, head="lm", device="cpu"):

@@ -13,7 +13,6 @@ import train_rm
 from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from nanorlhf.common import load_model, pad
 from nanorlhf.model import GPT, GPTConfig
-from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.world import Labeler, make_world, pairwise_agreement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
