@@ -277,7 +277,8 @@ def main(argv=None):
         except DataError as e:
             print(e)
             raise SystemExit(2)
-    check_room(tok, prompts, cfg.max_new_tokens, policy.config.block_size)
+    else:
+        check_room(tok, prompts, cfg.max_new_tokens, policy.config.block_size)
     if cfg.activation_checkpointing:
         for m in (policy, value_model):
             dist.checkpoint_blocks(m)

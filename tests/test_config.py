@@ -10,6 +10,13 @@ import torch
 
 from nanorlhf.config import CommonConfig, arg, parse_config, print_config
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
 
 @dataclasses.dataclass
 class ToyConfig(CommonConfig):
@@ -123,9 +130,7 @@ def test_get_device_names_a_bad_or_missing_device(name, message):
                                           ("chat.py", ["--ckpt", "missing.pt"]),
                                           ("train_sft.py", ["--out", "/nonexistent/sft"])])
 def test_scripts_exit_with_one_line_when_cuda_is_missing(script, args):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, script), "--device", "cuda", *args], capture_output=True,
-                       text=True, cwd=root, timeout=120)
+    r = run_script(script, "--device", "cuda", *args)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == "--device cuda: not available on this machine (use --device cpu)"
 
@@ -162,9 +167,7 @@ def test_bounds_are_inclusive_and_none_passes():
                                                  ("train_ppo.py", "--max_new_tokens", "0"),
                                                  ("train_rm.py", "--k_min", "1"), ("eval.py", "--samples", "0")])
 def test_scripts_refuse_out_of_range_flags_before_doing_anything(script, flag, value, tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, script), flag, value, "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=root, timeout=120)
+    r = run_script(script, flag, value, "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"{flag} {value}" in r.stderr.strip().splitlines()[-1]
     assert not os.path.exists(tmp_path / "o")
@@ -191,10 +194,8 @@ def test_scripts_refuse_flags_that_cannot_work_together(script, args, message, t
     from test_ppo import tiny_checkpoints
 
     paths = tiny_checkpoints(str(tmp_path))  # block_size 64
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    argv = [sys.executable, os.path.join(root, script), "--init", paths["lm"], "--out", str(tmp_path / "o"),
-            "--world_scale", "0.01", *(["--reward_model", paths["scalar"]] if script == "train_ppo.py" else []), *args]
-    r = subprocess.run(argv, capture_output=True, text=True, cwd=root, timeout=120)
+    r = run_script(script, "--init", paths["lm"], "--out", str(tmp_path / "o"), "--world_scale", "0.01",
+                   *(["--reward_model", paths["scalar"]] if script == "train_ppo.py" else []), *args)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith(message)
     assert not os.path.exists(tmp_path / "o")
