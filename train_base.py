@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, adamw, cosine_lr, get_batch, lm_loss, read_checkpoint, setup, token_stream,
-                             val_loss, write_state)
+from nanorlhf.common import (Progress, adamw, check_finite, cosine_lr, get_batch, lm_loss, read_checkpoint, setup,
+                             token_stream, val_loss, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
@@ -86,8 +86,7 @@ def main(argv=None):
             g["lr"] = lr
         batch = get_batch(train, cfg.batch_size, cfg.block_size, device)
         loss = lm_loss(model, batch, torch.ones_like(batch, dtype=torch.bool))
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step + 1}: non-finite pretraining loss {loss.item()}; last good state in {state_path}")
+        check_finite(loss, step + 1, "pretraining loss", state_path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanorlhf.checkpoint import make_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, cosine_lr, epoch_batch, load_model, pad, read_checkpoint, sequence_logprobs,
-                             setup, write_results, write_state)
+from nanorlhf.common import (Progress, check_finite, cosine_lr, epoch_batch, load_model, pad, read_checkpoint,
+                             sequence_logprobs, setup, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths
 from nanorlhf.rlhf import dpo_loss
@@ -113,12 +113,10 @@ def main(argv=None):
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss, stats = dpo_loss(*batch_logps(policy, reference, batch, tok.pad_id, device), cfg.beta)  # mean over pairs
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step + 1}: non-finite DPO loss {loss.item()}; last good state in {state_path}")
+        check_finite(loss, step + 1, "DPO loss", state_path)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise SystemExit(f"step {step + 1}: non-finite DPO gradient norm; last good state in {state_path}")
+        check_finite(grad_norm, step + 1, "DPO gradient norm", state_path)
         opt.step()
         metrics = {"loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
         for k, v in metrics.items():

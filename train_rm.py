@@ -20,8 +20,8 @@ import torch
 
 from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, adamw, check_room, cosine_lr, epoch_batch, load_model, pad, read_checkpoint,
-                             setup, write_results, write_state)
+from nanorlhf.common import (Progress, adamw, check_finite, check_room, cosine_lr, epoch_batch, load_model, pad,
+                             read_checkpoint, setup, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import sample_responses
@@ -323,11 +323,9 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss, scores, n_tokens = accumulate_gradients(model, tok, batch, cfg.grad_accum, dtype, device,
                                                               cfg.compile)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step + 1}: non-finite ranking loss {loss.item()}; last good state in {state_path}")
+        check_finite(loss, step + 1, "ranking loss", state_path)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not torch.isfinite(grad_norm):
-            raise SystemExit(f"step {step + 1}: non-finite ranking loss gradient norm; last good state in {state_path}")
+        check_finite(grad_norm, step + 1, "ranking loss gradient norm", state_path)
         opt.step()
         acc = pair_accuracy(scores, [r["ranking"] for r in dist.shard(batch)])  # this rank's; zip drops padding
         progress.step(step, n_tokens, loss=loss.item(), acc=acc, lr=lr)

@@ -18,8 +18,8 @@ import torch
 
 from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, adamw, check_room, cosine_lr, lm_loss, load_model, pad, read_checkpoint,
-                             setup, write_state)
+from nanorlhf.common import (Progress, adamw, check_finite, check_room, cosine_lr, lm_loss, load_model, pad,
+                             read_checkpoint, setup, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import gold_report, sample_responses
@@ -213,11 +213,9 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         loss, n_tokens = accumulate_gradients(model, train, batch, tok.pad_id, cfg.grad_accum, dtype, device,
                                                cfg.compile)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step + 1}: non-finite SFT loss {loss.item()}; last good state in {state_path}")
+        check_finite(loss, step + 1, "SFT loss", state_path)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise SystemExit(f"step {step + 1}: non-finite SFT grad norm; last good state in {state_path}")
+        check_finite(grad_norm, step + 1, "SFT grad norm", state_path)
         opt.step()
         step += 1
         progress.step(step - 1, n_tokens, loss=loss.item(), lr=lr)

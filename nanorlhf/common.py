@@ -56,6 +56,13 @@ def first_nonfinite(x, name=""):
     return None
 
 
+def check_finite(value, step, what, state_path):
+    """The NaN guard before an update: a non-finite loss or gradient norm stops the run, naming the step (from 1),
+    the quantity and its value, with the last good state.pt left as it was."""
+    if not torch.isfinite(value):
+        raise SystemExit(f"step {step}: non-finite {what} {value.item()}; last good state in {state_path}")
+
+
 def write_state(path, ckpt):
     """The NaN guard's last line before state.pt: an update can leave weights or optimizer moments non-finite
     even when its loss and gradient were finite (an overflow in the step itself). Such a state is not written:
