@@ -53,26 +53,16 @@ def w1_models(device, seed=0):
     return policy, ref_policy, reward_model, value_model
 
 
-def forward_flops(model, n_tokens, n_lm, T):
-    """Matmul FLOPs of a forward over n_tokens tokens with the LM head at n_lm of them: 2 per weight per token in the
-    blocks, 4·L·C·T for the attention scores and weighted sum at sequence length T (nanoGPT/PaLM's count), and
-    2·V·C per position that goes through the LM head (the scalar head is counted with the blocks)."""
-    C, L = model.config.n_embd, model.config.n_layer
-    wte, wpe = model.transformer.wte.weight.numel(), model.transformer.wpe.weight.numel()
-    body = model.num_params() - wte - wpe
-    return n_tokens * (2 * body + 4 * L * C * T) + n_lm * 2 * wte
-
-
 def w1_flops(policy, value_model, B=64, P=32, N=32):
-    """FLOPs of one W1 batch, counted as the code runs (forward_flops; training = 3 × forward), T = P + N:
+    """FLOPs of one W1 batch, counted as the code runs (GPT.forward_flops; training = 3 × forward), T = P + N:
       generation: policy over P + N − 1 tokens (prefill, then each sampled token but the last), LM head at N
       scoring:    policy and reference over T − 1 tokens with the LM head at the N response positions, value over
                   T − 1 tokens, reward model over T
       update:     ppo_epochs × 3 × (policy and value forwards as in scoring)."""
     T = P + N
-    lm, value = forward_flops(policy, T - 1, N, T), forward_flops(value_model, T - 1, 0, T)
-    return {"generation": B * forward_flops(policy, P + N - 1, N, T),
-            "scoring": B * (2 * lm + value + forward_flops(value_model, T, 0, T)),
+    lm, value = policy.forward_flops(T - 1, N, T), value_model.forward_flops(T - 1, 0, T)
+    return {"generation": B * policy.forward_flops(P + N - 1, N, T),
+            "scoring": B * (2 * lm + value + value_model.forward_flops(T, 0, T)),
             "update": 4 * 3 * B * (lm + value)}
 
 

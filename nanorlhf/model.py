@@ -185,19 +185,22 @@ class GPT(nn.Module):
         """Number of parameters; the tied lm_head/wte matrix is counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, T: int):
-        """Training FLOPs (forward + backward) per token at sequence length T.
+    def forward_flops(self, n_tokens: int, n_lm: int, T: int):
+        """Matmul FLOPs of a forward over n_tokens tokens at sequence length T, with the LM head at n_lm of them.
 
-        PaLM (Chowdhery et al. 2022) appendix B, as in nanoGPT's estimate_mfu: 6N for the weight matmuls
-        (2 forward + 4 backward per parameter) plus 12·L·C·T for the attention scores and weighted sum
-        (q k^T and att v: 2·T·C multiply-adds each per layer, times 3 for forward + backward).
-        N counts matmul weights only: the position table is a lookup, and so is wte for the scalar head.
+        PaLM (Chowdhery et al. 2022) appendix B, as in nanoGPT's estimate_mfu: 2 per weight per token in the blocks
+        (the scalar head counted with them), 4·L·C·T per token for the attention scores and weighted sum
+        (q k^T and att v: 2·T·C multiply-adds each per layer), and 2·V·C per position through the LM head.
+        The position table and, for the scalar head, wte are lookups, not matmuls. Training = 3 × forward.
         """
-        N = self.num_params() - self.transformer.wpe.weight.numel()
-        if self.head == "scalar":
-            N -= self.transformer.wte.weight.numel()
+        wte, wpe = self.transformer.wte.weight.numel(), self.transformer.wpe.weight.numel()
         L, C = self.config.n_layer, self.config.n_embd
-        return 6 * N + 12 * L * C * T
+        return n_tokens * (2 * (self.num_params() - wte - wpe) + 4 * L * C * T) + n_lm * 2 * wte
+
+    def flops_per_token(self, T: int):
+        """Training FLOPs (forward + backward) per token at sequence length T, the LM head (if any) at every token:
+        6N + 12·L·C·T."""
+        return 3 * self.forward_flops(1, int(self.head == "lm"), T)
 
     @torch.no_grad()
     def resize_token_embeddings(self, new_vocab_size: int):

@@ -177,3 +177,20 @@ def test_from_pretrained_missing_files_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin") as err:
         GPT.from_pretrained(str(tmp_path))
     assert str(tmp_path) in str(err.value)
+
+
+def test_forward_flops_matches_torch_flop_counter():
+    """Independent count: torch's FlopCounterMode over the plain attention path (its matmuls are counted; the
+    flash kernel's are not), plus the 2 FLOPs per token that the PaLM count also charges each bias and LayerNorm
+    weight (the parameters that are not matrices)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=4, n_embd=64)).eval()
+    model.use_sdpa = False
+    idx = torch.randint(0, 300, (2, 16))
+    for n_lm, run in ((32, lambda: model(idx)), (16, lambda: model.lm_head(model.hidden_states(idx)[:, 8:]))):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            run()
+        vectors = sum(p.numel() for p in model.parameters() if p.dim() < 2)
+        assert model.forward_flops(32, n_lm, 16) == counter.get_total_flops() + 2 * vectors * 32
