@@ -96,8 +96,10 @@ def bench_w1(device, compiled, batches):
     policy, value_model = models[0], models[3]
     cfg = train_ppo.PPOConfig(batch_size=64, minibatch_size=16, ppo_epochs=4, max_new_tokens=32, temperature=1.0,
                               device=device.type, compile=compiled)
-    optimizers = (torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5),
-                  torch.optim.Adam(value_model.parameters(), lr=cfg.value_lr, eps=1e-5))
+    if compiled:
+        for m in models:
+            kernels.compile_blocks(m)
+    optimizers = train_ppo.make_optimizers(policy, value_model, cfg)
     g = torch.Generator().manual_seed(1)
     times = []
     for step in range(batches + 1):  # batch 0 is the warm-up (and compiles)
@@ -233,8 +235,7 @@ def report_train_mfu(device, B=8, T=1024, steps=10):
         torch.manual_seed(0)
         model = GPT(gpt2_small()).to(device)
         if compiled:
-            for block in model.transformer.h:
-                block.compile()
+            kernels.compile_blocks(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(0, model.config.vocab_size, (B, T + 1), device=device)
         mask = torch.ones_like(ids, dtype=torch.bool)

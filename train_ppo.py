@@ -68,8 +68,8 @@ class PPOConfig(CommonConfig):
     grad_accum: int = arg(1, "micro-batches per minibatch (per rank); the minibatch is split, the update is the same",
                           low=1)
     activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
-    compile: bool | None = arg(None, "torch.compile the hot path (decode step, log-probs, losses, GAE); "
-                                     "None = on for CUDA, off for CPU")
+    compile: bool | None = arg(None, "torch.compile the hot path (transformer blocks, decode step, log-probs, losses, "
+                                     "GAE; fused Adam); None = on for CUDA, off for CPU")
 
 
 def load_models(cfg, device):
@@ -167,6 +167,12 @@ def batch_prompts(prompts, step, batch_size, seed):
 
 # ----------------------------------------------------------------------------------------------------------------
 # the update
+
+def make_optimizers(policy, value_model, cfg):
+    """Adam for the policy and for the value model; compiled runs take the fused Adam (one kernel per step)."""
+    return (torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=cfg.compile),
+            torch.optim.Adam(value_model.parameters(), lr=cfg.value_lr, eps=1e-5, fused=cfg.compile))
+
 
 def ppo_losses(policy, value_model, mb, P, ptx_ids, cfg):
     """One minibatch's loss, for one backward: clipped policy loss + clipped value loss + γ·ptx loss.
@@ -285,8 +291,10 @@ def main(argv=None):
     if dist.world_size() > 1:
         torch.manual_seed(cfg.seed + dist.rank())  # each rank samples its own rollouts
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema > 0 else None
-    opt_policy = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5)
-    opt_value = torch.optim.Adam(value_model.parameters(), lr=cfg.value_lr, eps=1e-5)
+    if cfg.compile:
+        for m in (policy, ref_policy, reward_model, value_model):
+            kernels.compile_blocks(m)
+    opt_policy, opt_value = make_optimizers(policy, value_model, cfg)
     kl_ctl = rlhf.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     ptx_stream = token_stream(tok, ptx_docs or world.pretrain_docs("train")) if cfg.ptx_coef > 0 else None
     print(f"{len(prompts)} prompts | policy and value {policy.num_params() / 1e6:.2f}M parameters each")

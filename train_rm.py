@@ -53,7 +53,8 @@ class RMConfig(CommonConfig):
     dtype: str = arg("auto", "auto | bfloat16 | float32: autocast dtype of the training forward (auto: bf16 on CUDA)")
     grad_accum: int = arg(1, "micro-batches per optimizer step (per rank); the batch is split, the update is the same",
                           low=1)
-    compile: bool | None = arg(None, "torch.compile the ranking loss; None = on for CUDA, off for CPU")
+    compile: bool | None = arg(None, "torch.compile the hot path (transformer blocks, ranking loss; fused AdamW); "
+                                     "None = on for CUDA, off for CPU")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
     policy: str = arg("", "tiny world: the policy that samples the candidates (empty = --init); iterated RLHF "
                           "passes the latest PPO policy")
@@ -297,10 +298,12 @@ def main(argv=None):
           f"{len(held):,} held-out prompts")
 
     # model: the SFT trunk with a fresh scalar head (load_model replaced the unembedding)
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
     print(f"reward model: {model.num_params() / 1e6:.2f}M parameters")
     if cfg.activation_checkpointing:
         dist.checkpoint_blocks(model)
+    if cfg.compile:
+        kernels.compile_blocks(model)
+    opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
     step = 0
     if resume:
         model.load_state_dict(state["model"])

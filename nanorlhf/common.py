@@ -109,12 +109,13 @@ def pad(seqs, pad_id, left=False, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
-def adamw(model, lr, weight_decay):
-    """AdamW with weight decay on the matrices only (not on biases, LayerNorm gains), betas as GPT-3/nanoGPT."""
+def adamw(model, lr, weight_decay, fused=False):
+    """AdamW with weight decay on the matrices only (not on biases, LayerNorm gains), betas as GPT-3/nanoGPT.
+    fused: one kernel for the whole step (the compiled runs' choice; same math, last bits differ)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), fused=fused)
 
 
 def cosine_lr(step, total, lr, warmup, final_ratio=0.1):

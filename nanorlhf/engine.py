@@ -96,7 +96,7 @@ def cache_length(P, max_new_tokens, block_size, compiled):
     return min(block_size, 1 << (n - 1).bit_length()) if compiled else n
 
 
-def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None, compiled=False):
     """logits (B, V) -> (token (B,), logprob (B,)).
 
     The log-prob is from the full softmax of logits / temperature (temperature 1 when greedy), before any
@@ -122,8 +122,12 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, genera
             sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # first always kept
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         # a draw from softmax(logits): argmax of p / E with E ~ Exp(1) i.i.d. (the exponential race; same law as
-        # torch.multinomial, several times faster on CPU)
-        race = torch.empty_like(logits).exponential_(generator=generator)  # (B, V)
+        # torch.multinomial, several times faster on CPU). Compiled runs draw E = −log U, U ~ Uniform[0, 1): the same
+        # law from another stream, 5× faster than exponential_ on CPU (U = 0 gives E = ∞: that token cannot win).
+        if compiled:
+            race = torch.rand(logits.shape, generator=generator, device=logits.device).log_().neg_()  # (B, V)
+        else:
+            race = torch.empty_like(logits).exponential_(generator=generator)  # (B, V)
         token = (logits.softmax(dim=-1) / race).argmax(dim=-1)  # (B,)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
@@ -171,7 +175,7 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
         done = torch.zeros(B, dtype=torch.bool, device=device)  # (b,) rows past their EOS (compiled only)
         N = 0
         for t in range(max_new_tokens):
-            token, logprob = sample(logits, temperature, top_k, top_p, greedy, generator)  # (b,), (b,)
+            token, logprob = sample(logits, temperature, top_k, top_p, greedy, generator, compiled)  # (b,), (b,)
             token = token.masked_fill(done, pad_id)
             response[rows, t], logprobs[rows, t], response_mask[rows, t] = token, logprob.masked_fill(done, 0.0), ~done
             N = t + 1

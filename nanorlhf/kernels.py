@@ -1,5 +1,6 @@
 """Fused hot-path kernels, each beside its eager twin.
 
+compile_blocks fuses what lies between the matmuls of every transformer block.
 token_logprobs goes from hidden states to log p(target) chunk by chunk over rows (LM-head matmul + logsumexp +
 gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (2^23
 logits by default, whatever V), and the backward recomputes each chunk's logits instead of saving them. The
@@ -24,6 +25,23 @@ def use_compile(device):
 @functools.cache
 def _compiled(fn):
     return torch.compile(fn)
+
+
+def compile_blocks(model):
+    """torch.compile each transformer block of `model` in place: LayerNorm, the attention's scale, mask and softmax,
+    GELU and the residual adds are fused between the matmuls, forward and backward. Sizes are dynamic, so a new
+    batch or sequence length reuses the graph; the blocks of every model share it (same code, weights as inputs).
+    Composes with dist.checkpoint_blocks (compiles the checkpointed forward)."""
+    for block in model.transformer.h:
+        block.forward = functools.partial(_compiled_unless_cached, block.forward,
+                                          torch.compile(block.forward, dynamic=True))
+    return model
+
+
+def _compiled_unless_cached(eager, compiled, x, mask=None, kv_cache=None, layer_idx=0):
+    """Training and scoring run the compiled block; a KV-cached prefill stays eager (compiled, it would specialize
+    on the layer index: one graph per layer). The compiled decode step compiles its whole forward anyway."""
+    return compiled(x, mask) if kv_cache is None else eager(x, mask, kv_cache, layer_idx)
 
 
 # ----------------------------------------------------------------------------------------------------------------

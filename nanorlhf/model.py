@@ -57,7 +57,9 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # (B, nh, Tmax, hs)
-        if self.use_sdpa:
+        # Compiled on CPU, the plain twin: inductor fuses its scale, mask and softmax (and their backward) between two
+        # batched matmuls, ~2x faster than SDPA's CPU kernel at this size (head size 32, T 64; bench.py).
+        if self.use_sdpa and not (torch.compiler.is_compiling() and x.device.type == "cpu"):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
             )  # (B, nh, T, hs)
@@ -81,7 +83,16 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(gelu(self.c_fc(x))))
+
+
+def gelu(x):
+    """GPT-2's GELU ("gelu_new"), the tanh approximation: ½·x·(1 + tanh(u)), u = √(2/π)·(x + 0.044715·x³).
+    Compiled, written as x·σ(2u), the same function (½·(1 + tanh(u)) = σ(2u)): inductor's sigmoid is about twice
+    as fast as its tanh on CPU (forward and backward), while eager PyTorch's own tanh GELU is the fastest eager."""
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
+    return F.gelu(x, approximate="tanh")
 
 
 class Block(nn.Module):

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.engine import KVCache, cache_length, decode_step, generate
+from nanorlhf.engine import KVCache, cache_length, decode_step, generate, sample
 from nanorlhf.model import GPT, GPTConfig
 
 EOS = 0
@@ -213,3 +213,22 @@ def test_generation_under_bf16_autocast_matches_its_own_full_forward():
         for _ in range(6):
             idx = torch.cat([idx, model(idx)[:, -1].float().argmax(-1, keepdim=True)], dim=1)
     assert gen.tokens[0].tolist() == idx[0].tolist()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sampler_draws_from_the_tempered_softmax(compiled):
+    """The exponential race (eager: exponential_, compiled: −log U) samples softmax(logits / T), and with top_k the
+    renormalized top k: 200,000 seeded draws, every frequency within 4.5 standard errors of its probability."""
+    logits = torch.tensor([2.0, 0.5, -1.0, 1.5, 0.0, -3.0])
+    n = 200_000
+    for temperature, top_k in [(0.7, None), (1.3, 3)]:
+        p = F.softmax(logits / temperature, dim=-1)
+        if top_k is not None:
+            p = torch.where(p >= p.topk(top_k).values[-1], p, 0.0)
+            p = p / p.sum()
+        g = torch.Generator().manual_seed(0)
+        token, logprob = sample(logits.expand(n, -1), temperature, top_k=top_k, generator=g, compiled=compiled)
+        freq = torch.bincount(token, minlength=len(logits)).double() / n
+        stderr = (p * (1 - p) / n).sqrt().double()
+        assert ((freq - p.double()).abs() <= 4.5 * stderr + 1e-12).all(), (freq, p)
+        torch.testing.assert_close(logprob, F.log_softmax(logits / temperature, dim=-1)[token])  # before truncation

@@ -1,10 +1,14 @@
 """Fused kernels vs their eager twins. Compile tests are marked slow: each compile costs seconds on CPU."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanorlhf import kernels, rlhf
+from nanorlhf.engine import KVCache
+from nanorlhf.model import GPT, GPTConfig
 
 
 def lm_head_case(N, C, V, dtype, seed=0, lead=None):
@@ -165,3 +169,40 @@ def test_ranking_loss_and_gae_compiled_match_eager(dtype):
             got = kernels.gae_scan(token_rewards, values, token_mask, gamma, lam)
             for a, b in zip(got, rlhf.gae(token_rewards, values, token_mask, gamma, lam)):
                 torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+def test_compiled_blocks_match_eager_with_padding_and_do_not_recompile(dtype, atol):
+    """compile_blocks (on CPU: the plain attention and the x·σ(2u) GELU, fused) == the eager model with SDPA: hidden
+    states and every parameter's gradient, for left- and right-padded batches; a new batch size and length and a
+    KV-cached prefill (eager by design) reuse what was compiled."""
+    torch.manual_seed(0)
+    eager = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16)).to(dtype)
+    compiled = kernels.compile_blocks(copy.deepcopy(eager))
+    g = torch.Generator().manual_seed(1)
+
+    def check(B, T, pad_side):
+        idx = torch.randint(0, 40, (B, T), generator=g)
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        real = torch.arange(T)[None, :] < lengths[:, None]  # right-padded
+        mask = real.flip(1) if pad_side == "left" else real
+        outs = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            h = model.hidden_states(idx, attention_mask=mask)
+            (h * torch.where(mask, 1.0, 0.0)[..., None].to(dtype)).square().sum().backward()  # real positions only
+            outs.append((h[mask], [p.grad for p in model.parameters()]))
+        (h_eager, g_eager), (h_compiled, g_compiled) = outs
+        torch.testing.assert_close(h_compiled, h_eager, atol=atol, rtol=0)
+        for a, b in zip(g_compiled, g_eager):
+            torch.testing.assert_close(a, b, atol=atol, rtol=1e-4 if dtype == torch.float32 else 1e-8)
+
+    check(4, 9, "right")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        check(3, 13, "left")
+        with torch.no_grad():
+            cache = KVCache(2, 3, 2, 16, 8, dtype=dtype)
+            prompt = torch.randint(0, 40, (3, 5), generator=g)
+            torch.testing.assert_close(compiled.hidden_states(prompt, kv_cache=cache), eager.hidden_states(prompt),
+                                       atol=atol, rtol=0)

@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from nanorlhf.model import GPT, GPTConfig, read_safetensors
+from nanorlhf.model import GPT, GPTConfig, gelu, read_safetensors
 
 CONFIG = dict(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
 
@@ -194,3 +196,18 @@ def test_forward_flops_matches_torch_flop_counter():
             run()
         vectors = sum(p.numel() for p in model.parameters() if p.dim() < 2)
         assert model.forward_flops(32, n_lm, 16) == counter.get_total_flops() + 2 * vectors * 32
+
+
+def test_compiled_gelu_is_the_tanh_gelu():
+    """Traced by torch.compile, gelu takes its x·σ(2u) form: the same function and gradient as GPT-2's tanh GELU,
+    checked against the formula written out (float64)."""
+    x = torch.linspace(-8, 8, 2001, dtype=torch.float64, requires_grad=True)
+    by_hand = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    grad_by_hand = torch.autograd.grad(by_hand.sum(), x)[0]
+    traced = torch.compile(gelu, backend="eager", fullgraph=True)  # dynamo traces (is_compiling), runs eagerly
+    for y in (gelu(x), traced(x)):
+        torch.testing.assert_close(y, by_hand, atol=1e-12, rtol=0)
+        torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], grad_by_hand, atol=1e-12, rtol=0)
+    graph_ops = []
+    torch.compile(gelu, backend=lambda gm, _: graph_ops.extend(str(n.target) for n in gm.graph.nodes) or gm)(x)
+    assert any("sigmoid" in op for op in graph_ops) and not any("gelu" in op for op in graph_ops)

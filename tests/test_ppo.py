@@ -1,5 +1,6 @@
 """train_ppo.py wiring: alignment of log-probs / values / rewards, the EOS reward, KL, whitening, the ptx gradient,
 lr-0 ratios, and subprocess runs (smoke, resume, determinism). The rlhf math itself is tested in test_rlhf.py."""
+import copy
 import json
 import os
 import subprocess
@@ -10,7 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import train_ppo
+from nanorlhf import kernels
 from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from nanorlhf.common import token_stream
+from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
 
@@ -193,6 +197,59 @@ def test_ptx_gradient_is_gamma_times_lm_gradient_added(ckpts):
     for c, p, l in zip(combined, ppo_only, lm):
         torch.testing.assert_close(c, p + 2.5 * l, atol=1e-6, rtol=1e-4)
     assert any(l.abs().max() > 1e-4 for l in lm)
+
+
+@pytest.mark.slow
+def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
+    """--compile (compiled blocks and decode step, fused log-probs, PPO loss and GAE, fused Adam): the scores of a
+    rollout, the gradient of a minibatch with ptx, and a whole update equal the eager ones; after one compiled batch,
+    a second (new samples, the same prompt-length bucket) compiles nothing new."""
+    eager_cfg, compiled_cfg = make_cfg(ckpts, compile=False, ptx_coef=0.5), make_cfg(ckpts, compile=True, ptx_coef=0.5)
+    eager = train_ppo.load_models(eager_cfg, "cpu")
+    tok = eager[4]
+    compiled = [kernels.compile_blocks(m) for m in copy.deepcopy(eager[:4])]
+    gen = generate(eager[0], [tok.format_prompt(p) for p in PROMPTS], 12, tok.eos_id, tok.pad_id)
+    batches = []
+    for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg)):
+        b = train_ppo.score(*models[:4], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0, cfg.compile)
+        rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                               b["response_mask"], cfg.kl_coef)
+        b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0,
+                                                                     0.95, cfg.compile)
+        batches.append(b)
+    for key, value in batches[0].items():
+        torch.testing.assert_close(batches[1][key], value, atol=1e-5, rtol=1e-5)
+
+    ptx_ids = torch.randint(0, 1000, (2, 17))
+    grads = []
+    for models, cfg, b in ((eager, eager_cfg, batches[0]), (compiled, compiled_cfg, batches[1])):
+        policy, value_model = models[0], models[3]
+        loss = train_ppo.ppo_losses(policy, value_model, b, gen.prompt_len, ptx_ids, cfg)[0]
+        grads.append(torch.autograd.grad(loss, [*policy.parameters(), *value_model.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+    stats, params = [], []
+    for models, cfg, b in ((eager, eager_cfg, batches[0]), (compiled, compiled_cfg, batches[1])):
+        optimizers = train_ppo.make_optimizers(models[0], models[3], cfg)
+        torch.manual_seed(1)  # the minibatch order and the ptx batches
+        stream = token_stream(tok, ["the fox is red. the lemon is sour."] * 20)
+        stats.append(train_ppo.ppo_update(models[0], models[3], optimizers, b, gen.prompt_len, cfg, 0, stream))
+        params.append([p.detach().clone() for m in (models[0], models[3]) for p in m.parameters()])
+    for key, value in stats[0].items():
+        assert stats[1][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+
+    stream = token_stream(tok, ["the fox is red. the lemon is sour."] * 20)
+    for step in range(2):  # the first batch compiles the decode step, the second must reuse everything
+        with torch._dynamo.config.patch(error_on_recompile=step == 1):
+            b, P = train_ppo.rollout(*compiled, tok, PROMPTS, compiled_cfg)
+            rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                                   b["response_mask"], compiled_cfg.kl_coef)
+            b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"],
+                                                                         1.0, 0.95, True)
+            train_ppo.ppo_update(compiled[0], compiled[3], optimizers, b, P, compiled_cfg, step, stream)
 
 
 def test_nan_guard_names_step_and_term(ckpts):
