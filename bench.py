@@ -91,33 +91,41 @@ def w1_batch(models, optimizers, prompts, cfg, step, device):
     return t1 - t0, t2 - t1, t3 - t2
 
 
-def bench_w1(device, compiled, batches):
+def w1_setup(device, compiled):
+    """Models, optimizers, config and prompt generator of one W1 run (eager or compiled), as train_ppo sets them up."""
     models = w1_models(device)
-    policy, value_model = models[0], models[3]
     cfg = train_ppo.PPOConfig(batch_size=64, minibatch_size=16, ppo_epochs=4, max_new_tokens=32, temperature=1.0,
                               device=device.type, compile=compiled)
     if compiled:
         for m in models:
             kernels.compile_blocks(m)
-    optimizers = train_ppo.make_optimizers(policy, value_model, cfg)
-    g = torch.Generator().manual_seed(1)
-    times = []
-    for step in range(batches + 1):  # batch 0 is the warm-up (and compiles)
-        prompts = torch.randint(0, 2048, (64, 32), generator=g).tolist()
-        times.append(w1_batch(models, optimizers, prompts, cfg, step, device))
-    flops = w1_flops(policy, value_model)
-    return times[1:], flops
+    return models, train_ppo.make_optimizers(models[0], models[3], cfg), cfg, torch.Generator().manual_seed(1)
+
+
+def bench_w1(device, batches):
+    """{"eager": [...], "compiled": [...]}: per-batch (generation, scoring, update) seconds. The two runs take turns
+    batch by batch, so a machine whose speed drifts (this one does) slows both alike; batch 0 of each is the
+    warm-up (and compiles)."""
+    runs = {"eager": w1_setup(device, False), "compiled": w1_setup(device, True)}
+    times = {name: [] for name in runs}
+    for step in range(batches + 1):
+        for name, (models, optimizers, cfg, g) in runs.items():
+            prompts = torch.randint(0, 2048, (64, 32), generator=g).tolist()
+            t = w1_batch(models, optimizers, prompts, cfg, step, device)
+            if step > 0:
+                times[name].append(t)
+    return times
 
 
 def report_w1(device, batches):
     peak = peak_flops(device)
     print("W1 FLOPs per batch:" + w1_flops.__doc__.split(":", 1)[1].rstrip("."))
     print(f"matmul peak (measured now, {'fp32' if device.type == 'cpu' else 'bf16'}): {peak / 1e9:,.0f} GFLOP/s")
+    models = w1_models(device)
+    flops = w1_flops(models[0], models[3])
+    total = sum(flops.values())
     results = {}
-    for compiled in (False, True):
-        name = "compiled" if compiled else "eager"
-        times, flops = bench_w1(device, compiled, batches)
-        total = sum(flops.values())
+    for name, times in bench_w1(device, batches).items():
         per_batch = [sum(t) for t in times]
         sec = statistics.median(per_batch)
         parts = [statistics.median(t[i] for t in times) for i in range(3)]

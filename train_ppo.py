@@ -170,8 +170,9 @@ def batch_prompts(prompts, step, batch_size, seed):
 
 def make_optimizers(policy, value_model, cfg):
     """Adam for the policy and for the value model; compiled runs take the fused Adam (one kernel per step)."""
-    return (torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=cfg.compile),
-            torch.optim.Adam(value_model.parameters(), lr=cfg.value_lr, eps=1e-5, fused=cfg.compile))
+    fused = cfg.compile or None  # None: torch's default (foreach); fused=False would mean the slower per-tensor loop
+    return (torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=fused),
+            torch.optim.Adam(value_model.parameters(), lr=cfg.value_lr, eps=1e-5, fused=fused))
 
 
 def ppo_losses(policy, value_model, mb, P, ptx_ids, cfg):

@@ -115,7 +115,8 @@ def adamw(model, lr, weight_decay, fused=False):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), fused=fused)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
+                             fused=fused or None)  # None: torch's default (foreach), not the per-tensor loop
 
 
 def cosine_lr(step, total, lr, warmup, final_ratio=0.1):
