@@ -1,6 +1,7 @@
 """Fused hot-path kernels, each beside its eager twin.
 
-compile_blocks fuses what lies between the matmuls of every transformer block.
+compile_blocks runs every transformer block through torch.compile (its eager twin: the model as written); on CPU
+the traced block takes the plain attention and GELU as x·σ(2u) (model.py), the forms inductor fuses best.
 token_logprobs goes from hidden states to log p(target) chunk by chunk over rows (LM-head matmul + logsumexp +
 gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (2^23
 logits by default, whatever V), and the backward recomputes each chunk's logits instead of saving them. The
