@@ -100,7 +100,7 @@ def w1_setup(device, compiled):
                               device=device.type, compile=compiled)
     if compiled:
         for m in models:
-            kernels.compile_blocks(m)
+            kernels.compile_model(m)
     return models, train_ppo.make_optimizers(models[0], models[3], cfg), cfg, torch.Generator().manual_seed(1)
 
 
@@ -238,14 +238,14 @@ def report_decode(device, B=32, P=32, N=224, repeats=3):
 
 
 def report_train_mfu(device, B=8, T=1024, steps=10):
-    """GPT-2 124M next-token training steps (AdamW, bf16 autocast), eager vs compiled (each block compiled and the
+    """GPT-2 124M next-token training steps (AdamW, bf16 autocast), eager vs compiled (kernels.compile_model and the
     fused log-prob kernel). FLOPs = model.flops_per_token(T) · B · T (6N + 12·L·C·T per token)."""
     peak = peak_flops(device)
     for compiled in (False, True):
         torch.manual_seed(0)
         model = GPT(gpt2_small()).to(device)
         if compiled:
-            kernels.compile_blocks(model)
+            kernels.compile_model(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(0, model.config.vocab_size, (B, T + 1), device=device)
         mask = torch.ones_like(ids, dtype=torch.bool)

@@ -68,7 +68,7 @@ class PPOConfig(CommonConfig):
     grad_accum: int = arg(1, "micro-batches per minibatch (per rank); the minibatch is split, the update is the same",
                           low=1)
     activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
-    compile: bool | None = arg(None, "torch.compile the hot path (transformer blocks, decode step, log-probs, losses, "
+    compile: bool | None = arg(None, "torch.compile the hot path (the transformer, decode step, log-probs, losses, "
                                      "GAE; fused Adam); None = on for CUDA, off for CPU")
 
 
@@ -294,7 +294,7 @@ def main(argv=None):
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema > 0 else None
     if cfg.compile:
         for m in (policy, ref_policy, reward_model, value_model):
-            kernels.compile_blocks(m)
+            kernels.compile_model(m)
     opt_policy, opt_value = make_optimizers(policy, value_model, cfg)
     kl_ctl = rlhf.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     ptx_stream = token_stream(tok, ptx_docs or world.pretrain_docs("train")) if cfg.ptx_coef > 0 else None

@@ -53,7 +53,7 @@ class RMConfig(CommonConfig):
     dtype: str = arg("auto", "auto | bfloat16 | float32: autocast dtype of the training forward (auto: bf16 on CUDA)")
     grad_accum: int = arg(1, "micro-batches per optimizer step (per rank); the batch is split, the update is the same",
                           low=1)
-    compile: bool | None = arg(None, "torch.compile the hot path (transformer blocks, ranking loss; fused AdamW); "
+    compile: bool | None = arg(None, "torch.compile the hot path (the transformer, ranking loss; fused AdamW); "
                                      "None = on for CUDA, off for CPU")
     activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
     policy: str = arg("", "tiny world: the policy that samples the candidates (empty = --init); iterated RLHF "
@@ -302,7 +302,7 @@ def main(argv=None):
     if cfg.activation_checkpointing:
         dist.checkpoint_blocks(model)
     if cfg.compile:
-        kernels.compile_blocks(model)
+        kernels.compile_model(model)
     opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
     step = 0
     if resume:

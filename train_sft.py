@@ -44,7 +44,7 @@ class SFTConfig(CommonConfig):
     grad_accum: int = arg(1, "micro-batches per optimizer step (per rank); the batch is split, the update is the same",
                           low=1)
     activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
-    compile: bool | None = arg(None, "torch.compile the hot path (transformer blocks, fused log-probs; fused AdamW); "
+    compile: bool | None = arg(None, "torch.compile the hot path (the transformer, fused log-probs; fused AdamW); "
                                      "None = on for CUDA, off for CPU")
 
 
@@ -161,7 +161,7 @@ def main(argv=None):
     if cfg.activation_checkpointing:
         dist.checkpoint_blocks(model)
     if cfg.compile:
-        kernels.compile_blocks(model)
+        kernels.compile_model(model)
     opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)

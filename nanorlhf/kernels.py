@@ -1,7 +1,8 @@
 """Fused hot-path kernels, each beside its eager twin.
 
-compile_blocks runs every transformer block through torch.compile (its eager twin: the model as written); on CPU
-the traced block takes the plain attention and GELU as x·σ(2u) (model.py), the forms inductor fuses best.
+compile_model runs the transformer (embeddings, blocks, final LayerNorm) through torch.compile (its eager twin: the
+model as written); on CPU the traced model takes the plain attention and GELU as x·σ(2u) (model.py), the forms
+inductor fuses best.
 token_logprobs goes from hidden states to log p(target) chunk by chunk over rows (LM-head matmul + logsumexp +
 gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (2^23
 logits by default, whatever V), and the backward recomputes each chunk's logits instead of saving them. The
@@ -28,21 +29,22 @@ def _compiled(fn):
     return torch.compile(fn)
 
 
-def compile_blocks(model):
-    """torch.compile each transformer block of `model` in place: LayerNorm, the attention's scale, mask and softmax,
-    GELU and the residual adds are fused between the matmuls, forward and backward. Sizes are dynamic, so a new
-    batch or sequence length reuses the graph; the blocks of every model share it (same code, weights as inputs).
-    Composes with dist.checkpoint_blocks (compiles the checkpointed forward)."""
-    for block in model.transformer.h:
-        block.forward = functools.partial(_compiled_unless_cached, block.forward,
-                                          torch.compile(block.forward, dynamic=True))
+def compile_model(model):
+    """torch.compile `model.hidden_states` (embeddings, every block, final LayerNorm; what runs the heads stays as
+    it is) in place, forward and backward: LayerNorm, the attention's scale, mask and softmax, GELU and the residual
+    adds are fused between the matmuls. Sizes are dynamic, so a new batch or sequence length reuses the graph, and
+    every model of the same shape shares it (weights are graph inputs). Composes with dist.checkpoint_blocks."""
+    eager = model.hidden_states
+    model.hidden_states = functools.partial(_compiled_unless_cached, eager, torch.compile(eager, dynamic=True))
     return model
 
 
-def _compiled_unless_cached(eager, compiled, x, mask=None, kv_cache=None, layer_idx=0):
-    """Training and scoring run the compiled block; a KV-cached prefill stays eager (compiled, it would specialize
-    on the layer index: one graph per layer). The compiled decode step compiles its whole forward anyway."""
-    return compiled(x, mask) if kv_cache is None else eager(x, mask, kv_cache, layer_idx)
+def _compiled_unless_cached(eager, compiled, idx, attention_mask=None, position_ids=None, kv_cache=None):
+    """Training and scoring run compiled; a KV-cached prefill stays eager (compiled, its in-place cache writes would
+    specialize on each layer). The compiled decode step traces this eager path into its own graph."""
+    if kv_cache is None:
+        return compiled(idx, attention_mask, position_ids)
+    return eager(idx, attention_mask, position_ids, kv_cache)
 
 
 # ----------------------------------------------------------------------------------------------------------------

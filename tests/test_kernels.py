@@ -173,34 +173,37 @@ def test_ranking_loss_and_gae_compiled_match_eager(dtype):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
-def test_compiled_blocks_match_eager_with_padding_and_do_not_recompile(dtype, atol):
-    """compile_blocks (on CPU: the plain attention and the x·σ(2u) GELU, fused) == the eager model with SDPA: hidden
-    states and every parameter's gradient, for left- and right-padded batches; a new batch size and length and a
-    KV-cached prefill (eager by design) reuse what was compiled."""
+def test_compiled_model_matches_eager_with_padding_and_does_not_recompile(dtype, atol):
+    """compile_model (on CPU: the plain attention and the x·σ(2u) GELU, fused) == the eager model with SDPA: hidden
+    states and every parameter's gradient, for left- and right-padded batches and plain causal ones; a new batch size
+    and length and a KV-cached prefill (eager by design) reuse what was compiled."""
     torch.manual_seed(0)
     eager = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16)).to(dtype)
-    compiled = kernels.compile_blocks(copy.deepcopy(eager))
+    compiled = kernels.compile_model(copy.deepcopy(eager))
     g = torch.Generator().manual_seed(1)
 
     def check(B, T, pad_side):
         idx = torch.randint(0, 40, (B, T), generator=g)
         lengths = torch.randint(1, T + 1, (B,), generator=g)
         real = torch.arange(T)[None, :] < lengths[:, None]  # right-padded
-        mask = real.flip(1) if pad_side == "left" else real
+        mask = {"left": real.flip(1), "right": real, None: None}[pad_side]
+        weight = torch.ones(B, T, dtype=dtype) if mask is None else torch.where(mask, 1.0, 0.0).to(dtype)
         outs = []
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
             h = model.hidden_states(idx, attention_mask=mask)
-            (h * torch.where(mask, 1.0, 0.0)[..., None].to(dtype)).square().sum().backward()  # real positions only
-            outs.append((h[mask], [p.grad for p in model.parameters()]))
+            (h * weight[..., None]).square().sum().backward()  # real positions only
+            outs.append((h[weight.bool()], [p.grad for p in model.parameters()]))
         (h_eager, g_eager), (h_compiled, g_compiled) = outs
         torch.testing.assert_close(h_compiled, h_eager, atol=atol, rtol=0)
         for a, b in zip(g_compiled, g_eager):
             torch.testing.assert_close(a, b, atol=atol, rtol=1e-4 if dtype == torch.float32 else 1e-8)
 
     check(4, 9, "right")
+    check(2, 7, None)
     with torch._dynamo.config.patch(error_on_recompile=True):
         check(3, 13, "left")
+        check(5, 11, None)
         with torch.no_grad():
             cache = KVCache(2, 3, 2, 16, 8, dtype=dtype)
             prompt = torch.randint(0, 40, (3, 5), generator=g)

@@ -207,7 +207,7 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     eager_cfg, compiled_cfg = make_cfg(ckpts, compile=False, ptx_coef=0.5), make_cfg(ckpts, compile=True, ptx_coef=0.5)
     eager = train_ppo.load_models(eager_cfg, "cpu")
     tok = eager[4]
-    compiled = [kernels.compile_blocks(m) for m in copy.deepcopy(eager[:4])]
+    compiled = [kernels.compile_model(m) for m in copy.deepcopy(eager[:4])]
     gen = generate(eager[0], [tok.format_prompt(p) for p in PROMPTS], 12, tok.eos_id, tok.pad_id)
     batches = []
     for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg)):
