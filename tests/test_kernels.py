@@ -172,11 +172,12 @@ def test_ranking_loss_and_gae_compiled_match_eager(dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
-def test_compiled_model_matches_eager_with_padding_and_does_not_recompile(dtype, atol):
+def test_compiled_model_matches_eager_with_padding_and_does_not_recompile():
     """compile_model (on CPU: the plain attention and the x·σ(2u) GELU, fused) == the eager model with SDPA: hidden
     states and every parameter's gradient, for left- and right-padded batches and plain causal ones; a new batch size
-    and length and a KV-cached prefill (eager by design) reuse what was compiled."""
+    and length and a KV-cached prefill (eager by design) reuse what was compiled. In float64 (tight tolerances;
+    float32 is covered by test_ppo's compiled-vs-eager run, which costs the compile time anyway)."""
+    dtype, atol = torch.float64, 1e-10
     torch.manual_seed(0)
     eager = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16)).to(dtype)
     compiled = kernels.compile_model(copy.deepcopy(eager))
@@ -197,7 +198,7 @@ def test_compiled_model_matches_eager_with_padding_and_does_not_recompile(dtype,
         (h_eager, g_eager), (h_compiled, g_compiled) = outs
         torch.testing.assert_close(h_compiled, h_eager, atol=atol, rtol=0)
         for a, b in zip(g_compiled, g_eager):
-            torch.testing.assert_close(a, b, atol=atol, rtol=1e-4 if dtype == torch.float32 else 1e-8)
+            torch.testing.assert_close(a, b, atol=atol, rtol=1e-8)
 
     check(4, 9, "right")
     check(2, 7, None)
