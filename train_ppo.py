@@ -293,7 +293,8 @@ def main(argv=None):
         torch.manual_seed(cfg.seed + dist.rank())  # each rank samples its own rollouts
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema > 0 else None
     if cfg.compile:
-        for m in (policy, ref_policy, reward_model, value_model):
+        trained = () if cfg.activation_checkpointing else (policy, value_model)  # checkpointed blocks: eager
+        for m in (ref_policy, reward_model, *trained):
             kernels.compile_model(m)
     opt_policy, opt_value = make_optimizers(policy, value_model, cfg)
     kl_ctl = rlhf.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)

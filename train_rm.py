@@ -301,7 +301,7 @@ def main(argv=None):
     print(f"reward model: {model.num_params() / 1e6:.2f}M parameters")
     if cfg.activation_checkpointing:
         dist.checkpoint_blocks(model)
-    if cfg.compile:
+    if cfg.compile and not cfg.activation_checkpointing:  # dynamo cannot trace checkpointed blocks
         kernels.compile_model(model)
     opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
     step = 0

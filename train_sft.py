@@ -160,7 +160,7 @@ def main(argv=None):
     set_dropout(model, cfg.dropout)
     if cfg.activation_checkpointing:
         dist.checkpoint_blocks(model)
-    if cfg.compile:
+    if cfg.compile and not cfg.activation_checkpointing:  # dynamo cannot trace checkpointed blocks
         kernels.compile_model(model)
     opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
 

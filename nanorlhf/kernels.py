@@ -33,7 +33,8 @@ def compile_model(model):
     """torch.compile `model.hidden_states` (embeddings, every block, final LayerNorm; what runs the heads stays as
     it is) in place, forward and backward: LayerNorm, the attention's scale, mask and softmax, GELU and the residual
     adds are fused between the matmuls. Sizes are dynamic, so a new batch or sequence length reuses the graph, and
-    every model of the same shape shares it (weights are graph inputs). Composes with dist.checkpoint_blocks."""
+    every model of the same shape shares it (weights are graph inputs). Not for checkpointed blocks
+    (dist.checkpoint_blocks): dynamo cannot trace them, so the scripts leave such a model eager."""
     eager = model.hidden_states
     model.hidden_states = functools.partial(_compiled_unless_cached, eager, torch.compile(eager, dynamic=True))
     return model
