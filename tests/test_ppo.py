@@ -50,10 +50,16 @@ def rollout_batch(cfg, seed=0):
     torch.manual_seed(seed)
     policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
     b, P = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS, cfg)
+    return (policy, ref_policy, reward_model, value_model, tok), add_advantages(b, cfg), P
+
+
+def add_advantages(b, cfg):
+    """Per-token rewards, then GAE advantages and returns (γ 1, λ 0.95) into the rollout batch b, as in train_ppo."""
     rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                            b["response_mask"], cfg.kl_coef)
-    b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
-    return (policy, ref_policy, reward_model, value_model, tok), b, P
+    b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95,
+                                                                 cfg.compile)
+    return b
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,11 +218,7 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     batches = []
     for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg)):
         b = train_ppo.score(*models[:4], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0, cfg.compile)
-        rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                               b["response_mask"], cfg.kl_coef)
-        b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0,
-                                                                     0.95, cfg.compile)
-        batches.append(b)
+        batches.append(add_advantages(b, cfg))
     for key, value in batches[0].items():
         torch.testing.assert_close(batches[1][key], value, atol=1e-5, rtol=1e-5)
 
@@ -229,27 +231,25 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
+    stream = token_stream(tok, ["the fox is red. the lemon is sour."] * 20)  # ptx text
+    optimizers = [train_ppo.make_optimizers(models[0], models[3], cfg)
+                  for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg))]
     stats, params = [], []
-    for models, cfg, b in ((eager, eager_cfg, batches[0]), (compiled, compiled_cfg, batches[1])):
-        optimizers = train_ppo.make_optimizers(models[0], models[3], cfg)
+    for models, cfg, b, opts in ((eager, eager_cfg, batches[0], optimizers[0]),
+                                 (compiled, compiled_cfg, batches[1], optimizers[1])):
         torch.manual_seed(1)  # the minibatch order and the ptx batches
-        stream = token_stream(tok, ["the fox is red. the lemon is sour."] * 20)
-        stats.append(train_ppo.ppo_update(models[0], models[3], optimizers, b, gen.prompt_len, cfg, 0, stream))
+        stats.append(train_ppo.ppo_update(models[0], models[3], opts, b, gen.prompt_len, cfg, 0, stream))
         params.append([p.detach().clone() for m in (models[0], models[3]) for p in m.parameters()])
     for key, value in stats[0].items():
         assert stats[1][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
 
-    stream = token_stream(tok, ["the fox is red. the lemon is sour."] * 20)
     for step in range(2):  # the first batch compiles the decode step, the second must reuse everything
         with torch._dynamo.config.patch(error_on_recompile=step == 1):
             b, P = train_ppo.rollout(*compiled, tok, PROMPTS, compiled_cfg)
-            rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                                   b["response_mask"], compiled_cfg.kl_coef)
-            b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"],
-                                                                         1.0, 0.95, True)
-            train_ppo.ppo_update(compiled[0], compiled[3], optimizers, b, P, compiled_cfg, step, stream)
+            train_ppo.ppo_update(compiled[0], compiled[3], optimizers[1], add_advantages(b, compiled_cfg), P,
+                                 compiled_cfg, step, stream)
 
 
 def test_nan_guard_names_step_and_term(ckpts):
