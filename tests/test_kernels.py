@@ -185,8 +185,7 @@ def test_compiled_model_matches_eager_with_padding_and_does_not_recompile():
 
     def check(B, T, pad_side):
         idx = torch.randint(0, 40, (B, T), generator=g)
-        lengths = torch.randint(1, T + 1, (B,), generator=g)
-        real = torch.arange(T)[None, :] < lengths[:, None]  # right-padded
+        real = ragged_mask(torch.randint(1, T + 1, (B,), generator=g).tolist(), T)  # right-padded
         mask = {"left": real.flip(1), "right": real, None: None}[pad_side]
         weight = torch.ones(B, T, dtype=dtype) if mask is None else torch.where(mask, 1.0, 0.0).to(dtype)
         outs = []

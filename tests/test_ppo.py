@@ -207,7 +207,7 @@ def test_ptx_gradient_is_gamma_times_lm_gradient_added(ckpts):
 
 @pytest.mark.slow
 def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
-    """--compile (compiled blocks and decode step, fused log-probs, PPO loss and GAE, fused Adam): the scores of a
+    """--compile (compiled transformer and decode step, fused log-probs, PPO loss and GAE, fused Adam): the scores of a
     rollout, the gradient of a minibatch with ptx, and a whole update equal the eager ones; after one compiled batch,
     a second (new samples, the same prompt-length bucket) compiles nothing new."""
     eager_cfg, compiled_cfg = make_cfg(ckpts, compile=False, ptx_coef=0.5), make_cfg(ckpts, compile=True, ptx_coef=0.5)
