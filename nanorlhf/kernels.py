@@ -5,7 +5,8 @@ model as written); on CPU the traced model takes the plain attention and GELU as
 inductor fuses best.
 token_logprobs goes from hidden states to log p(target) chunk by chunk over rows (LM-head matmul + logsumexp +
 gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (2^23
-logits by default, whatever V), and the backward recomputes each chunk's logits instead of saving them. The
+logits by default, whatever V), and the backward recomputes each chunk's logits instead of saving them (all rows
+in one chunk: that chunk's softmax is kept for the backward, no more memory and one matmul fewer). The
 per-chunk math, the PPO losses, the ranking loss and GAE can run through torch.compile; compile is on by default
 on CUDA, off on CPU (see use_compile), and happens lazily on first use. Python scalars go in as tensors and
 sizes that vary (chunk rows, batch, response length) are marked dynamic, so none of them recompiles.
@@ -62,7 +63,7 @@ def _chunk_logits(h, weight, inv_temp):
     return z.to(torch.promote_types(z.dtype, torch.float32)) * inv_temp  # softmax math in ≥ fp32
 
 
-def _chunk_forward(h, weight, y, inv_temp):
+def _chunk_forward(h, y, weight, inv_temp):
     """One chunk: log p(y) = z_y − logsumexp(z), and the entropy of softmax(z)."""
     z = _chunk_logits(h, weight, inv_temp)  # (n, V)
     lse = torch.logsumexp(z, dim=-1)  # (n,)
@@ -71,12 +72,27 @@ def _chunk_forward(h, weight, y, inv_temp):
     return logp, lse, entropy
 
 
-def _chunk_grad_logits(h, weight, y, lse, grad_logp, inv_temp):
-    """d loss / d (h @ weight.T) for one chunk: grad · (onehot(y) − softmax(z)) / T, recomputing z."""
+def _chunk_forward_keep(h, y, weight, inv_temp):
+    """_chunk_forward that also returns softmax(z) (n, V), kept for the backward instead of recomputing it."""
     z = _chunk_logits(h, weight, inv_temp)  # (n, V)
-    g = -torch.exp(z - lse[:, None]) * grad_logp[:, None]  # (n, V)
+    lse = torch.logsumexp(z, dim=-1)  # (n,)
+    logp = z.gather(1, y[:, None]).squeeze(1) - lse  # (n,)
+    probs = torch.exp(z - lse[:, None])  # (n, V)
+    entropy = lse - (probs * z).sum(-1)  # (n,)
+    return logp, lse, entropy, probs
+
+
+def _grad_logits(probs, y, grad_logp, inv_temp, dtype):
+    """d loss / d (h @ weight.T) of one chunk: grad · (onehot(y) − softmax(z)) / T."""
+    g = -probs * grad_logp[:, None]  # (n, V)
     g = g.scatter_add(1, y[:, None], grad_logp[:, None])
-    return (g * inv_temp).to(h.dtype)
+    return (g * inv_temp).to(dtype)
+
+
+def _chunk_grad_logits(h, y, weight, lse, grad_logp, inv_temp):
+    """_grad_logits for one chunk, recomputing its logits z."""
+    z = _chunk_logits(h, weight, inv_temp)  # (n, V)
+    return _grad_logits(torch.exp(z - lse[:, None]), y, grad_logp, inv_temp, h.dtype)
 
 
 def _row_chunks(chunk_size, compiled, *tensors):
@@ -91,35 +107,48 @@ def _row_chunks(chunk_size, compiled, *tensors):
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """Chunked log-probs with a backward that recomputes logits: saves only hidden, weight, targets and lse."""
+    """Chunked log-probs. Several chunks: the backward recomputes each chunk's logits (saved are hidden, weight,
+    targets and lse). One chunk (keep_probs): its softmax is saved instead, one matmul fewer in the backward for no
+    more memory than the chunk itself."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp, chunk_size, compiled):
-        forward_fn = _compiled(_chunk_forward) if compiled else _chunk_forward
+    def forward(ctx, hidden, weight, targets, inv_temp, chunk_size, compiled, keep_probs):
         # detached: autograd is this Function's job, and one graph then serves frozen and trained weights alike
         chunks = _row_chunks(chunk_size, compiled, hidden.detach(), targets)
-        outs = [forward_fn(h, weight.detach(), y, inv_temp) for h, y in chunks]
-        logp, lse, entropy = (torch.cat(x) for x in zip(*outs))  # (N,) each
-        ctx.save_for_backward(hidden, weight, targets, lse, inv_temp)
+        probs = None
+        if keep_probs:
+            forward_fn = _compiled(_chunk_forward_keep) if compiled else _chunk_forward_keep
+            logp, lse, entropy, probs = forward_fn(*next(chunks), weight.detach(), inv_temp)
+        else:
+            forward_fn = _compiled(_chunk_forward) if compiled else _chunk_forward
+            outs = [forward_fn(h, y, weight.detach(), inv_temp) for h, y in chunks]
+            logp, lse, entropy = (torch.cat(x) for x in zip(*outs))  # (N,) each
+        ctx.save_for_backward(hidden, weight, targets, lse, inv_temp, probs)
         ctx.chunk_size, ctx.compiled = chunk_size, compiled
         ctx.mark_non_differentiable(entropy)  # entropy is for logging only
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, targets, lse, inv_temp = (x.detach() for x in ctx.saved_tensors)
-        grad_fn = _compiled(_chunk_grad_logits) if ctx.compiled else _chunk_grad_logits
+        hidden, weight, targets, lse, inv_temp, probs = (x if x is None else x.detach() for x in ctx.saved_tensors)
+        if probs is not None:
+            grad_fn = _compiled(_grad_logits) if ctx.compiled else _grad_logits
+            grads = [(hidden, grad_fn(p, y, grad, inv_temp, hidden.dtype))
+                     for p, y, grad in _row_chunks(len(probs), ctx.compiled, probs, targets, grad_logp)]
+        else:
+            grad_fn = _compiled(_chunk_grad_logits) if ctx.compiled else _chunk_grad_logits
+            chunks = _row_chunks(ctx.chunk_size, ctx.compiled, hidden, targets, lse, grad_logp)
+            grads = ((h, grad_fn(h, y, weight, lse_, grad, inv_temp)) for h, y, lse_, grad in chunks)
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden, grad_weight = [], torch.zeros_like(weight)
-        for h, y, lse_, grad in _row_chunks(ctx.chunk_size, ctx.compiled, hidden, targets, lse, grad_logp):
-            g = grad_fn(h, weight, y, lse_, grad, inv_temp)  # (n, V) d loss / d logits
+        for h, g in grads:  # g (n, V): d loss / d logits of a chunk
             if need_hidden:
                 grad_hidden.append(g @ weight)  # (n, C)
             if need_weight:
                 grad_weight += g.T @ h  # (V, C)
         grad_hidden = torch.cat(grad_hidden) if need_hidden else None
         grad_weight = grad_weight if need_weight else None
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 CHUNK_ELEMENTS = 2**23  # logits per chunk by default: 32 MiB in fp32, whatever the vocabulary
@@ -137,9 +166,10 @@ def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_s
     lead = targets.shape
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     inv_temp = torch.tensor(1.0 / temperature, dtype=dtype, device=hidden.device)  # a tensor: no recompile per value
-    logp, entropy = _TokenLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), inv_temp, chunk_size, compiled
-    )
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, C)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    keep_probs = needs_grad and len(hidden) <= chunk_size  # one chunk: keep its softmax for the backward
+    logp, entropy = _TokenLogprobs.apply(hidden, weight, targets.reshape(-1), inv_temp, chunk_size, compiled, keep_probs)
     return logp.reshape(lead), entropy.reshape(lead)
 
 

@@ -85,6 +85,21 @@ def test_token_logprobs_saves_no_logits_at_gpt2_vocab():
     assert max(eager) >= N * V  # the eager twin keeps the (N, V) logits: the check can tell them apart
 
 
+def test_token_logprobs_one_chunk_keeps_its_softmax_for_the_backward():
+    N, C, V = 12, 4, 50
+    hidden, weight, targets = lm_head_case(N, C, V, dtype=torch.float64)
+    one_chunk = saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=N, compiled=False))
+    assert sorted(one_chunk) == sorted([N * C, V * C, N, N, 1, N * V])  # ... and the (N, V) softmax
+    with torch.no_grad():  # no backward to come: nothing kept
+        assert saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=N)) == []
+    two_chunks = kernels.token_logprobs(hidden, weight, targets, chunk_size=N - 1, compiled=False)
+    kept = kernels.token_logprobs(hidden, weight, targets, chunk_size=N, compiled=False)
+    grad_out = torch.randn(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((kept * grad_out).sum(), (hidden, weight)),
+                    torch.autograd.grad((two_chunks * grad_out).sum(), (hidden, weight))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 def test_gae_scan_math_matches_gae():
     g = torch.Generator().manual_seed(2)
     mask = torch.arange(9)[None, :] < torch.tensor([9, 4, 1, 0, 6])[:, None]
@@ -106,12 +121,13 @@ def test_use_compile_default():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
-def test_token_logprobs_compiled_matches_eager(dtype, atol):
-    hidden, weight, targets = lm_head_case(N=None, C=16, V=37, dtype=dtype, lead=(2, 9))  # N = 18 = 8 + 8 + 2
+@pytest.mark.parametrize("chunk_size", [8, 64])  # N = 18 = 8 + 8 + 2 rows; or one chunk, whose softmax is kept
+def test_token_logprobs_compiled_matches_eager(dtype, atol, chunk_size):
     graphs = []
-    for temperature in [0.7, 1.3]:
-        got = kernels.token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size=8, compiled=True)
-        want = kernels.token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size=8, compiled=False)
+    for temperature, lead in [(0.7, (2, 9)), (1.3, (2, 9)), (1.0, (3, 5))]:
+        hidden, weight, targets = lm_head_case(N=None, C=16, V=37, dtype=dtype, lead=lead)
+        got = kernels.token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size, compiled=True)
+        want = kernels.token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size, compiled=False)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=atol, rtol=0)
         grads_got = torch.autograd.grad(got[0].sum(), (hidden, weight))
@@ -119,7 +135,7 @@ def test_token_logprobs_compiled_matches_eager(dtype, atol):
         for a, b in zip(grads_got, grads_want):
             torch.testing.assert_close(a, b, atol=atol, rtol=0)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    assert graphs[1] == graphs[0]  # a new temperature and the ragged last chunk reuse the compiled graphs
+    assert graphs[2] == graphs[1] == graphs[0]  # new temperatures, row counts and ragged chunks reuse the graphs
 
 
 def ragged_mask(lengths, T):
