@@ -121,14 +121,18 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, genera
             mass_before = probs.cumsum(dim=-1) - probs  # (B, V) probability mass strictly before each token
             sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # first always kept
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        # a draw from softmax(logits): argmax of p / E with E ~ Exp(1) i.i.d. (the exponential race; same law as
-        # torch.multinomial, several times faster on CPU). Compiled runs draw E = −log U, U ~ Uniform[0, 1): the same
-        # law from another stream, 5× faster than exponential_ on CPU (U = 0 gives E = ∞: that token cannot win).
+        probs = logits.softmax(dim=-1)  # (B, V)
         if compiled:
-            race = torch.rand(logits.shape, generator=generator, device=logits.device).log_().neg_()  # (B, V)
+            # inverse CDF: the first token whose cumulative probability exceeds U·total, U ~ Uniform[0, 1), one U per
+            # row (8× faster than a race on CPU; float64 sums, so no rounding drift over V; a token of probability 0
+            # has an empty interval and is never drawn)
+            cdf = probs.double().cumsum(dim=-1)  # (B, V)
+            u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+            token = torch.searchsorted(cdf, u, side="right").squeeze(1).clamp(max=cdf.size(-1) - 1)  # (B,)
         else:
-            race = torch.empty_like(logits).exponential_(generator=generator)  # (B, V)
-        token = (logits.softmax(dim=-1) / race).argmax(dim=-1)  # (B,)
+            # the exponential race: argmax of p / E with E ~ Exp(1) i.i.d. (same law as torch.multinomial, several
+            # times faster on CPU)
+            token = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)  # (B,)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 

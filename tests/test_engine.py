@@ -217,8 +217,9 @@ def test_generation_under_bf16_autocast_matches_its_own_full_forward():
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_sampler_draws_from_the_tempered_softmax(compiled):
-    """The exponential race (eager: exponential_, compiled: −log U) samples softmax(logits / T), and with top_k the
-    renormalized top k: 200,000 seeded draws, every frequency within 4.5 standard errors of its probability."""
+    """Both samplers (eager: the exponential race, compiled: the inverse CDF) draw from softmax(logits / T), and with
+    top_k the renormalized top k: 200,000 seeded draws, every frequency within 4.5 standard errors of its
+    probability (a truncated token, probability 0, never drawn)."""
     logits = torch.tensor([2.0, 0.5, -1.0, 1.5, 0.0, -3.0])
     n = 200_000
     for temperature, top_k in [(0.7, None), (1.3, 3)]:
