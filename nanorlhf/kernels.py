@@ -84,9 +84,8 @@ def _chunk_forward_keep(h, y, weight, inv_temp):
 
 def _grad_logits(probs, y, grad_logp, inv_temp, dtype):
     """d loss / d (h @ weight.T) of one chunk: grad · (onehot(y) − softmax(z)) / T."""
-    g = -probs * grad_logp[:, None]  # (n, V)
-    g = g.scatter_add(1, y[:, None], grad_logp[:, None])
-    return (g * inv_temp).to(dtype)
+    grad = (grad_logp * inv_temp)[:, None]  # (n, 1) scaled before the (n, V) product: one pass over the chunk
+    return (-probs * grad).scatter_add(1, y[:, None], grad).to(dtype)
 
 
 def _chunk_grad_logits(h, y, weight, lse, grad_logp, inv_temp):
