@@ -49,7 +49,7 @@ class CausalSelfAttention(nn.Module):
         self.use_sdpa = True  # False: the plain masked-softmax twin below (tests compare the two)
 
     def forward(self, x, mask=None, kv_cache=None, layer_idx=0):
-        """x (B, T, C); mask None (plain causal) or bool (B, 1, T, Tk), True = may attend."""
+        """x (B, T, C); mask None (plain causal) or additive (B, 1, T, Tk): 0 = may attend, −inf = may not."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -57,6 +57,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # (B, nh, Tmax, hs)
+        mask = mask if mask is None else mask.to(q.dtype)  # bf16 under autocast
         # Compiled on CPU, the plain twin: inductor fuses its scale, mask and softmax (and their backward) between two
         # batched matmuls, faster than SDPA's CPU kernel at small heads (head size 32: W1 5% faster as a whole).
         if self.use_sdpa and not (torch.compiler.is_compiling() and x.device.type == "cpu"):
@@ -64,12 +65,11 @@ class CausalSelfAttention(nn.Module):
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
             )  # (B, nh, T, hs)
         else:
-            # softmax(q k^T / sqrt(hs)) v, masked entries set to -inf before the softmax
+            # softmax(q k^T / sqrt(hs) + mask) v: masked entries are −inf before the softmax
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, Tk)
             if mask is None:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()  # (T, T)
-            att = att.masked_fill(~mask, float("-inf"))
-            att = self.attn_dropout(F.softmax(att, dim=-1))
+                mask = torch.full((T, T), float("-inf"), dtype=att.dtype, device=x.device).triu(1)  # (T, T) causal
+            att = self.attn_dropout(F.softmax(att + mask, dim=-1))
             y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -161,8 +161,7 @@ class GPT(nn.Module):
             key_slots = torch.arange(key_mask.size(1), device=device)  # (Tmax,)
             causal = key_slots[None, :] <= slots[:, None]  # (T, Tmax)
             itself = key_slots[None, :] == slots[:, None]  # (T, Tmax): a padded query still sees itself
-            mask = (causal[None] & key_mask[:, None, :]) | itself[None]  # (B, T, Tmax)
-            mask = mask[:, None]  # (B, 1, T, Tmax)
+            mask = ((causal[None] & key_mask[:, None, :]) | itself[None])[:, None]  # (B, 1, T, Tmax)
             if position_ids is None:
                 # position = number of real tokens before this one, counted over the whole cache
                 positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, Tmax)
@@ -178,11 +177,20 @@ class GPT(nn.Module):
             mask = None  # plain causal attention
             if position_ids is None:
                 position_ids = torch.arange(T, device=device)[None]  # (1, T)
+        if mask is not None:
+            # additive, built once for every layer: compiled, the softmax kernels read it (forward) or need nothing
+            # (backward) instead of rebuilding causal, padding and diagonal from their parts (W1 −2.5%)
+            mask = torch.where(mask, 0.0, float("-inf"))  # (B, 1, T, Tk): 0 = may attend
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
+        return self.blocks(x, mask, kv_cache)  # (B, T, C)
+
+    def blocks(self, x, mask=None, kv_cache=None):
+        """The transformer blocks and the final LayerNorm: x (B, T, C) embeddings -> (B, T, C) activations; mask as
+        CausalSelfAttention takes it. kernels.compile_model compiles this part."""
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.advance(T)
+            kv_cache.advance(x.size(1))
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
