@@ -7,7 +7,7 @@ initialized as policy, frozen reference, reward model and value model. One PPO b
 It runs train_ppo's own functions (generate → score → compute_rewards / compute_advantages → ppo_update), so it
 measures the real code. Time = wall seconds per batch after one warm-up batch (which also pays for compiling);
 the eager and the compiled run take turns batch by batch. Compiled = train_ppo --compile: the compiled transformer
-(kernels.compile_model), decode step, log-probs, PPO loss and GAE, fused Adam, and −log U exponentials for sampling.
+(kernels.compile_model), decode step, log-probs, PPO loss and GAE, fused Adam, and inverse-CDF sampling.
 
     python bench.py                  # CPU: W1 eager vs compiled + log-prob peak memory at vocab 50257
     python bench.py --device cuda    # the same, plus decode tokens/s and GPT-2 124M training MFU (bf16 autocast)
