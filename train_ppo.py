@@ -18,8 +18,8 @@ import torch
 
 from nanorlhf import dist, kernels, rlhf
 from nanorlhf.checkpoint import make_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, check_room, get_batch, lm_loss, load_model, read_checkpoint, setup,
-                             token_stream, val_loss, write_results, write_state)
+from nanorlhf.common import (Progress, check_room, checkpoint_or_compile, get_batch, lm_loss, load_model,
+                             read_checkpoint, setup, token_stream, val_loss, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl, read_text
 from nanorlhf.engine import generate
@@ -286,15 +286,13 @@ def main(argv=None):
             raise SystemExit(2)
     else:
         check_room(tok, prompts, cfg.max_new_tokens, policy.config.block_size)
-    if cfg.activation_checkpointing:
-        for m in (policy, value_model):
-            dist.checkpoint_blocks(m)
     if dist.world_size() > 1:
         torch.manual_seed(cfg.seed + dist.rank())  # each rank samples its own rollouts
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema > 0 else None
-    if cfg.compile:
-        trained = () if cfg.activation_checkpointing else (policy, value_model)  # checkpointed blocks: eager
-        for m in (ref_policy, reward_model, *trained):
+    for m in (policy, value_model):
+        checkpoint_or_compile(m, cfg.activation_checkpointing, cfg.compile)
+    if cfg.compile:  # the frozen models are never checkpointed (no backward)
+        for m in (ref_policy, reward_model):
             kernels.compile_model(m)
     opt_policy, opt_value = make_optimizers(policy, value_model, cfg)
     kl_ctl = rlhf.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)

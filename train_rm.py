@@ -20,8 +20,8 @@ import torch
 
 from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, adamw, check_finite, check_room, cosine_lr, epoch_batch, load_model, pad,
-                             read_checkpoint, setup, write_results, write_state)
+from nanorlhf.common import (Progress, adamw, check_finite, check_room, checkpoint_or_compile, cosine_lr, epoch_batch,
+                             load_model, pad, read_checkpoint, setup, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import sample_responses
@@ -299,10 +299,7 @@ def main(argv=None):
 
     # model: the SFT trunk with a fresh scalar head (load_model replaced the unembedding)
     print(f"reward model: {model.num_params() / 1e6:.2f}M parameters")
-    if cfg.activation_checkpointing:
-        dist.checkpoint_blocks(model)
-    if cfg.compile and not cfg.activation_checkpointing:  # dynamo cannot trace checkpointed blocks
-        kernels.compile_model(model)
+    checkpoint_or_compile(model, cfg.activation_checkpointing, cfg.compile)
     opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
     step = 0
     if resume:

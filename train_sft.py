@@ -18,8 +18,8 @@ import torch
 
 from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, adamw, check_finite, check_room, cosine_lr, lm_loss, load_model, pad,
-                             read_checkpoint, setup, write_state)
+from nanorlhf.common import (Progress, adamw, check_finite, check_room, checkpoint_or_compile, cosine_lr, lm_loss,
+                             load_model, pad, read_checkpoint, setup, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import gold_report, sample_responses
@@ -158,10 +158,7 @@ def main(argv=None):
     print(f"demonstrations: {len(train)} train ({n_tok:,} tokens), {len(val)} validation | "
           f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}")
     set_dropout(model, cfg.dropout)
-    if cfg.activation_checkpointing:
-        dist.checkpoint_blocks(model)
-    if cfg.compile and not cfg.activation_checkpointing:  # dynamo cannot trace checkpointed blocks
-        kernels.compile_model(model)
+    checkpoint_or_compile(model, cfg.activation_checkpointing, cfg.compile)
     opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)

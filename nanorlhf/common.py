@@ -6,9 +6,9 @@ import time
 
 import torch
 
+from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
 from nanorlhf.config import print_config
-from nanorlhf.kernels import token_logprobs
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
 
@@ -97,6 +97,16 @@ def load_model(path, head="lm", device="cpu"):
     return model.to(device), tok, ckpt
 
 
+def checkpoint_or_compile(model, activation_checkpointing, compiled):
+    """A trained model's --activation_checkpointing (dist.checkpoint_blocks) or else --compile
+    (kernels.compile_model): dynamo cannot trace checkpointed blocks, so with both the model stays eager."""
+    if activation_checkpointing:
+        dist.checkpoint_blocks(model)
+    elif compiled:
+        kernels.compile_model(model)
+    return model
+
+
 def pad(seqs, pad_id, left=False, device="cpu"):
     """List of token lists -> (ids (B, T) long, mask (B, T) bool), right-padded (left-padded if left=True)."""
     T = max(len(s) for s in seqs)
@@ -131,7 +141,7 @@ def sequence_logprobs(model, ids, mask=None, temperature=1.0, compiled=None):
     """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1). logits[:, t] predict token t+1, so hidden
     state t scores token t+1; computed chunk-wise from hidden states (no (B, T, V) logits tensor)."""
     h = model.hidden_states(ids[:, :-1], attention_mask=None if mask is None else mask[:, :-1])  # (B, T-1, C)
-    return token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature, compiled=compiled)  # (B, T-1)
+    return kernels.token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature, compiled=compiled)  # (B, T-1)
 
 
 def check_room(tok, prompts, max_new_tokens, block_size):

@@ -134,8 +134,8 @@ class _TokenLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse, inv_temp, probs = (x if x is None else x.detach() for x in ctx.saved_tensors)
         if probs is not None:
             grad_fn = _compiled(_grad_logits) if ctx.compiled else _grad_logits
-            grads = [(hidden, grad_fn(p, y, grad, inv_temp, hidden.dtype))
-                     for p, y, grad in _row_chunks(len(probs), ctx.compiled, probs, targets, grad_logp)]
+            one_chunk = _row_chunks(len(probs), ctx.compiled, probs, targets, grad_logp)  # rows marked dynamic
+            grads = [(hidden, grad_fn(p, y, grad, inv_temp, hidden.dtype)) for p, y, grad in one_chunk]
         else:
             grad_fn = _compiled(_chunk_grad_logits) if ctx.compiled else _chunk_grad_logits
             chunks = _row_chunks(ctx.chunk_size, ctx.compiled, hidden, targets, lse, grad_logp)
