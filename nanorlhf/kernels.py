@@ -4,12 +4,12 @@ compile_model runs the transformer blocks and the final LayerNorm through torch.
 as written); on CPU the traced model takes the plain attention and GELU as x·σ(2u) (model.py), the forms inductor
 fuses best.
 token_logprobs goes from hidden states to log p(target) chunk by chunk over rows (LM-head matmul + logsumexp +
-gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (2^23
-logits by default, whatever V), and the backward recomputes each chunk's logits instead of saving them (all rows
-in one chunk: that chunk's softmax is kept for the backward, no more memory and one matmul fewer). The
-per-chunk math, the PPO losses, the ranking loss and GAE can run through torch.compile; compile is on by default
-on CUDA, off on CPU (see use_compile), and happens lazily on first use. Python scalars go in as tensors and
-sizes that vary (chunk rows, batch, response length) are marked dynamic, so none of them recompiles.
+gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (by
+default 2^23 logits on CPU, 2^25 on a GPU, whatever V), and the backward recomputes each chunk's logits instead of
+saving them (all rows in one chunk: that chunk's softmax is kept for the backward, no more memory and one matmul
+fewer). The per-chunk math, the PPO losses, the ranking loss and GAE can run through torch.compile; compile is on
+by default on CUDA, off on CPU (see use_compile), and happens lazily on first use. Python scalars go in as tensors
+and sizes that vary (chunk rows, batch, response length) are marked dynamic, so none of them recompiles.
 """
 
 import functools
@@ -152,7 +152,11 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-CHUNK_ELEMENTS = 2**23  # logits per chunk by default: 32 MiB in fp32, whatever the vocabulary
+def default_chunk_size(vocab_size, device):
+    """Rows per log-prob chunk: a fixed number of logits whatever the vocabulary, 2^23 (32 MiB in fp32) on CPU and
+    2^25 (128 MiB) on a GPU, where fewer, larger matmuls fill the device (GPT-2 124M training step 98 → 75 ms on
+    an H100, log-prob peak memory still 0.19× the naive path's at vocab 50257: README, Performance)."""
+    return max(1, (2**25 if device.type == "cuda" else 2**23) // vocab_size)
 
 
 def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_size=None, compiled=None):
@@ -160,10 +164,10 @@ def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_s
 
     hidden: (..., C), weight: (V, C) (the tied LM head), targets: (...) int. Returns (logprobs, entropy), each
     shaped like targets; logprobs carry gradients to hidden and weight, entropy carries none. chunk_size: rows
-    per chunk (default: CHUNK_ELEMENTS // V, so a chunk's transient logits have a fixed size).
+    per chunk (default: default_chunk_size, so a chunk's transient logits have a fixed size).
     """
     compiled = use_compile(hidden.device) if compiled is None else compiled
-    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
     lead = targets.shape
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     inv_temp = torch.tensor(1.0 / temperature, dtype=dtype, device=hidden.device)  # a tensor: no recompile per value

@@ -85,6 +85,14 @@ def test_token_logprobs_saves_no_logits_at_gpt2_vocab():
     assert max(eager) >= N * V  # the eager twin keeps the (N, V) logits: the check can tell them apart
 
 
+def test_default_chunk_holds_a_fixed_number_of_logits_larger_on_a_gpu():
+    for device, logits in (("cpu", 2**23), ("cuda", 2**25)):
+        for V in (50, 1024, 50257):
+            rows = kernels.default_chunk_size(V, torch.device(device))
+            assert rows * V <= logits < (rows + 1) * V, (device, V)
+    assert kernels.default_chunk_size(2**26, torch.device("cpu")) == 1  # a vocabulary above the budget: one row
+
+
 def test_token_logprobs_one_chunk_keeps_its_softmax_for_the_backward():
     N, C, V = 12, 4, 50
     hidden, weight, targets = lm_head_case(N, C, V, dtype=torch.float64)
