@@ -58,11 +58,11 @@ def w1_models(device, seed=0):
 def w1_flops(policy, value_model, B=64, P=32, N=32):
     """FLOPs of one W1 batch, counted as the code runs (GPT.forward_flops; training = 3 × forward), T = P + N:
       generation: policy over P + N − 1 tokens (prefill, then each sampled token but the last), LM head at N
-      scoring:    policy and reference over T − 1 tokens with the LM head at the N response positions, value over
-                  T − 1 tokens, reward model over T
+      scoring:    policy and reference over T − 1 tokens, value over T − 1 tokens, the last block and the LM head
+                  (value head) at the N response positions only; reward model over T
       update:     ppo_epochs × 3 × (policy and value forwards as in scoring)."""
     T = P + N
-    lm, value = policy.forward_flops(T - 1, N, T), value_model.forward_flops(T - 1, 0, T)
+    lm, value = policy.forward_flops(T - 1, N, T, n_out=N), value_model.forward_flops(T - 1, 0, T, n_out=N)
     return {"generation": B * policy.forward_flops(P + N - 1, N, T),
             "scoring": B * (2 * lm + value + value_model.forward_flops(T, 0, T)),
             "update": 4 * 3 * B * (lm + value)}

@@ -100,14 +100,14 @@ def response_logprobs(model, tokens, mask, P, temperature, compiled=None):
     Hidden state t predicts token t+1, so only hidden states P−1 .. P+N−2 go through the LM head (chunked, no
     logits tensor). The rollout scores and the update recompute with this one function: at lr 0, ratio == 1.
     """
-    h = model.hidden_states(tokens[:, :-1], attention_mask=mask[:, :-1])[:, P - 1:]  # (B, N, C)
+    h = model.hidden_states(tokens[:, :-1], attention_mask=mask[:, :-1], start=P - 1)  # (B, N, C)
     return token_logprobs_and_entropy(h, model.lm_head.weight, tokens[:, P:], temperature, compiled=compiled)
 
 
 def response_values(value_model, tokens, mask, P):
     """V(x, y_<t) for each response token t, (B, N): read where token t is predicted, as its log-prob is.
     float32 also under bf16 autocast: returns, advantages and the value loss are computed in float32."""
-    return value_model(tokens[:, :-1], attention_mask=mask[:, :-1])[:, P - 1:].float()  # (B, N)
+    return value_model(tokens[:, :-1], attention_mask=mask[:, :-1], start=P - 1).float()  # (B, N)
 
 
 @torch.no_grad()

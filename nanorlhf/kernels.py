@@ -43,12 +43,12 @@ def compile_model(model):
     return model
 
 
-def _compiled_unless_cached(eager, compiled, x, mask=None, kv_cache=None):
+def _compiled_unless_cached(eager, compiled, x, mask=None, kv_cache=None, start=0):
     """Training and scoring run compiled; a KV-cached prefill stays eager (compiled, its in-place cache writes would
     specialize on each layer). The compiled decode step traces this eager path into its own graph."""
     if kv_cache is None:
-        return compiled(x, mask)
-    return eager(x, mask, kv_cache)
+        return compiled(x, mask, start=start)
+    return eager(x, mask, kv_cache, start)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -48,16 +48,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.use_sdpa = True  # False: the plain masked-softmax twin below (tests compare the two)
 
-    def forward(self, x, mask=None, kv_cache=None, layer_idx=0):
-        """x (B, T, C); mask None (plain causal) or additive (B, 1, T, Tk): 0 = may attend, −inf = may not."""
+    def forward(self, x, mask=None, kv_cache=None, layer_idx=0, start=0):
+        """x (B, T, C); mask None (plain causal) or additive (B, 1, T, Tk): 0 = may attend, −inf = may not.
+        start: only the queries start..T−1 (keys and values from all T); returns (B, T − start, C)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        T = T - start
+        q = q[:, start:].view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T + start, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tk, hs)
+        v = v.view(B, T + start, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tk, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # (B, nh, Tmax, hs)
-        mask = mask if mask is None else mask.to(q.dtype)  # bf16 under autocast
+        mask = mask if mask is None else mask[:, :, start:].to(q.dtype)  # bf16 under autocast
         # Compiled on CPU, the plain twin: inductor fuses its scale, mask and softmax (and their backward) between two
         # batched matmuls, faster than SDPA's CPU kernel at small heads (head size 32: W1 5% faster as a whole).
         if self.use_sdpa and not (torch.compiler.is_compiling() and x.device.type == "cpu"):
@@ -103,8 +105,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask=None, kv_cache=None, layer_idx=0):
-        x = x + self.attn(self.ln_1(x), mask, kv_cache, layer_idx)  # pre-LayerNorm residual blocks
+    def forward(self, x, mask=None, kv_cache=None, layer_idx=0, start=0):
+        x = x[:, start:] + self.attn(self.ln_1(x), mask, kv_cache, layer_idx, start)  # pre-LayerNorm residual blocks
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -150,9 +152,14 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.use_sdpa = value
 
-    def hidden_states(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
-        """idx (B, T) token ids -> (B, T, C) activations after the final LayerNorm."""
+    def hidden_states(self, idx, attention_mask=None, position_ids=None, kv_cache=None, start=0):
+        """idx (B, T) token ids -> (B, T − start, C) activations after the final LayerNorm at positions start..T−1.
+
+        start > 0 (PPO reads only the response positions): the last block computes those positions alone; the
+        others' outputs there would feed nothing (their keys and values, from its input, still do)."""
         B, T = idx.size()
+        if kv_cache is not None and start:
+            raise ValueError("start > 0 is for full forwards, not KV-cached ones")
         device = idx.device
         if kv_cache is not None:
             new_mask = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask
@@ -174,7 +181,8 @@ class GPT(nn.Module):
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         else:
-            mask = None  # plain causal attention
+            # plain causal attention; with start > 0 spelled out (SDPA's is_causal aligns short queries to the left)
+            mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None] if start else None
             if position_ids is None:
                 position_ids = torch.arange(T, device=device)[None]  # (1, T)
         if mask is not None:
@@ -182,20 +190,21 @@ class GPT(nn.Module):
             # (backward) instead of rebuilding causal, padding and diagonal from their parts (W1 −2.5%)
             mask = torch.where(mask, 0.0, float("-inf"))  # (B, 1, T, Tk): 0 = may attend
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
-        return self.blocks(x, mask, kv_cache)  # (B, T, C)
+        return self.blocks(x, mask, kv_cache, start)  # (B, T − start, C)
 
-    def blocks(self, x, mask=None, kv_cache=None):
-        """The transformer blocks and the final LayerNorm: x (B, T, C) embeddings -> (B, T, C) activations; mask as
-        CausalSelfAttention takes it. kernels.compile_model compiles this part."""
+    def blocks(self, x, mask=None, kv_cache=None, start=0):
+        """The transformer blocks and the final LayerNorm: x (B, T, C) embeddings -> (B, T − start, C) activations;
+        mask as CausalSelfAttention takes it. kernels.compile_model compiles this part."""
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, kv_cache, i)
+            x = block(x, mask, kv_cache, i, start if i == len(self.transformer.h) - 1 else 0)
         if kv_cache is not None:
             kv_cache.advance(x.size(1))
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None):
-        """Logits (B, T, vocab) for head="lm" (logits[:, t] predict token t+1); scalars (B, T) for head="scalar"."""
-        h = self.hidden_states(idx, attention_mask, position_ids, kv_cache)  # (B, T, C)
+    def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, start=0):
+        """Logits (B, T, vocab) for head="lm" (logits[:, t] predict token t+1); scalars (B, T) for head="scalar".
+        start: only positions start..T−1 (see hidden_states)."""
+        h = self.hidden_states(idx, attention_mask, position_ids, kv_cache, start)  # (B, T − start, C)
         if self.head == "scalar":
             return self.score(h).squeeze(-1)  # (B, T)
         return self.lm_head(h)  # (B, T, vocab)
@@ -204,17 +213,24 @@ class GPT(nn.Module):
         """Number of parameters; the tied lm_head/wte matrix is counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward_flops(self, n_tokens: int, n_lm: int, T: int):
+    def forward_flops(self, n_tokens: int, n_lm: int, T: int, n_out: int | None = None):
         """Matmul FLOPs of a forward over n_tokens tokens at sequence length T, with the LM head at n_lm of them.
 
         PaLM (Chowdhery et al. 2022) appendix B, as in nanoGPT's estimate_mfu: 2 per weight per token in the blocks
         (the scalar head counted with them), 4·L·C·T per token for the attention scores and weighted sum
         (q k^T and att v: 2·T·C multiply-adds each per layer), and 2·V·C per position through the LM head.
         The position table and, for the scalar head, wte are lookups, not matmuls. Training = 3 × forward.
+        n_out: tokens that leave the last block (hidden_states' start; default all); the others go through the
+        blocks before it and the last block's ln_1 and c_attn only (their keys and values).
         """
         wte, wpe = self.transformer.wte.weight.numel(), self.transformer.wpe.weight.numel()
         L, C = self.config.n_layer, self.config.n_embd
-        return n_tokens * (2 * (self.num_params() - wte - wpe) + 4 * L * C * T) + n_lm * 2 * wte
+        last = self.transformer.h[-1]
+        kv_only = [*self.transformer.h[:-1], last.ln_1, last.attn.c_attn]
+        per_out = 2 * (self.num_params() - wte - wpe) + 4 * L * C * T
+        per_kv_only = 2 * sum(p.numel() for m in kv_only for p in m.parameters()) + 4 * (L - 1) * C * T
+        n_out = n_tokens if n_out is None else n_out
+        return n_out * per_out + (n_tokens - n_out) * per_kv_only + n_lm * 2 * wte
 
     def flops_per_token(self, T: int):
         """Training FLOPs (forward + backward) per token at sequence length T, the LM head (if any) at every token:

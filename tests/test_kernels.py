@@ -198,8 +198,9 @@ def test_ranking_loss_and_gae_compiled_match_eager(dtype):
 @pytest.mark.slow
 def test_compiled_model_matches_eager_with_padding_and_does_not_recompile():
     """compile_model (on CPU: the plain attention and the x·σ(2u) GELU, fused) == the eager model with SDPA: hidden
-    states and every parameter's gradient, for left- and right-padded batches and plain causal ones; a new batch size
-    and length and a KV-cached prefill (eager by design) reuse what was compiled. In float64 (tight tolerances;
+    states and every parameter's gradient, for left- and right-padded batches and plain causal ones, from position 0
+    and from a later start (PPO's response positions); a new batch size, length and start and a KV-cached prefill
+    (eager by design) reuse what was compiled. In float64 (tight tolerances;
     float32 is covered by test_ppo's compiled-vs-eager run, which costs the compile time anyway)."""
     dtype, atol = torch.float64, 1e-10
     torch.manual_seed(0)
@@ -207,15 +208,16 @@ def test_compiled_model_matches_eager_with_padding_and_does_not_recompile():
     compiled = kernels.compile_model(copy.deepcopy(eager))
     g = torch.Generator().manual_seed(1)
 
-    def check(B, T, pad_side):
+    def check(B, T, pad_side, start=0):
         idx = torch.randint(0, 40, (B, T), generator=g)
         real = ragged_mask(torch.randint(1, T + 1, (B,), generator=g).tolist(), T)  # right-padded
         mask = {"left": real.flip(1), "right": real, None: None}[pad_side]
         weight = torch.ones(B, T, dtype=dtype) if mask is None else torch.where(mask, 1.0, 0.0).to(dtype)
+        weight = weight[:, start:]
         outs = []
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
-            h = model.hidden_states(idx, attention_mask=mask)
+            h = model.hidden_states(idx, attention_mask=mask, start=start)
             (h * weight[..., None]).square().sum().backward()  # real positions only
             outs.append((h[weight.bool()], [p.grad for p in model.parameters()]))
         (h_eager, g_eager), (h_compiled, g_compiled) = outs
@@ -225,9 +227,13 @@ def test_compiled_model_matches_eager_with_padding_and_does_not_recompile():
 
     check(4, 9, "right")
     check(2, 7, None)
+    check(4, 9, "right", start=3)
+    check(2, 7, None, start=2)
     with torch._dynamo.config.patch(error_on_recompile=True):
         check(3, 13, "left")
         check(5, 11, None)
+        check(3, 13, "left", start=5)
+        check(5, 11, None, start=4)
         with torch.no_grad():
             cache = KVCache(2, 3, 2, 16, 8, dtype=dtype)
             prompt = torch.randint(0, 40, (3, 5), generator=g)

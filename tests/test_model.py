@@ -61,6 +61,33 @@ def test_padded_batch_matches_each_sequence_alone(side, sdpa):
         torch.testing.assert_close(h[i][mask[i]], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("side", ["left", "right", None])
+@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("head", ["lm", "scalar"])
+def test_forward_from_start_equals_the_full_forward_sliced(side, sdpa, head):
+    """start > 0 runs the last block on the positions start.. only: the same outputs and every parameter's
+    gradient as the whole forward, sliced (float64). A wrong query/key alignment or mask row would differ."""
+    model = tiny(head).double()
+    model.use_sdpa = sdpa
+    idx, mask = (torch.randint(0, 50, (3, 12)), None) if side is None else padded(SEQS, side)
+    start = 4
+    outs = []
+    for s in (0, start):
+        model.zero_grad(set_to_none=True)
+        y = model(idx, attention_mask=mask, start=s)  # (B, T − s, ...)
+        y = y[:, start - s:]
+        w = torch.ones(y.shape[:2], dtype=y.dtype) if mask is None else mask[:, start:].to(y.dtype)
+        (y.square() * (w if head == "scalar" else w[..., None])).sum().backward()  # real positions only
+        outs.append((y[w.bool()], [p.grad.clone() for p in model.parameters()]))
+    (y_full, g_full), (y_start, g_start) = outs
+    assert y_start.shape == y_full.shape
+    torch.testing.assert_close(y_start, y_full, atol=1e-10, rtol=0)
+    for a, b in zip(g_start, g_full):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    with pytest.raises(ValueError, match="start"):
+        model.hidden_states(idx[:, :2], kv_cache=object(), start=1)
+
+
 def test_scalar_head_shape_and_right_padding_invariance():
     model = tiny(head="scalar")
     idx, mask = padded(SEQS, "right")
@@ -191,11 +218,19 @@ def test_forward_flops_matches_torch_flop_counter():
     model = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=2, n_head=4, n_embd=64)).eval()
     model.use_sdpa = False
     idx = torch.randint(0, 300, (2, 16))
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() < 2)
     for n_lm, run in ((32, lambda: model(idx)), (16, lambda: model.lm_head(model.hidden_states(idx)[:, 8:]))):
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             run()
-        vectors = sum(p.numel() for p in model.parameters() if p.dim() < 2)
         assert model.forward_flops(32, n_lm, 16) == counter.get_total_flops() + 2 * vectors * 32
+    # from position 12: 4 of 16 tokens per row leave the last block; the other 12 pass its ln_1 and c_attn only
+    last = model.transformer.h[-1]
+    skipped = [last.ln_2, last.attn.c_proj, last.mlp, model.transformer.ln_f]  # run for the 8 output tokens only
+    skipped_vectors = sum(p.numel() for m in skipped for p in m.parameters() if p.dim() < 2)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.lm_head(model.hidden_states(idx, start=12))
+    want = counter.get_total_flops() + 2 * vectors * 8 + 2 * (vectors - skipped_vectors) * 24
+    assert model.forward_flops(32, 8, 16, n_out=8) == want
 
 
 def test_compiled_gelu_is_the_tanh_gelu():
