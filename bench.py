@@ -55,19 +55,6 @@ def w1_models(device, seed=0):
     return policy, ref_policy, reward_model, value_model
 
 
-def w1_flops(policy, value_model, B=64, P=32, N=32):
-    """FLOPs of one W1 batch, counted as the code runs (GPT.forward_flops; training = 3 × forward), T = P + N:
-      generation: policy over P + N − 1 tokens (prefill, then each sampled token but the last), LM head at N
-      scoring:    policy and reference over T − 1 tokens, value over T − 1 tokens, the last block and the LM head
-                  (value head) at the N response positions only; reward model over T
-      update:     ppo_epochs × 3 × (policy and value forwards as in scoring)."""
-    T = P + N
-    lm, value = policy.forward_flops(T - 1, N, T, n_out=N), value_model.forward_flops(T - 1, 0, T, n_out=N)
-    return {"generation": B * policy.forward_flops(P + N - 1, N, T),
-            "scoring": B * (2 * lm + value + value_model.forward_flops(T, 0, T)),
-            "update": 4 * 3 * B * (lm + value)}
-
-
 def w1_batch(models, optimizers, prompts, cfg, step, device):
     """One PPO batch through train_ppo's functions; returns seconds of (generation, scoring, update)."""
     policy, ref_policy, reward_model, value_model = models
@@ -121,10 +108,10 @@ def bench_w1(device, batches):
 
 def report_w1(device, batches):
     peak = peak_flops(device)
-    print("W1 FLOPs per batch:" + w1_flops.__doc__.split(":", 1)[1].rstrip("."))
+    print("W1 FLOPs per batch:" + train_ppo.batch_flops.__doc__.split(":", 1)[1].rstrip("."))
     print(f"matmul peak (measured now, {'fp32' if device.type == 'cpu' else 'bf16'}): {peak / 1e9:,.0f} GFLOP/s")
     models = w1_models(device)
-    flops = w1_flops(models[0], models[3])
+    flops = train_ppo.batch_flops(models[0], models[3], 64, 64, 32, 4)  # B, T = P + N, P, ppo_epochs
     total = sum(flops.values())
     results = {}
     for name, times in bench_w1(device, batches).items():

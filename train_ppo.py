@@ -168,6 +168,20 @@ def batch_prompts(prompts, step, batch_size, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # the update
 
+def batch_flops(policy, value_model, B, T, P, ppo_epochs):
+    """Matmul FLOPs of one batch of B sequences of T tokens (P of them prompt), as the code runs them, padding
+    included (GPT.forward_flops; training = 3 × forward); ptx's extra forwards are not counted:
+      generation: policy over T − 1 tokens (prefill, then each sampled token but the last), LM head at N = T − P
+      scoring:    policy and reference over T − 1 tokens, value over T − 1 tokens, the last block and the LM head
+                  (value head) at the N response positions only; reward model (the value model's shape) over T
+      update:     ppo_epochs × 3 × (policy and value forwards as in scoring)."""
+    N = T - P
+    lm, value = policy.forward_flops(T - 1, N, T, n_out=N), value_model.forward_flops(T - 1, 0, T, n_out=N)
+    return {"generation": B * policy.forward_flops(T - 1, N, T),
+            "scoring": B * (2 * lm + value + value_model.forward_flops(T, 0, T)),
+            "update": ppo_epochs * 3 * B * (lm + value)}
+
+
 def make_optimizers(policy, value_model, cfg):
     """Adam for the policy and for the value model; compiled runs take the fused Adam (one kernel per step)."""
     fused = cfg.compile or None  # None: torch's default (foreach); fused=False would mean the slower per-tensor loop
@@ -319,12 +333,7 @@ def main(argv=None):
         os.replace(log_path + ".tmp", log_path)  # atomic: a kill here cannot lose the lines kept
 
     total = cfg.batches if cfg.max_steps < 0 else min(cfg.batches, cfg.max_steps)
-    # FLOPs per sequence token of one batch (model.flops_per_token = forward + backward = 3× forward; attention at
-    # T = 64): generation and scoring are forwards (policy twice, reference, RM, value); each epoch is a policy and
-    # a value forward + backward. ptx adds more; this counts the RL part only.
-    f_policy, f_value = policy.flops_per_token(64), value_model.flops_per_token(64)
-    flops_per_token = (3 * f_policy + 2 * f_value) / 3 + cfg.ppo_epochs * (f_policy + f_value)
-    progress = Progress(total, cfg.log_every, flops_per_token, device, start=step)
+    progress = Progress(total, cfg.log_every, None, device, start=step)  # FLOPs counted per batch: batch_flops
     if step:
         set_rng_state(state["rng"])
     t_start = time.perf_counter()
@@ -367,7 +376,9 @@ def main(argv=None):
         if dist.is_main():
             with open(log_path, "a") as f:
                 f.write(json.dumps(log) + "\n")
-        progress.step(step - 1, n_tokens, **{k: log[k] for k in ("reward", "gold", "kl") if k in log})
+        flops = sum(batch_flops(policy, value_model, *b["tokens"].shape, P, cfg.ppo_epochs).values())
+        flops *= dist.world_size()  # every rank ran its share of the batch
+        progress.step(step - 1, n_tokens, flops, **{k: log[k] for k in ("reward", "gold", "kl") if k in log})
         if (step % cfg.save_every == 0 or step == total) and dist.is_main():
             extra = {"value_model": value_model.state_dict(), "value_optimizer": opt_value.state_dict(),
                      "kl_ctl": kl_ctl.state_dict(), "ema": ema.state_dict() if ema is not None else None}

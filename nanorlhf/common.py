@@ -228,18 +228,22 @@ class Progress:
     def __init__(self, total, every, flops_per_token, device, start=0, name=""):
         self.total, self.every, self.fpt, self.name = total, every, flops_per_token, name
         self.peak = peak_flops(device)
-        self.t0, self.t_last, self.tokens, self.start = time.perf_counter(), time.perf_counter(), 0, start
+        self.t0 = self.t_last = time.perf_counter()
+        self.tokens, self.flops, self.start = 0, 0, start
 
-    def step(self, step, tokens, **metrics):
-        """Call after optimizer step `step` (0-based) that processed `tokens` tokens; prints every `every`."""
+    def step(self, step, tokens, flops=None, **metrics):
+        """Call after optimizer step `step` (0-based) that processed `tokens` tokens (and `flops` FLOPs, if not
+        tokens × flops_per_token); prints every `every`."""
         self.tokens += tokens
+        self.flops += tokens * self.fpt if flops is None else flops
         if (step + 1) % self.every and step + 1 != self.total:
             return
         now = time.perf_counter()
-        tok_s = self.tokens / max(now - self.t_last, 1e-9)
+        seconds = max(now - self.t_last, 1e-9)
         done = step + 1 - self.start
         eta = (now - self.t0) / max(done, 1) * (self.total - step - 1)
         parts = [f"{self.name}step {step + 1}/{self.total}"] + [f"{k} {v:.4g}" for k, v in metrics.items()]
-        parts += [f"tok/s {tok_s:,.0f}", f"MFU {100 * tok_s * self.fpt / self.peak:.1f}%", f"ETA {eta:.0f}s"]
+        parts += [f"tok/s {self.tokens / seconds:,.0f}", f"MFU {100 * self.flops / seconds / self.peak:.1f}%",
+                  f"ETA {eta:.0f}s"]
         print(" | ".join(parts), flush=True)
-        self.t_last, self.tokens = now, 0
+        self.t_last, self.tokens, self.flops = now, 0, 0

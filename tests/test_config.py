@@ -199,3 +199,20 @@ def test_scripts_refuse_flags_that_cannot_work_together(script, args, message, t
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith(message)
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_progress_mfu_from_tokens_or_from_counted_flops(monkeypatch, capsys):
+    """MFU = FLOPs done since the last line / seconds / peak: tokens × flops_per_token, or the FLOPs a script counted
+    itself (PPO: batch_flops), summed over the steps between two lines."""
+    from nanorlhf import common
+
+    clock = iter([0.0, 2.0, 6.0])  # start, then the two printing steps
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(common, "peak_flops", lambda device: 1e9)
+    progress = common.Progress(total=4, every=2, flops_per_token=1e6, device="cpu")
+    progress.step(0, 300)
+    progress.step(1, 100)  # 400 tokens × 1e6 FLOPs in 2 s of a 1e9 FLOP/s machine: 20%
+    progress.step(2, 100, flops=1e9)
+    progress.step(3, 100, flops=3e9)  # 4e9 FLOPs in 4 s: 100%
+    lines = capsys.readouterr().out.splitlines()
+    assert "tok/s 200 | MFU 20.0%" in lines[0] and "tok/s 50 | MFU 100.0%" in lines[1], lines
