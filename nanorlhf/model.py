@@ -199,7 +199,7 @@ class GPT(nn.Module):
             x = block(x, mask, kv_cache, i, start if i == len(self.transformer.h) - 1 else 0)
         if kv_cache is not None:
             kv_cache.advance(x.size(1))
-        return self.transformer.ln_f(x)  # (B, T, C)
+        return self.transformer.ln_f(x)  # (B, T − start, C)
 
     def forward(self, idx, attention_mask=None, position_ids=None, kv_cache=None, start=0):
         """Logits (B, T, vocab) for head="lm" (logits[:, t] predict token t+1); scalars (B, T) for head="scalar".
