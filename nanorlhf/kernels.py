@@ -65,23 +65,19 @@ def _chunk_logits(h, weight, inv_temp):
     return z.to(torch.promote_types(z.dtype, torch.float32)) * inv_temp  # softmax math in ≥ fp32
 
 
-def _chunk_forward(h, y, weight, inv_temp):
-    """One chunk: log p(y) = z_y − logsumexp(z), and the entropy of softmax(z)."""
-    z = _chunk_logits(h, weight, inv_temp)  # (n, V)
-    lse = torch.logsumexp(z, dim=-1)  # (n,)
-    logp = z.gather(1, y[:, None]).squeeze(1) - lse  # (n,)
-    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)  # (n,) H = logsumexp(z) − E_p[z]
-    return logp, lse, entropy
-
-
 def _chunk_forward_keep(h, y, weight, inv_temp):
-    """_chunk_forward that also returns softmax(z) (n, V), kept for the backward instead of recomputing it."""
+    """One chunk: log p(y) = z_y − logsumexp(z), logsumexp(z), the entropy of softmax(z) and softmax(z) (n, V)."""
     z = _chunk_logits(h, weight, inv_temp)  # (n, V)
     lse = torch.logsumexp(z, dim=-1)  # (n,)
     logp = z.gather(1, y[:, None]).squeeze(1) - lse  # (n,)
     probs = torch.exp(z - lse[:, None])  # (n, V)
-    entropy = lse - (probs * z).sum(-1)  # (n,)
+    entropy = lse - (probs * z).sum(-1)  # (n,) H = logsumexp(z) − E_p[z]
     return logp, lse, entropy, probs
+
+
+def _chunk_forward(h, y, weight, inv_temp):
+    """_chunk_forward_keep without the softmax, for chunks whose backward recomputes it (compiled, never stored)."""
+    return _chunk_forward_keep(h, y, weight, inv_temp)[:3]
 
 
 def _grad_logits(probs, y, grad_logp, inv_temp, dtype):
