@@ -49,14 +49,14 @@ class CausalSelfAttention(nn.Module):
         self.use_sdpa = True  # False: the plain masked-softmax twin below (tests compare the two)
 
     def forward(self, x, mask=None, kv_cache=None, layer_idx=0, start=0):
-        """x (B, T, C); mask None (plain causal) or additive (B, 1, T, Tk): 0 = may attend, −inf = may not.
-        start: only the queries start..T−1 (keys and values from all T); returns (B, T − start, C)."""
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        T = T - start
+        """x (B, Tk, C); mask None (plain causal) or additive (B, 1, Tk, keys): 0 = may attend, −inf = may not.
+        start: only the queries start..Tk−1 (keys and values from all Tk); returns (B, T = Tk − start, C)."""
+        B, Tk, C = x.size()
+        T = Tk - start  # queries
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, Tk, C)
         q = q[:, start:].view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T + start, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tk, hs)
-        v = v.view(B, T + start, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tk, hs)
+        k = k.view(B, Tk, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tk, hs)
+        v = v.view(B, Tk, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, Tk, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # (B, nh, Tmax, hs)
         mask = mask if mask is None else mask[:, :, start:].to(q.dtype)  # bf16 under autocast
