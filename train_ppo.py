@@ -168,20 +168,6 @@ def batch_prompts(prompts, step, batch_size, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # the update
 
-def batch_flops(policy, value_model, B, T, P, ppo_epochs):
-    """Matmul FLOPs of one batch of B sequences of T tokens (P of them prompt), as the code runs them, padding
-    included (GPT.forward_flops; training = 3 × forward); ptx's extra forwards are not counted:
-      generation: policy over T − 1 tokens (prefill, then each sampled token but the last), LM head at N = T − P
-      scoring:    policy and reference over T − 1 tokens, value over T − 1 tokens, the last block and the LM head
-                  (value head) at the N response positions only; reward model (the value model's shape) over T
-      update:     ppo_epochs × 3 × (policy and value forwards as in scoring)."""
-    N = T - P
-    lm, value = policy.forward_flops(T - 1, N, T, n_out=N), value_model.forward_flops(T - 1, 0, T, n_out=N)
-    return {"generation": B * policy.forward_flops(T - 1, N, T),
-            "scoring": B * (2 * lm + value + value_model.forward_flops(T, 0, T)),
-            "update": ppo_epochs * 3 * B * (lm + value)}
-
-
 def make_optimizers(policy, value_model, cfg):
     """Adam for the policy and for the value model; compiled runs take the fused Adam (one kernel per step)."""
     fused = cfg.compile or None  # None: torch's default (foreach); fused=False would mean the slower per-tensor loop
@@ -255,6 +241,20 @@ def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None
                     for p_ema, p in zip(ema.parameters(), policy.parameters()):
                         p_ema.lerp_(p, 1 - cfg.ema)  # ema ← decay·ema + (1 − decay)·θ
     return {k: (dist.all_reduce_sum(v / n) / world).item() for k, v in sums.items()}
+
+
+def batch_flops(policy, value_model, B, T, P, ppo_epochs):
+    """Matmul FLOPs of one batch of B sequences of T tokens (P of them prompt), as the code runs them, padding
+    included (GPT.forward_flops; training = 3 × forward); ptx's extra forwards are not counted:
+      generation: policy over T − 1 tokens (prefill, then each sampled token but the last), LM head at N = T − P
+      scoring:    policy and reference over T − 1 tokens, value over T − 1 tokens, the last block and the LM head
+                  (value head) at the N response positions only; reward model (the value model's shape) over T
+      update:     ppo_epochs × 3 × (policy and value forwards as in scoring)."""
+    N = T - P
+    lm, value = policy.forward_flops(T - 1, N, T, n_out=N), value_model.forward_flops(T - 1, 0, T, n_out=N)
+    return {"generation": B * policy.forward_flops(T - 1, N, T),
+            "scoring": B * (2 * lm + value + value_model.forward_flops(T, 0, T)),
+            "update": ppo_epochs * 3 * B * (lm + value)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
