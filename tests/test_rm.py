@@ -1,6 +1,8 @@
-"""train_rm.py: the reward score's pooling, reward normalization, K = 2 pairs, CLI smoke run, bad data, resume.
-(ranking_loss itself is checked against a brute-force loop in test_rlhf.py.)"""
+"""train_rm.py: the reward score's pooling, reward normalization, K = 2 pairs, CLI smoke run, bad data, resume, the
+closed-form labeler agreement at any temperature. (ranking_loss itself is checked against a brute-force loop in
+test_rlhf.py.)"""
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -171,6 +173,28 @@ def test_expected_agreement_matches_simulated_labelers():
     acc, ceiling = train_rm.expected_agreement([scores], [utilities], tau)
     assert acc == pytest.approx(train_rm.pair_accuracy([scores] * 20000, ranks_a), abs=0.01)
     assert ceiling == pytest.approx(pairwise_agreement(ranks_a, ranks_b), abs=0.01)
+
+
+@pytest.mark.parametrize("tau", [1e-4, 10.0])
+def test_expected_agreement_is_finite_at_any_temperature(tau):
+    """One pair scored s_0 > s_1: the expected accuracy is the labeler's p = σ((u_0 − u_1)/τ) itself and the
+    ceiling p² + (1 − p)². Reference: σ(x) = (1 + tanh(x/2))/2, which never overflows. At τ = 1e-4 the gaps
+    ±0.3 are x = ±3000, past the range of exp."""
+    for gap in (0.3, -0.3, 5e-5, -2e-4, 0.0):
+        utilities = [0.4 + gap, 0.4]
+        x = (utilities[0] - utilities[1]) / tau
+        p = (1 + math.tanh(x / 2)) / 2
+        acc, ceiling = train_rm.expected_agreement([[1.0, 0.0]], [utilities], tau)
+        assert 0 <= acc <= 1 and acc == pytest.approx(p, rel=1e-12, abs=1e-15)
+        assert ceiling == pytest.approx(p * p + (1 - p) * (1 - p), rel=1e-12, abs=1e-15)
+
+
+def test_cold_labelers_run(tmp_path, lm_ckpt):
+    """--labeler_tau 1e-4: near-deterministic labelers; the closed-form evaluation must not overflow."""
+    res = train_rm.main(["--init", lm_ckpt, "--out", str(tmp_path / "rm"), "--max_steps", "2", "--labeler_tau",
+                         "1e-4", *TINY])
+    assert res["labeler_tau"] == 1e-4 and res["steps"] == 2
+    assert 0 <= res["accuracy_expected"] <= 1 and 0.5 <= res["ceiling_expected"] <= 1
 
 
 def test_epoch_batch_covers_each_item_once_per_epoch_and_depends_only_on_seed_and_step():
