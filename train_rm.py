@@ -25,6 +25,7 @@ from nanorlhf.common import (Progress, adamw, check_finite, check_room, checkpoi
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import sample_responses
+from nanorlhf.reward import rm_input, score
 from nanorlhf.rlhf import ranking_loss
 from nanorlhf.world import calibrate_tau, make_world
 
@@ -65,24 +66,11 @@ class RMConfig(CommonConfig):
     previous_rm: str = arg("", "a reward model to evaluate on the same held-out rankings (the last round's)")
 
 
-def sequence(tok, prompt, response, finished, block_size):
-    """prompt template + response + EOS if the response ended; the last block_size tokens (the end is scored)."""
-    return tok.format_example(prompt, response, finished)[0][-block_size:]
-
-
-def score(model, ids, mask):
-    """The reward of each right-padded row, read at its last real token (the EOS if produced): (B,).
-    Right padding: a real token never attends to a pad after it, so the pads' contents cannot change a score."""
-    values = model(ids)  # (B, T) a scalar at every position
-    last = mask.long().sum(1) - 1  # (B,) index of the last real token
-    return values.gather(1, last[:, None]).squeeze(1)  # (B,)
-
-
 def group_scores(model, tok, groups, device):
     """Scores (B, K) of a batch of ranking records, K ragged: one forward pass over all B·K responses."""
     seqs, K = [], max(len(g["responses"]) for g in groups)
     for g in groups:
-        seqs += [sequence(tok, g["prompt"], y, f, model.config.block_size)
+        seqs += [rm_input(tok, g["prompt"], y, f, model.config.block_size)
                  for y, f in zip(g["responses"], g["finished"])]
     ids, mask = pad(seqs, tok.pad_id, device=device)  # (N, T) right-padded
     flat = score(model, ids, mask)  # (N,)
@@ -318,7 +306,7 @@ def main(argv=None):
     # loop: each step a batch of prompts, each with all its K responses (K forward passes, C(K,2) pairs)
     schedule = cfg.epochs * -(-len(train) // cfg.batch_size)  # epochs of ceil(N / batch_size) steps
     total = schedule if cfg.max_steps < 0 else min(schedule, cfg.max_steps)
-    avg_len = statistics.mean(len(sequence(tok, r["prompt"], y, True, model.config.block_size))
+    avg_len = statistics.mean(len(rm_input(tok, r["prompt"], y, True, model.config.block_size))
                               for r in train[:200] for y in r["responses"])
     progress = Progress(total, cfg.log_every, model.flops_per_token(avg_len), device, start=step)
     model.train()

@@ -15,6 +15,7 @@ import train_rm
 from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from nanorlhf.common import load_model, pad
 from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.reward import score
 from nanorlhf.world import Labeler, make_world, pairwise_agreement
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +54,7 @@ def test_padding_never_changes_a_score():
     alone = model(torch.tensor([short]))[0, -1]  # independent: the last position of an unpadded row
     ids, mask = pad([short, long], pad_id=0)  # (2, 11)
     ids[0, 5:] = torch.randint(0, 1000, (6,), generator=g)  # junk in the pad positions
-    scores = train_rm.score(model, ids, mask)
+    scores = score(model, ids, mask)
     torch.testing.assert_close(scores[0], alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(scores[1], model(torch.tensor([long]))[0, -1], rtol=0, atol=1e-5)
 
@@ -62,13 +63,13 @@ def test_score_is_read_at_the_last_real_token():
     model = tiny_model()
     ids = torch.tensor([[5, 17, 42, 9, 0, 0, 0]])  # (1, 7): four real tokens, then padding
     mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
-    base = train_rm.score(model, ids, mask)
+    base = score(model, ids, mask)
     after = ids.clone()
     after[0, 4] = 77  # the token after the last real one
-    torch.testing.assert_close(train_rm.score(model, after, mask), base, rtol=0, atol=0)
+    torch.testing.assert_close(score(model, after, mask), base, rtol=0, atol=0)
     last = ids.clone()
     last[0, 3] = 77  # the last real token itself
-    assert (train_rm.score(model, last, mask) - base).abs().item() > 1e-4
+    assert (score(model, last, mask) - base).abs().item() > 1e-4
 
 
 def test_pair_accuracy_hand_case():
