@@ -8,6 +8,7 @@ validation responses (with --data: the epoch with the lowest validation loss).
 
     python train_sft.py --init runs/default/base/ckpt.pt --out runs/default/sft
     python train_sft.py --data demos.jsonl --init gpt2_folder --out runs/mine/sft    # {"prompt", "response"} lines
+    python train_sft.py --data chats.jsonl --init gpt2_folder --out runs/mine/sft    # or {"messages": [...]} lines
 """
 import math
 import os
@@ -48,24 +49,31 @@ class SFTConfig(CommonConfig):
                                      "None = on for CUDA, off for CPU")
 
 
+def chat(prompt, response):
+    """A prompt-response pair as a one-turn chat."""
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
 def load_demos(cfg, world):
-    """(train, val) lists of (prompt, response, where); `where` names the example in error messages."""
+    """(train, val) lists of (chat, where); `where` names the example in error messages."""
     if not cfg.data:
-        train = [(p, y, f"sft demo {i}") for i, (p, y) in enumerate(world.sft_demos("sft"))]
-        val = [(p, y, f"val demo {i}") for i, (p, y) in enumerate(world.sft_demos("val"))]
+        train = [(chat(p, y), f"sft demo {i}") for i, (p, y) in enumerate(world.sft_demos("sft"))]
+        val = [(chat(p, y), f"val demo {i}") for i, (p, y) in enumerate(world.sft_demos("val"))]
         return train, val
     records = read_jsonl(cfg.data, "sft")
     if len(records) < 2:
         raise DataError(f"{cfg.data}: {len(records)} record(s); need at least 2 (train + validation)")
-    demos = [(r["prompt"], r["response"], f"{cfg.data}:{n}") for r, n in zip(records, line_numbers(cfg.data))]
+    demos = [(r["messages"] if "messages" in r else chat(r["prompt"], r["response"]), f"{cfg.data}:{n}")
+             for r, n in zip(records, line_numbers(cfg.data))]
     n_val = max(1, len(demos) // 20)  # the last 5% are held out for validation
     return demos[:-n_val], demos[-n_val:]
 
 
 def tokenize(tok, demos, block_size):
-    """(ids, loss_mask) per demonstration; any example longer than the context is an error naming it."""
-    examples = [tok.format_example(p, y) for p, y, _ in demos]
-    check_lengths([(where, len(ids)) for (ids, _), (_, _, where) in zip(examples, demos)], block_size, "example")
+    """(ids, loss_mask) per demonstration, the loss on its assistant turns; any example longer than the context is
+    an error naming it."""
+    examples = [tok.format_chat(messages) for messages, _ in demos]
+    check_lengths([(where, len(ids)) for (ids, _), (_, where) in zip(examples, demos)], block_size, "example")
     return examples
 
 

@@ -1,13 +1,18 @@
 """Your own data: JSONL readers that validate every line before training starts.
 
-Formats (one JSON object per line, UTF-8):
+Formats (one JSON object per line, UTF-8); a chat is a list of {"role": "system"|"user"|"assistant", "content": str}:
   SFT      {"prompt": str, "response": str}
+           {"messages": chat}                                               ends with an assistant turn; the loss
+                                                                           is on every assistant turn
   RM       {"prompt": str, "responses": [str, ...], "ranking": [int, ...]}   ranking[i] = rank of responses[i],
                                                                            0 = best, ties allowed
            {"prompt": str, "chosen": str, "rejected": str}                 HH-RLHF style pair (K = 2)
            {"chosen": str, "rejected": str}                                HH-RLHF original: whole dialogues;
                                                                            the shared prefix becomes the prompt
+           {"chosen": chat, "rejected": chat}                              the same turns up to two different
+                                                                           final assistant turns
   PPO      {"prompt": str}
+           {"messages": chat}                                               ends with a user turn
   ptx      plain UTF-8 text; documents separated by blank lines
 Every bad line is reported as `file:line: field: problem` in one DataError, and nothing is trained or written.
 Examples longer than the model's context are errors too, in every stage (`check_lengths`): nothing is truncated.
@@ -57,6 +62,51 @@ def _check_ranking(ranking, k, where, errors):
     return False
 
 
+def _chat(obj, key, last, where, errors):
+    """obj[key] as a chat (a list of {"role", "content"}; other keys of a message are dropped): an optional system
+    turn first, then user and assistant turns alternating from user, ending with role `last`. The first problem
+    is reported as `where: key[i].field: problem`; returns the messages or None."""
+    msgs = obj.get(key)
+    if not isinstance(msgs, list) or not msgs:
+        errors.append(f"{where}: {key}: " + ("missing" if key not in obj else "expected a non-empty list of messages"))
+        return None
+    start = int(isinstance(msgs[0], dict) and msgs[0].get("role") == "system")  # turns alternate after it
+    for i, m in enumerate(msgs):
+        expected = "system" if i < start else ("user", "assistant")[(i - start) % 2]
+        if not isinstance(m, dict):
+            problem = f"{key}[{i}]: expected an object with role and content, got {type(m).__name__}"
+        elif m.get("role") != expected:
+            problem = (f"{key}[{i}].role: expected {expected!r}, got {m.get('role')!r} (an optional system turn, "
+                       "then user and assistant alternate)")
+        elif not isinstance(m.get("content"), str):
+            problem = f"{key}[{i}].content: expected a string, got {type(m.get('content')).__name__}"
+        elif not m["content"].strip():
+            problem = f"{key}[{i}].content: empty string"
+        else:
+            continue
+        errors.append(f"{where}: {problem}")
+        return None
+    if msgs[-1]["role"] != last:
+        errors.append(f"{where}: {key}: the last turn is {msgs[-1]['role']!r}, expected {last!r}")
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _chat_pair(obj, where, errors):
+    """A chat preference pair: two chats with the same turns up to different final assistant turns. The shared
+    turns become the prompt (a chat ending with a user turn), the two final turns the responses."""
+    c, r = _chat(obj, "chosen", "assistant", where, errors), _chat(obj, "rejected", "assistant", where, errors)
+    if c is None or r is None:
+        return None
+    if c[:-1] != r[:-1]:
+        errors.append(f"{where}: chosen/rejected: the turns before the last assistant turn differ")
+    elif c[-1] == r[-1]:
+        errors.append(f"{where}: chosen/rejected: the same final reply, nothing to compare")
+    else:
+        return {"prompt": c[:-1], "responses": [c[-1]["content"], r[-1]["content"]], "ranking": [0, 1]}
+    return None
+
+
 def _split_dialogues(chosen, rejected):
     """HH-RLHF original form: two whole dialogues sharing a prefix. The prompt is the shared prefix up to its
     last "Assistant:" (or its last space); the rest of each is the reply."""
@@ -67,6 +117,9 @@ def _split_dialogues(chosen, rejected):
 
 
 def _parse_line(kind, obj, where, errors):
+    if kind in ("sft", "ppo") and "messages" in obj:  # a chat; for PPO the prompt is the chat so far
+        msgs = _chat(obj, "messages", "assistant" if kind == "sft" else "user", where, errors)
+        return None if msgs is None else {"messages": msgs} if kind == "sft" else {"prompt": msgs}
     if kind == "sft":
         p, y = _string(obj, "prompt", where, errors), _string(obj, "response", where, errors)
         return None if p is None or y is None else {"prompt": p, "response": y}
@@ -86,6 +139,8 @@ def _parse_line(kind, obj, where, errors):
             return None
         ok = _check_ranking(obj.get("ranking"), len(ys), where, errors)
         return {"prompt": p, "responses": ys, "ranking": obj["ranking"]} if ok and p is not None else None
+    if isinstance(obj.get("chosen"), list) or isinstance(obj.get("rejected"), list):
+        return _chat_pair(obj, where, errors)
     c, r = _string(obj, "chosen", where, errors), _string(obj, "rejected", where, errors)
     if c is None or r is None:
         return None

@@ -2,6 +2,8 @@
 
 Token template (InstructGPT-style single turn):
     <|prompt|> instruction <|response|> response <|endoftext|>
+A chat repeats it, one prompt per user turn and one response per assistant turn (`format_chat`):
+    <|prompt|> system \n\n user <|response|> assistant <|endoftext|> <|prompt|> user <|response|> ...
 
 `Tokenizer.load(spec)` rebuilds a tokenizer from its `name`, the spec string stored in checkpoints:
     "tiny"        the project's BPE, nanorlhf/assets/tiny_bpe.tiktoken (train with `python -m nanorlhf.tokenizer --train`)
@@ -57,6 +59,10 @@ class Tokenizer:
         return self.enc.decode([i for i in ids if i not in self.special_ids and i < self.vocab_size])
 
     def format_prompt(self, instruction):
+        """<|prompt|> instruction <|response|>; a chat's messages up to its next reply (ending with a user turn)
+        are rendered by format_chat, every turn before included."""
+        if isinstance(instruction, list):
+            return self.format_chat(instruction)[0]
         return [self.prompt_id] + self.encode(instruction) + [self.response_id]
 
     def format_example(self, instruction, response, finished=True):
@@ -65,6 +71,23 @@ class Tokenizer:
         prompt = self.format_prompt(instruction)
         completion = self.encode(response) + ([self.eos_id] if finished else [])
         return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+
+    def format_chat(self, messages):
+        """(ids, loss_mask) of a chat, a list of {"role", "content"} (data.py checks its shape: an optional system
+        turn, then user and assistant turns alternating). Each user turn is a prompt, each assistant turn a response
+        and its EOS; the system text opens the first prompt, followed by a blank line. loss_mask is 1 on every
+        assistant turn and its EOS. One user and one assistant turn give exactly format_example(user, assistant)."""
+        ids, loss_mask, system = [], [], ""
+        for m in messages:
+            if m["role"] == "system":
+                system = m["content"] + "\n\n"
+            elif m["role"] == "user":
+                turn = self.format_prompt(system + m["content"])
+                ids, loss_mask, system = ids + turn, loss_mask + [0] * len(turn), ""
+            else:
+                turn = self.encode(m["content"]) + [self.eos_id]
+                ids, loss_mask = ids + turn, loss_mask + [1] * len(turn)
+        return ids, loss_mask
 
     @classmethod
     def load(cls, spec):
