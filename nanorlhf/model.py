@@ -255,7 +255,8 @@ class GPT(nn.Module):
     def from_pretrained(cls, folder: str, head: str = "lm"):
         """Load a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin), offline.
 
-        For head="scalar" the trunk is loaded and the `score` head keeps its fresh initialization.
+        For head="scalar" the trunk is loaded and the `score` head keeps its fresh initialization, unless the folder
+        holds one (GPT2ForSequenceClassification, e.g. written by nanorlhf.export, whose bias it restores).
         """
         config_path = os.path.join(folder, "config.json")
         if not os.path.isfile(config_path):
@@ -277,16 +278,25 @@ class GPT(nn.Module):
         model = cls(config, head=head)
         state = {}
         for key, tensor in hf_state.items():
+            if key == "score.weight":  # a sequence-classification head
+                if head == "scalar":
+                    state["score.weight"] = tensor
+                continue
             key = key.removeprefix("transformer.")
             if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
                 continue  # causal-mask buffers; lm_head is tied to wte
             if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
                 tensor = tensor.t()  # HF Conv1D stores (in, out); nn.Linear wants (out, in)
             state["transformer." + key] = tensor
-        expected = {k for k in model.state_dict() if k.startswith("transformer.")}
+        expected = {k for k in model.state_dict() if k.startswith("transformer.") or k in state}
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         if missing or unexpected:
             raise ValueError(f"weights in {folder!r} do not match GPT-2: missing {missing}, unexpected {unexpected}")
+        fold = hf.get("nanorlhf")  # nanorlhf.export folded the score's bias into one entry of ln_f's bias
+        if head == "scalar" and fold and "score.weight" in state:
+            state["score.bias"] = torch.tensor([fold["score_bias"]])
+            state["transformer.ln_f.bias"] = state["transformer.ln_f.bias"].clone()
+            state["transformer.ln_f.bias"][fold["ln_f_bias_index"]] = fold["ln_f_bias"]
         model.load_state_dict(state, strict=False)
         return model
 

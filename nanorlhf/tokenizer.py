@@ -31,6 +31,7 @@ TRAIN_COMMAND = "python -m nanorlhf.tokenizer --train --out nanorlhf/assets/tiny
 class Tokenizer:
     def __init__(self, name, mergeable_ranks, special_tokens, pat_str=GPT2_PATTERN):
         self.name = name  # spec string: Tokenizer.load(self.name) rebuilds this tokenizer
+        self.mergeable_ranks = mergeable_ranks  # token bytes -> id (export writes them as a Hugging Face BPE)
         self.enc = tiktoken.Encoding(
             f"nanorlhf:{name}", pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens
         )
