@@ -65,11 +65,13 @@ def w1_batch(models, optimizers, prompts, cfg, step, device):
     sync(device)
     t1 = time.perf_counter()
     P = gen.prompt_len
-    b = train_ppo.score(policy, ref_policy, reward_model, value_model, gen.tokens, gen.attention_mask, P, never,
-                        cfg.temperature, compiled=cfg.compile)
+    b = train_ppo.score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never, cfg.temperature,
+                        compiled=cfg.compile)
+    # W1 has no tokenizer (random ids), so the RM reads the sampled ids; every row is 64 real tokens
+    b["scores"] = reward_model(gen.tokens).float()[:, -1]  # (B,)
     sync(device)
     t2 = time.perf_counter()
-    rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                            b["response_mask"], cfg.kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
     b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"],
                                                                  cfg.gamma, cfg.lam, cfg.compile)

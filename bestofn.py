@@ -3,8 +3,11 @@
 No training: sample N responses at temperature 1, keep the one the RM scores highest. Its KL from SFT has a closed
 form, log N − (N−1)/N (rlhf.best_of_n_kl), so gold (truth) and RM score (proxy) can be set against KL just as PPO's
 log does (Gao et al. 2022): where the RM keeps rising and gold flattens, the RM is being over-optimized.
-Each prompt gets max(ns) samples; for each N they are cut into max(ns)/N disjoint groups of N, and a prompt's
-score is the mean over its groups' picks (every sample used, lower variance than one group).
+One estimand for every row of the report card: a prompt's score is the mean gold of --draws independent draws
+(eval.py's --samples, 2: as every model is scored). A best-of-N draw picks from N fresh samples: each prompt gets
+draws × max(ns) samples, draw d owns the block of max(ns) samples d·max(ns) …, and best-of-N's draw d picks the
+RM's best among the first N of that block. N = 1 is plain sampling from SFT: its win rate against SFT should be
+≈ 50% (the sanity row).
 
     python bestofn.py --run runs/default          # reads sft/ckpt.pt and rm/ckpt.pt, writes bestofn.json
 """
@@ -26,17 +29,19 @@ from train_rm import sample_sets, score_records
 @dataclass
 class BestOfNConfig(CommonConfig):
     run: str = arg("runs/default", "run folder with sft/ckpt.pt and rm/ckpt.pt; bestofn.json is written there")
-    ns: list[int] = arg([1, 4, 16, 64], "the N of best-of-N; each must divide the largest")
+    ns: list[int] = arg([1, 4, 16, 64], "the N of best-of-N (1 = plain sampling, the sanity row)")
     temperature: float = arg(1.0, "sampling temperature (the KL formula assumes the policy's own distribution)",
                              positive=True)
     max_new_tokens: int = arg(48, "response length limit (as eval.py)", low=1)
     gen_batch_size: int = arg(256, "sequences sampled at once", low=1)
+    draws: int = arg(2, "independent best-of-N picks per prompt; must equal eval.py's --samples (one estimand)", low=1)
 
 
-def best_of_n(rm_scores, n):
-    """Indices of the picks: rm_scores (one prompt's samples) cut into consecutive groups of n, the argmax of
-    each group (the first of equal scores)."""
-    return [g + max(range(n), key=lambda i: rm_scores[g + i]) for g in range(0, len(rm_scores) - n + 1, n)]
+def best_of_n(rm_scores, n, block):
+    """Indices of the picks, one per draw: rm_scores (one prompt's samples) is cut into consecutive blocks of
+    `block` samples, one block per draw; a draw picks the argmax of the first n samples of its block (the first
+    of equal scores)."""
+    return [g + max(range(n), key=lambda i: rm_scores[g + i]) for g in range(0, len(rm_scores), block)]
 
 
 def main(argv=None):
@@ -44,21 +49,21 @@ def main(argv=None):
     device = setup(cfg)
     t0 = time.perf_counter()
     n_max = max(cfg.ns)
-    if any(n_max % n for n in cfg.ns):
-        raise SystemExit(f"--ns {cfg.ns}: each N must divide the largest, {n_max}")
+    if min(cfg.ns) < 1:
+        raise SystemExit(f"--ns {cfg.ns}: every N must be at least 1")
     world = make_world(cfg.world_seed, cfg.world_scale)
     prompts = world.prompts("test")
     policy, tok, _ = load_model(os.path.join(cfg.run, "sft", "ckpt.pt"), "lm", device)
     check_room(tok, prompts, cfg.max_new_tokens, policy.config.block_size)
     reward_model, _, _ = load_model(os.path.join(cfg.run, "rm", "ckpt.pt"), "scalar", device)
-    sets = sample_sets(policy, tok, prompts, [n_max] * len(prompts), cfg,
+    sets = sample_sets(policy, tok, prompts, [cfg.draws * n_max] * len(prompts), cfg,
                        torch.Generator(device).manual_seed(cfg.seed))
     records = [{"prompt": p, "responses": ys, "finished": fs} for p, (ys, fs) in zip(prompts, sets)]
     rm = score_records(reward_model, tok, records, device)  # normalized RM score of every sample
     gold = [[world.gold_score(p, y, f) for y, f in zip(ys, fs)] for p, (ys, fs) in zip(prompts, sets)]
-    results = {"prompts": len(prompts), "samples_per_prompt": n_max, "by_n": {}}
+    results = {"prompts": len(prompts), "draws": cfg.draws, "samples_per_prompt": cfg.draws * n_max, "by_n": {}}
     for n in cfg.ns:
-        picks = [best_of_n(s, n) for s in rm]
+        picks = [best_of_n(s, n, n_max) for s in rm]
         per_prompt = [statistics.mean(g[i] for i in idx) for g, idx in zip(gold, picks)]
         results["by_n"][str(n)] = {
             "n": n, "kl": best_of_n_kl(n), "gold": statistics.mean(per_prompt),
@@ -69,7 +74,7 @@ def main(argv=None):
     results["seconds"] = time.perf_counter() - t0
     with open(os.path.join(cfg.run, "bestofn.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"best-of-N on {len(prompts)} test prompts × {n_max} samples in {results['seconds']:.0f}s")
+    print(f"best-of-N on {len(prompts)} test prompts × {cfg.draws * n_max} samples in {results['seconds']:.0f}s")
     return results
 
 

@@ -59,7 +59,10 @@ def rounds(run):
 @torch.no_grad()
 def kl_from_sft(model, sft, tok, prompts, cfg, device):
     """KL(π || π_SFT) per response, the mean of Σ_t log π(y_t) − log π_SFT(y_t) (k1) over the model's own samples
-    at the evaluation temperature, scored on the sampled token ids (not re-tokenized text)."""
+    at the evaluation temperature, scored on the sampled token ids (not re-tokenized text), dropout off: the
+    distributions that were sampled."""
+    model.eval()
+    sft.eval()
     total, gen = 0.0, torch.Generator(device=device).manual_seed(cfg.seed + 1)
     for i in range(0, len(prompts), 64):
         g = generate(model, [tok.format_prompt(p) for p in prompts[i:i + 64]], cfg.max_new_tokens, tok.eos_id,
@@ -106,10 +109,13 @@ def evaluate(cfg, device):
     bon_path = os.path.join(cfg.run, "bestofn.json")
     if os.path.exists(bon_path):  # bestofn.py: per-prompt gold of the picks, on the same test prompts
         results["best_of_n"] = json.load(open(bon_path))
+        if results["best_of_n"]["draws"] != cfg.samples:
+            raise SystemExit(f"{bon_path}: best-of-N scored each prompt from {results['best_of_n']['draws']} draws, "
+                             f"the models from --samples {cfg.samples}: rerun bestofn.py --draws {cfg.samples}")
         for r in results["best_of_n"]["by_n"].values():
             per_prompt[f"best_of_{r['n']}"] = r.pop("gold_per_prompt")
     if "sft" in per_prompt:
-        for name, scores in per_prompt.items():  # best-of-N: each prompt's mean over its groups' picks
+        for name, scores in per_prompt.items():  # every row: a prompt's mean gold over cfg.samples draws
             rate, (lo, hi) = win_rate(scores, per_prompt["sft"], cfg.seed, cfg.bootstrap)
             results["win_rate_vs_sft"][name], results["win_rate_ci"][name] = rate, [lo, hi]
             print(f"{name}: win rate vs SFT {rate:.1%} (95% CI {lo:.1%}-{hi:.1%})")
@@ -181,8 +187,7 @@ def methods_table(run, results, n_demos):
     if "sft" in results["gold_score"]:
         add("SFT", "sft", 0.0, f"{n_demos} demos", minutes("base", "sft"))
     for r in results.get("best_of_n", {}).get("by_n", {}).values():
-        if r["n"] > 1:
-            add(f"best-of-{r['n']}", f"best_of_{r['n']}", r["kl"], rlhf_labels, minutes(*paper, "bestofn"), r["gold"])
+        add(f"best-of-{r['n']}", f"best_of_{r['n']}", r["kl"], rlhf_labels, minutes(*paper, "bestofn"), r["gold"])
     for name, key in (("DPO", "dpo"), ("RFT", "rft"), ("PPO", "ppo"), ("PPO-ptx", "ppo_ptx")):
         if key in results["gold_score"]:
             add(name, key, results["kl_from_sft"].get(key), rlhf_labels, minutes(*paper, key))

@@ -4,7 +4,8 @@ No reward model and no sampling: every pair (y_w, y_l) implied by a labeler's ra
 ties dropped) raises the policy's log-ratio to the frozen SFT reference on y_w over y_l,
     loss = −log σ( β·log π(y_w|x)/π_SFT(y_w|x) − β·log π(y_l|x)/π_SFT(y_l|x) )          (Rafailov et al. eq. 7)
 where log π(y|x) sums the response tokens (and the EOS, if the response ended) and never the prompt's. As in the
-RM, a prompt's K responses go through the model once and all its pairs are formed from those K log-probs.
+RM, a prompt's K responses go through the model once, all its pairs are formed from those K log-probs, and each
+prompt counts once in the loss: its C(K,2) pairs' losses are averaged, then the prompts' (Ouyang et al. §3.5).
 
     python train_dpo.py --init runs/default/sft/ckpt.pt --comparisons runs/default/rm/comparisons.jsonl \\
         --out runs/default/dpo
@@ -55,19 +56,22 @@ def response_logps(model, examples, pad_id, device):
 
 def batch_logps(policy, reference, records, pad_id, device):
     """Policy and reference log-probs of every pair of a batch of records: four (P,) tensors, chosen then
-    rejected, pair p's entries aligned across all four."""
-    examples, chosen, rejected = [], [], []
+    rejected, pair p's entries aligned across all four; and the (P,) pair weights 1 / (pairs of its prompt ×
+    prompts), so that every prompt weighs the same whatever its K."""
+    examples, chosen, rejected, weights = [], [], [], []
     for r in records:
         base = len(examples)
         examples += r["examples"]
-        for i, j in preference_pairs(r["ranking"]):
+        pairs = preference_pairs(r["ranking"])
+        for i, j in pairs:
             chosen.append(base + i)
             rejected.append(base + j)
+            weights.append(1 / (len(pairs) * len(records)))
     logp = response_logps(policy, examples, pad_id, device)  # (N,)
     with torch.no_grad():
         ref = response_logps(reference, examples, pad_id, device)  # (N,)
     c, r = torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)
-    return logp[c], logp[r], ref[c], ref[r]
+    return logp[c], logp[r], ref[c], ref[r], torch.tensor(weights, device=device)
 
 
 def main(argv=None):
@@ -112,7 +116,8 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss, stats = dpo_loss(*batch_logps(policy, reference, batch, tok.pad_id, device), cfg.beta)  # mean over pairs
+        *logps, weights = batch_logps(policy, reference, batch, tok.pad_id, device)
+        loss, stats = dpo_loss(*logps, cfg.beta, weights)  # each prompt's pairs averaged, then the prompts
         check_finite(loss, step + 1, "DPO loss", state_path)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)

@@ -25,6 +25,7 @@ from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl, re
 from nanorlhf.engine import generate
 from nanorlhf.evaluation import gold_report, sample_responses, win_rate
 from nanorlhf.kernels import token_logprobs_and_entropy
+from nanorlhf.reward import score_texts
 from nanorlhf.world import make_world
 
 
@@ -45,7 +46,7 @@ class PPOConfig(CommonConfig):
     warmup: int = arg(10, "linear learning-rate warm-up over this many batches (paper: 10 iterations)", low=1)
     max_grad_norm: float = arg(1.0, "clip the policy's and the value model's gradient norms to this", positive=True)
     temperature: float = arg(1.0, "sampling temperature of the rollouts (the log-probs use the same T)", positive=True)
-    max_new_tokens: int = arg(48, "longest response; one that does not end by then gets --missing_eos_penalty", low=1)
+    max_new_tokens: int = arg(48, "longest response; one that does not end by then pays --missing_eos_penalty", low=1)
     kl_coef: float = arg(0.1, "β, the per-token KL penalty to SFT (paper: 0.02; at 0.02 our RM is over-optimized)",
                          low=0)
     kl_kind: str = arg("k1", "per-token KL estimator in the reward: k1 = log π/π_SFT (paper) | k3 (≥ 0)")
@@ -56,7 +57,8 @@ class PPOConfig(CommonConfig):
     lam: float = arg(0.95, "GAE λ (paper: 0.95)", low=0, high=1)
     clip_eps: float = arg(0.2, "PPO ratio clip ε (paper: 0.2)", positive=True)
     value_clip: float = arg(0.2, "value clip around the rollout's values", positive=True)
-    missing_eos_penalty: float = arg(-1.0, "final reward of a response that never emitted EOS (replaces the RM score)")
+    missing_eos_penalty: float = arg(1.0, "subtracted from the RM score of a response that never emitted EOS (so not "
+                                          "finishing never pays: the RM score is kept, then lowered)", low=0)
     ptx_coef: float = arg(0.0, "γ, weight of the pretraining loss (PPO-ptx); 0 = plain PPO (paper: 27.8)", low=0)
     ptx_per_episode: float = arg(0.5, "pretraining sequences per RL episode in each minibatch (paper: 8)", low=0)
     ptx_block_size: int = arg(64, "tokens per pretraining sequence", low=1)
@@ -111,8 +113,9 @@ def response_values(value_model, tokens, mask, P):
 
 
 @torch.no_grad()
-def score(policy, ref_policy, reward_model, value_model, tokens, mask, P, eos_id, temperature, compiled=None):
-    """Everything PPO stores about a rollout batch, as tensors with batch dimension first."""
+def score(policy, ref_policy, value_model, tokens, mask, P, eos_id, temperature, compiled=None):
+    """Everything PPO stores about a rollout batch's token ids, as tensors with batch dimension first (the RM's
+    scores come from the response text: `rollout`)."""
     response_mask = mask[:, P:]  # (B, N) real response tokens, EOS included
     last = P + response_mask.sum(1) - 1  # (B,) index of the last real token: the EOS if one was emitted
     rows = torch.arange(len(tokens), device=tokens.device)
@@ -121,32 +124,42 @@ def score(policy, ref_policy, reward_model, value_model, tokens, mask, P, eos_id
         "logprobs": response_logprobs(policy, tokens, mask, P, temperature, compiled)[0],  # (B, N) log π_old
         "ref_logprobs": response_logprobs(ref_policy, tokens, mask, P, temperature, compiled)[0],  # (B, N) log π_SFT
         "values": response_values(value_model, tokens, mask, P),  # (B, N) V_old
-        "scores": reward_model(tokens, attention_mask=mask)[rows, last].float(),  # (B,) RM score at the last token
         "finished": tokens[rows, last] == eos_id,  # (B,) the response ended with EOS
     }
 
 
 def rollout(policy, ref_policy, reward_model, value_model, tok, prompts, cfg):
-    """Sample one response per prompt (dropout off, full softmax at T) and score it; returns (batch, P)."""
+    """Sample one response per prompt (dropout off, full softmax at T) and score it; returns (batch, P, responses).
+
+    The RM reads the decoded response text through `reward.rm_input`, as it read every response in training,
+    not the sampled ids: those can be a non-canonical BPE split of the same text, or hold template tokens, which
+    the RM never saw. b["retokenized"] marks the samples whose ids differ from the RM's encoding of their text."""
     gen = generate(policy, [tok.format_prompt(p) for p in prompts], cfg.max_new_tokens, tok.eos_id, tok.pad_id,
                    temperature=cfg.temperature, compiled=cfg.compile)
     P = gen.prompt_len
-    b = score(policy, ref_policy, reward_model, value_model, gen.tokens, gen.attention_mask, P, tok.eos_id,
-              cfg.temperature, cfg.compile)
-    return b, P
+    b = score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, tok.eos_id, cfg.temperature,
+              cfg.compile)
+    sampled = [row[:n] for row, n in zip(gen.tokens[:, P:].tolist(), b["response_mask"].sum(1).tolist())]
+    finished = b["finished"].tolist()
+    responses = [tok.decode_response(ids) for ids in sampled]
+    b["scores"] = score_texts(reward_model, tok, prompts, responses, finished, gen.tokens.device).float()  # (B,)
+    b["retokenized"] = torch.tensor([ids != tok.encode(y) + [tok.eos_id] * f
+                                     for ids, y, f in zip(sampled, responses, finished)], device=gen.tokens.device)
+    return b, P, responses
 
 
 def compute_rewards(scores, finished, logprobs, ref_logprobs, response_mask, kl_coef, kl_kind="k1",
                     missing_eos_penalty=-1.0):
     """Per-token rewards of eq. (2): −β·KL_t on every response token, plus the RM score on the last real token
-    (the EOS); a response that never emitted EOS gets missing_eos_penalty there instead. Returns (rewards, kl),
-    both (B, N) and 0 on padding."""
+    (the EOS), lowered by missing_eos_penalty for a response that never emitted EOS: at any RM score, not
+    finishing earns less than finishing. Returns (rewards, kl, final): (B, N), (B, N) 0 on padding, and the
+    (B,) reward added at the last token."""
     kl = torch.where(response_mask, rlhf.kl_penalty(logprobs, ref_logprobs, kl_kind), 0.0)  # (B, N)
     rewards = -kl_coef * kl
     last = response_mask.sum(1) - 1  # (B,) position of the last real response token
-    final = torch.where(finished, scores, torch.full_like(scores, missing_eos_penalty))  # (B,)
+    final = scores - missing_eos_penalty * (~finished).float()  # (B,)
     rewards[torch.arange(len(rewards), device=rewards.device), last] += final
-    return rewards, kl
+    return rewards, kl, final
 
 
 def compute_advantages(rewards, values, response_mask, gamma, lam, compiled=False):
@@ -344,9 +357,9 @@ def main(argv=None):
                 group["lr"] = lr * min(1.0, (step + 1) / cfg.warmup)
         batch = dist.shard(batch_prompts(prompts, step, cfg.batch_size, cfg.seed))  # this rank's prompts
         with dist.autocast(device, dtype):
-            b, P = rollout(policy, ref_policy, reward_model, value_model, tok, batch, cfg)
+            b, P, responses = rollout(policy, ref_policy, reward_model, value_model, tok, batch, cfg)
         kl_coef = kl_ctl.kl_coef
-        rewards, kl = compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+        rewards, kl, final = compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                       b["response_mask"], kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
         for name, x in (("KL", kl), ("reward", rewards)):
             if not torch.isfinite(x).all():
@@ -357,13 +370,13 @@ def main(argv=None):
         k1 = torch.where(m, rlhf.kl_penalty(b["logprobs"], b["ref_logprobs"], "k1"), 0.0).sum(1)  # (B,) per response
         k3 = torch.where(m, rlhf.kl_penalty(b["logprobs"], b["ref_logprobs"], "k3"), 0.0).sum(1)
         # means over the global batch (all ranks); explained_var is this rank's
-        log = {"step": step + 1, "episodes": (step + 1) * cfg.batch_size, "reward": dist.mean(b["scores"]).item(),
-               "kl": dist.mean(k1).item(), "kl_k3": dist.mean(k3).item(), "kl_coef": kl_coef,
+        log = {"step": step + 1, "episodes": (step + 1) * cfg.batch_size, "reward": dist.mean(final).item(),
+               "rm_score": dist.mean(b["scores"]).item(), "kl": dist.mean(k1).item(), "kl_k3": dist.mean(k3).item(), "kl_coef": kl_coef,
                "explained_var": rlhf.explained_variance(b["values"], b["returns"], m).item(),
                "response_len": dist.mean(m.sum(1).float()).item(),
-               "eos_fraction": dist.mean(b["finished"].float()).item()}
+               "eos_fraction": dist.mean(b["finished"].float()).item(),
+               "retokenized": dist.mean(b["retokenized"].float()).item()}
         if not cfg.data:
-            responses = [tok.decode_response(row) for row in b["tokens"][:, P:].tolist()]
             gold = [world.gold_score(p, y, f) for p, y, f in zip(batch, responses, b["finished"].tolist())]
             log["gold"] = dist.mean(torch.tensor(gold, dtype=torch.float64)).item()
         log.update(ppo_update(policy, value_model, (opt_policy, opt_value), b, P, cfg, step, ptx_stream, ema, dtype))

@@ -150,14 +150,20 @@ def sample_sets(policy, tok, prompts, ks, cfg, generator):
     return sets
 
 
+def round_prompts(world, offset, n):
+    """The RM prompts one round ranks: n of the world's distinct RM prompts (-1 = all) from `offset` on, so rounds
+    with offsets 0, n, 2n, … never rank a prompt twice."""
+    prompts = world.prompts("rm")[offset:]
+    return prompts[:n] if n > 0 else prompts
+
+
 def world_rankings(cfg, world, tok, device):
     """Training and evaluation rankings in the tiny world. Held out: the world's "val" prompts (never trained on),
     sampled first with their own generator so they do not depend on --n_prompts, and ranked by two fresh
     labelers: the first is the reference, the second's agreement with it is the ceiling."""
     policy, _, _ = load_model(cfg.policy or cfg.init, head="lm", device=device)
     rng = random.Random(cfg.seed)
-    train_prompts = world.prompts("rm")[cfg.prompt_offset:]
-    train_prompts = train_prompts[:cfg.n_prompts] if cfg.n_prompts > 0 else train_prompts
+    train_prompts = round_prompts(world, cfg.prompt_offset, cfg.n_prompts)
     if not train_prompts:
         raise SystemExit(f"--prompt_offset {cfg.prompt_offset}: no RM prompts left ({len(world.prompts('rm'))} in all)")
     eval_prompts = world.prompts("val")

@@ -70,15 +70,17 @@ def ranking_loss(rewards, ranks, mask):
     return (prompt_loss * has_pairs).sum() / has_pairs.sum().clamp(min=1)  # mean over prompts with a pair
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, weights=None):
     """Direct Preference Optimization (Rafailov et al. 2023, eq. (7)); inputs are (B,) sequence log-probs.
 
-    The implicit reward of a response is β·log(π/π_ref); the loss is −log σ(reward_chosen − reward_rejected).
+    The implicit reward of a response is β·log(π/π_ref); the loss is −log σ(reward_chosen − reward_rejected),
+    averaged over the pairs, or summed with `weights` (B,) that add up to 1 (train_dpo: each prompt counts once).
     """
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,)
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
     margins = chosen_rewards - rejected_rewards
-    loss = -F.logsigmoid(margins).mean()
+    losses = -F.logsigmoid(margins)  # (B,)
+    loss = losses.mean() if weights is None else (losses * weights).sum()
     stats = {
         "reward_chosen": chosen_rewards.detach().mean(),
         "reward_rejected": rejected_rewards.detach().mean(),

@@ -5,6 +5,8 @@ import copy
 import json
 import math
 import os
+import random
+import statistics
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bestofn import best_of_n
+from nanorlhf.evaluation import win_rate
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.rlhf import dpo_loss
 from nanorlhf.tokenizer import Tokenizer
@@ -22,12 +25,31 @@ from train_dpo import batch_logps, preference_pairs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_best_of_n_picks_the_argmax_rm_sample_of_each_group():
-    rm = [0.1, 0.5, 0.3, 0.2, 0.9, 0.0, 0.9, 0.1]
-    assert best_of_n(rm, 1) == list(range(8))  # best-of-1 is plain sampling
-    assert best_of_n(rm, 4) == [1, 4]  # groups [0..3] and [4..7]; a tie goes to the first
-    assert best_of_n(rm, 2) == [1, 2, 4, 6]
-    assert best_of_n(rm, 8) == [4]
+def test_best_of_n_picks_the_argmax_of_the_first_n_of_each_draws_block():
+    rm = [0.1, 0.5, 0.3, 0.2, 0.9, 0.0, 0.9, 0.1]  # two draws, a block of 4 samples each
+    assert best_of_n(rm, 1, 4) == [0, 4]  # best-of-1 is plain sampling: the first sample of each block
+    assert best_of_n(rm, 2, 4) == [1, 4]
+    assert best_of_n(rm, 4, 4) == [1, 4]  # a tie (0.9, 0.9 in block 2) goes to the first
+    assert best_of_n([0.3, 0.1, 0.9, 0.5, 0.2, 0.8], 3, 3) == [2, 5]
+
+
+def test_one_estimand_best_of_1_from_the_sft_samples_is_exactly_even():
+    """Every row is a prompt's mean gold over the same number of draws. Best-of-1 computed from SFT's own samples
+    then ties SFT on every prompt: exactly 50%, with a degenerate interval; and each N draws `draws` picks."""
+    rng = random.Random(0)
+    draws, n_max, prompts = 2, 8, 50
+    gold = [[rng.random() for _ in range(draws * n_max)] for _ in range(prompts)]
+    rm = [[g + rng.gauss(0, 0.3) for g in gs] for gs in gold]
+    sft = [statistics.mean(gs[d * n_max] for d in range(draws)) for gs in gold]  # SFT: the draws' first samples
+    for n in (1, 2, 8):
+        picks = [best_of_n(r, n, n_max) for r in rm]
+        assert all(len(p) == draws for p in picks)  # the same number of draws as SFT's row
+        per_prompt = [statistics.mean(g[i] for i in p) for g, p in zip(gold, picks)]
+        rate, ci = win_rate(per_prompt, sft)
+        if n == 1:
+            assert rate == 0.5 and ci == [0.5, 0.5]
+        else:
+            assert rate > 0.6  # picking by a noisy RM still beats plain sampling on gold
 
 
 def test_preference_pairs_by_hand():
@@ -53,7 +75,7 @@ def test_dpo_logps_align_pairs_and_mask_the_prompt():
         logp = F.log_softmax(model(ids[None])[0].double(), -1)  # (T, V)
         return sum(logp[t - 1, ids[t]].item() for t in range(prompt_len, len(ids)))
 
-    pc, pr, rc, rr = batch_logps(policy, reference, [record], tok.pad_id, "cpu")  # (3,) each, one per pair
+    pc, pr, rc, rr, _ = batch_logps(policy, reference, [record], tok.pad_id, "cpu")  # (3,) each, one per pair
     pairs = preference_pairs(record["ranking"])
     assert sorted(pairs) == [(1, 0), (1, 2), (2, 0)]  # response 1 is best, then 2, then 0
     for k, (c, r) in enumerate(pairs):
@@ -62,8 +84,27 @@ def test_dpo_logps_align_pairs_and_mask_the_prompt():
         assert rc[k].item() == pytest.approx(brute(reference, c), abs=1e-4)
         assert rr[k].item() == pytest.approx(brute(reference, r), abs=1e-4)
     # policy == reference (DPO's step 0): every implicit reward is 0, the loss exactly log 2
-    loss, _ = dpo_loss(*batch_logps(policy, copy.deepcopy(policy), [record], tok.pad_id, "cpu"), 0.1)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    *logps, weights = batch_logps(policy, copy.deepcopy(policy), [record], tok.pad_id, "cpu")
+    assert dpo_loss(*logps, 0.1, weights)[0].item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_dpo_weighs_every_prompt_once_as_the_rm_does():
+    """A K = 2 prompt (1 pair) and a K = 4 prompt (6 pairs) in one batch: the loss is the mean over the two prompts
+    of each prompt's mean pair loss (computed here pair by pair), not the mean over the 7 pairs."""
+    torch.manual_seed(0)
+    tok = Tokenizer.load("tiny")
+    conf = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)
+    policy, reference = GPT(conf).eval(), GPT(conf).eval()
+    records = []
+    for prompt, ys in (("name a fruit.", ["apple.", "the sky"]), ("name a color.", ["red.", "blue!", "no", "a cat"])):
+        records.append({"prompt": prompt, "ranking": list(range(len(ys))),
+                        "examples": [tok.format_example(prompt, y) for y in ys]})
+    *logps, weights = batch_logps(policy, reference, records, tok.pad_id, "cpu")
+    loss = dpo_loss(*logps, 0.5, weights)[0].item()
+    per_pair = [-F.logsigmoid(0.5 * ((a - c) - (b - d))).item() for a, b, c, d in zip(*logps)]
+    assert len(per_pair) == 7
+    assert loss == pytest.approx((per_pair[0] + sum(per_pair[1:]) / 6) / 2, rel=1e-5)
+    assert abs(loss - sum(per_pair) / 7) > 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -50,10 +50,10 @@ def ppo_step(paths):
                               minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False)
     torch.manual_seed(0)
     policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
-    b, P = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS, cfg)
+    b, P, _ = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS, cfg)
     for i in range(4):
         b["response_mask"][i, 2 + i:] = False  # ragged: ranks hold different numbers of response tokens
-    rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                            b["response_mask"], cfg.kl_coef)
     mine = slice(dist.rank(), None, dist.world_size())  # dist.shard's rows
     b = {k: v[mine] for k, v in b.items()}

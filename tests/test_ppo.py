@@ -49,13 +49,13 @@ def make_cfg(paths, **kw):
 def rollout_batch(cfg, seed=0):
     torch.manual_seed(seed)
     policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
-    b, P = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS, cfg)
+    b, P, _ = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS, cfg)
     return (policy, ref_policy, reward_model, value_model, tok), add_advantages(b, cfg), P
 
 
 def add_advantages(b, cfg):
     """Per-token rewards, then GAE advantages and returns (γ 1, λ 0.95) into the rollout batch b, as in train_ppo."""
-    rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                            b["response_mask"], cfg.kl_coef)
     b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95,
                                                                  cfg.compile)
@@ -88,28 +88,93 @@ def test_kl_zero_when_policy_is_reference(ckpts):
     _, b, _ = rollout_batch(cfg)
     assert torch.equal(b["logprobs"], b["ref_logprobs"])
     for kind in ("k1", "k3"):
-        rewards, kl = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+        rewards, kl, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                                 b["response_mask"], 0.1, kind)
         assert torch.count_nonzero(kl) == 0
         assert torch.count_nonzero(rewards) <= len(rewards)  # only the final token of each response is rewarded
 
 
 def test_rewards_hand_case():
-    """RM score on the last real token (EOS), missing-EOS penalty in its place, −β·k1 on every real token."""
+    """RM score on the last real token (EOS), lowered by the missing-EOS penalty if it never ended, −β·k1 on every
+    real token."""
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     logprobs = torch.tensor([[-1.0, -2.0, -0.5, 7.0], [-0.2, 9.0, 9.0, 9.0], [-1.0, -1.0, -1.0, -1.0]])
     ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-0.7, 3.0, 3.0, 3.0], [-2.0, -1.0, -1.0, -3.0]])
     scores, finished = torch.tensor([0.7, -0.3, 2.0]), torch.tensor([True, True, False])
-    rewards, kl = train_ppo.compute_rewards(scores, finished, logprobs, ref_logprobs, mask, kl_coef=0.1,
-                                            missing_eos_penalty=-1.0)
+    rewards, kl, final = train_ppo.compute_rewards(scores, finished, logprobs, ref_logprobs, mask, kl_coef=0.1,
+                                                   missing_eos_penalty=1.5)
     expected = torch.tensor([[-0.05, 0.1, 0.0 + 0.7, 0.0],
                              [-0.05 - 0.3, 0.0, 0.0, 0.0],
-                             [-0.1, 0.0, 0.0, -0.2 - 1.0]])  # row 3 never ended: −1 replaces its RM score 2.0
+                             [-0.1, 0.0, 0.0, -0.2 + 2.0 - 1.5]])  # row 3 never ended: its RM score 2.0 minus 1.5
     torch.testing.assert_close(rewards, expected)
+    torch.testing.assert_close(final, torch.tensor([0.7, -0.3, 0.5]))
     torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [0.5, 0, 0, 0], [1.0, 0.0, 0.0, 2.0]]))
 
 
-def test_score_aligns_logprobs_values_and_rm_readout(ckpts):
+@pytest.mark.parametrize("penalty", [0.0, 0.5, 3.0])
+def test_not_finishing_never_pays(penalty):
+    """At any RM score, a response without EOS earns no more than the same response with EOS; and the order of
+    RM scores is kept among unfinished responses (the penalty shifts, it does not replace)."""
+    scores = torch.linspace(-5.0, 5.0, 21)
+    mask = torch.ones(21, 3, dtype=torch.bool)
+    zeros = torch.zeros(21, 3)
+    ended = train_ppo.compute_rewards(scores, torch.ones(21, dtype=torch.bool), zeros, zeros, mask, 0.1,
+                                      missing_eos_penalty=penalty)[0].sum(1)
+    unended = train_ppo.compute_rewards(scores, torch.zeros(21, dtype=torch.bool), zeros, zeros, mask, 0.1,
+                                        missing_eos_penalty=penalty)[0].sum(1)
+    assert (unended <= ended).all()
+    torch.testing.assert_close(ended - unended, torch.full((21,), penalty))
+    assert (unended.diff() > 0).all()  # a better RM score is still better without EOS
+
+
+def test_rm_scores_the_text_as_it_was_trained_on_it(ckpts):
+    """The RM score PPO uses for a sample is the score of its decoded text as train_rm builds RM inputs
+    (prompt template + text + EOS if it ended), computed here by hand on the unpadded sequence; a sample whose ids
+    are a non-canonical split of its text, or hold a template token, gets its canonical text's score."""
+    cfg = make_cfg(ckpts, temperature=0.7)
+    (policy, _, reward_model, _, tok), b, P = rollout_batch(cfg)
+    responses = [tok.decode_response(row) for row in b["tokens"][:, P:].tolist()]
+    with torch.no_grad():
+        for i, (p, y) in enumerate(zip(PROMPTS, responses)):
+            ids = [tok.prompt_id] + tok.encode(p) + [tok.response_id] + tok.encode(y) + [tok.eos_id] * b["finished"][i]
+            assert b["scores"][i].item() == pytest.approx(reward_model(torch.tensor([ids]))[0, -1].item(), abs=1e-5)
+    # a hand-made policy output: "the fox" spelled one byte-token at a time, then a stray template token, then EOS
+    text = "the fox is orange."
+    odd = [tok.encode(ch)[0] for ch in text] + [tok.prompt_id, tok.eos_id]
+    assert tok.decode_response(odd) == text and odd[:-1] != tok.encode(text)
+    canonical = torch.tensor([tok.format_example(PROMPTS[0], text, True)[0]])
+    with torch.no_grad():
+        want = reward_model(canonical)[0, -1].item()
+        raw = reward_model(torch.tensor([tok.format_prompt(PROMPTS[0]) + odd]))[0, -1].item()
+        got = train_ppo.score_texts(reward_model, tok, [PROMPTS[0]], [tok.decode_response(odd)], [True], "cpu")
+    assert got.item() == pytest.approx(want, abs=1e-6) and abs(raw - want) > 1e-4
+
+
+def test_rollout_marks_samples_whose_ids_are_not_the_rm_encoding(ckpts, monkeypatch):
+    """b["retokenized"]: a sample is marked when its ids differ from the encoding of its decoded text (+ EOS)."""
+    cfg = make_cfg(ckpts)
+    policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
+    canonical, odd = tok.encode("the fox.") + [tok.eos_id], [tok.encode(c)[0] for c in "the fox."] + [tok.eos_id]
+    assert canonical != odd
+
+    def fake_generate(model, prompts, *args, **kwargs):
+        rows = [canonical, odd]
+        P = max(map(len, prompts))
+        tokens = torch.full((2, P + len(odd)), tok.pad_id)
+        mask = torch.zeros(2, P + len(odd), dtype=torch.bool)
+        for i, (x, y) in enumerate(zip(prompts, rows)):
+            tokens[i, P - len(x):P], mask[i, P - len(x):P] = torch.tensor(x), True
+            tokens[i, P:P + len(y)], mask[i, P:P + len(y)] = torch.tensor(y), True
+        return type("Gen", (), {"tokens": tokens, "attention_mask": mask, "prompt_len": P})
+
+    monkeypatch.setattr(train_ppo, "generate", fake_generate)
+    b, P, responses = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS[:1] * 2, cfg)
+    assert responses == ["the fox.", "the fox."] and b["retokenized"].tolist() == [False, True]
+    assert b["scores"][0].item() == pytest.approx(b["scores"][1].item(), abs=1e-6)  # same text → same RM score
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_score_aligns_logprobs_values(ckpts, temperature):
     """A hand-built batch: left-padded prompts, responses with and without EOS, pads (= EOS id) after the EOS.
     Each row is compared with a forward over its real tokens alone."""
     cfg = make_cfg(ckpts)
@@ -125,20 +190,19 @@ def test_score_aligns_logprobs_values_and_rm_readout(ckpts):
     for i, (x, y) in enumerate(rows):
         tokens[i, P - len(x):P], mask[i, P - len(x):P] = torch.tensor(x), True
         tokens[i, P:P + len(y)], mask[i, P:P + len(y)] = torch.tensor(y), True
-    b = train_ppo.score(policy, ref_policy, reward_model, value_model, tokens, mask, P, eos, 1.0)
+    b = train_ppo.score(policy, ref_policy, value_model, tokens, mask, P, eos, temperature)
     assert b["finished"].tolist() == [True, False, True]
     assert b["response_mask"].sum(1).tolist() == [3, 4, 1]
     with torch.no_grad():
         for i, (x, y) in enumerate(rows):
             ids = torch.tensor([x + y])  # (1, L) real tokens only, no padding
             for model, key in ((policy, "logprobs"), (ref_policy, "ref_logprobs")):
-                logp = F.log_softmax(model(ids)[0], dim=-1)  # (L, V)
+                logp = F.log_softmax(model(ids)[0] / temperature, dim=-1)  # (L, V) the sampling distribution
                 for j, y_j in enumerate(y):
                     assert b[key][i, j].item() == pytest.approx(logp[len(x) + j - 1, y_j].item(), abs=1e-5)
             v = value_model(ids)[0]  # (L,)
             for j in range(len(y)):
                 assert b["values"][i, j].item() == pytest.approx(v[len(x) + j - 1].item(), abs=1e-5)
-            assert b["scores"][i].item() == pytest.approx(reward_model(ids)[0, -1].item(), abs=1e-5)
 
 
 @pytest.mark.slow
@@ -149,7 +213,7 @@ def test_bf16_rollout_scores_in_float32_and_compiled_gae_takes_them(ckpts):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         models, b, P = rollout_batch(cfg)
     assert b["values"].dtype == b["scores"].dtype == b["logprobs"].dtype == torch.float32
-    rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                            b["response_mask"], cfg.kl_coef)
     eager = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95, compiled=False)
     fused = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95, compiled=True)
@@ -217,7 +281,10 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     gen = generate(eager[0], [tok.format_prompt(p) for p in PROMPTS], 12, tok.eos_id, tok.pad_id)
     batches = []
     for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg)):
-        b = train_ppo.score(*models[:4], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0, cfg.compile)
+        b = train_ppo.score(*models[:2], models[3], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0,
+                            cfg.compile)
+        texts = [tok.decode_response(row) for row in gen.tokens[:, gen.prompt_len:].tolist()]
+        b["scores"] = train_ppo.score_texts(models[2], tok, PROMPTS, texts, b["finished"].tolist(), "cpu")
         batches.append(add_advantages(b, cfg))
     for key, value in batches[0].items():
         torch.testing.assert_close(batches[1][key], value, atol=1e-5, rtol=1e-5)
@@ -247,7 +314,7 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
 
     for step in range(2):  # the first batch compiles the decode step, the second must reuse everything
         with torch._dynamo.config.patch(error_on_recompile=step == 1):
-            b, P = train_ppo.rollout(*compiled, tok, PROMPTS, compiled_cfg)
+            b, P, _ = train_ppo.rollout(*compiled, tok, PROMPTS, compiled_cfg)
             train_ppo.ppo_update(compiled[0], compiled[3], optimizers[1], add_advantages(b, compiled_cfg), P,
                                  compiled_cfg, step, stream)
 
@@ -330,3 +397,39 @@ def test_bad_data_exits_2_and_writes_nothing(ckpts, tmp_path):
                            ckpts["scalar"], "--data", str(bad), "--out", str(out)], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=60)
     assert proc.returncode == 2 and "bad.jsonl:2: prompt: missing" in proc.stdout and not out.exists()
+
+
+def test_reference_is_a_separate_frozen_model(ckpts):
+    """The KL penalty's π_SFT shares no tensor with the policy and an update leaves it unchanged (a reference that
+    is the policy, or that trains, would make the KL penalty zero or meaningless)."""
+    cfg = make_cfg(ckpts, lr=1e-2)
+    (policy, ref_policy, _, value_model, tok), b, P = rollout_batch(cfg)
+    assert not {p.data_ptr() for p in policy.parameters()} & {p.data_ptr() for p in ref_policy.parameters()}
+    assert not any(p.requires_grad for p in ref_policy.parameters())
+    before = [p.clone() for p in ref_policy.parameters()]
+    policy_before = [p.clone() for p in policy.parameters()]
+    train_ppo.ppo_update(policy, value_model, train_ppo.make_optimizers(policy, value_model, cfg), b, P, cfg, step=0)
+    assert all(torch.equal(a, p) for a, p in zip(before, ref_policy.parameters()))
+    assert not all(torch.equal(a, p) for a, p in zip(policy_before, policy.parameters()))
+    after = train_ppo.score(policy, ref_policy, value_model, b["tokens"], b["mask"], P, tok.eos_id, 1.0)
+    assert torch.equal(after["ref_logprobs"], b["ref_logprobs"]) and not torch.equal(after["logprobs"], b["logprobs"])
+
+
+@pytest.mark.parametrize("target, direction", [(100.0, -1), (1e-3, +1)])
+def test_adaptive_kl_moves_beta_toward_the_target(ckpts, tmp_path, target, direction):
+    """--adaptive_kl is wired into the loop: with the measured KL far below the target β falls, far above it β
+    rises, each batch by the proportional rule β ← β (1 + clip(KL/target − 1, ±0.2) · batch / horizon)."""
+    torch.manual_seed(1)  # a reference that differs from the policy: KL > 0 from the first batch
+    mconf = GPTConfig(block_size=64, vocab_size=1024, n_layer=1, n_head=2, n_embd=32)
+    reference = str(tmp_path / "ref.pt")
+    save_checkpoint(reference, make_checkpoint(GPT(mconf), mconf, "lm", Tokenizer.load("tiny"), {}, 0))
+    out = tmp_path / "ppo"
+    run(ckpts, out, "--max_steps", "3", "--reference", reference, "--adaptive_kl", "--target_kl", str(target),
+        "--kl_horizon", "16")
+    lines = log_lines(out)
+    betas = [line["kl_coef"] for line in lines]  # β used by each batch
+    assert betas[0] == 0.1
+    for line, beta, nxt in zip(lines, betas, betas[1:]):
+        error = min(max(line["kl"] / target - 1, -0.2), 0.2)
+        assert nxt == pytest.approx(beta * (1 + error * 8 / 16), rel=1e-9)
+        assert (nxt - beta) * direction > 0

@@ -229,10 +229,10 @@ def ppo_batch(cfg):
     torch.manual_seed(0)
     models = train_ppo.load_models(cfg, "cpu")
     prompts = ["hi", "what is two plus two?", "name a color", "count to three", "why?", "say yes", "a b c", "ok"]
-    b, P = train_ppo.rollout(*models[:4], models[4], prompts, cfg)
+    b, P, _ = train_ppo.rollout(*models[:4], models[4], prompts, cfg)
     for i in range(4):
         b["response_mask"][i, 2 + i:] = False
-    rewards, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                            b["response_mask"], cfg.kl_coef)
     b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     return models, b, P

@@ -3,7 +3,7 @@ import statistics
 
 import pytest
 
-from nanorlhf.world import (CATEGORIES, Labeler, labeler_agreement, make_world, pairwise_agreement)
+from nanorlhf.world import (CATEGORIES, SPLIT_SIZES, Labeler, labeler_agreement, make_world, pairwise_agreement)
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +21,42 @@ def test_same_seed_same_world(world):
     assert other.splits["sft"] != world.splits["sft"]
 
 
-def test_splits_disjoint_and_in_paper_proportions(world):
-    sets = {s: set(ps) for s, ps in world.splits.items()}
-    names = list(sets)
+@pytest.fixture(scope="module")
+def default_world():
+    return make_world(seed=0, scale=0.1)  # the pipeline's world
+
+
+def test_splits_are_distinct_disjoint_and_the_test_set_is_balanced(default_world):
+    w = default_world
+    for s, ps in w.splits.items():
+        assert len(ps) == len(set(ps)), s  # distinct prompts: no split is drawn with replacement
+    names = list(w.splits)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            assert not sets[a] & sets[b], (a, b)
-    n = {s: len(ps) for s, ps in world.splits.items()}
-    assert n["rm"] / n["sft"] == pytest.approx(33 / 13, rel=0.02)
-    assert n["ppo"] / n["sft"] == pytest.approx(31 / 13, rel=0.02)
-    for s in ("sft", "test"):
-        cats = {c: sum(world.category(p) == c for p in world.splits[s]) for c in CATEGORIES}
-        assert min(cats.values()) >= len(world.splits[s]) // len(CATEGORIES)  # every category present
+            assert not set(w.splits[a]) & set(w.splits[b]), (a, b)
+    assert len(w.splits["test"]) == 300 and len(w.splits["val"]) == 200
+    for s in ("test", "val"):  # equal category shares
+        counts = [sum(w.category(p) == c for p in w.splits[s]) for c in CATEGORIES]
+        assert max(counts) - min(counts) <= 1, (s, counts)
+    for s in ("sft", "rm", "ppo"):  # every category present; no category above its equal share
+        counts = [sum(w.category(p) == c for p in w.splits[s]) for c in CATEGORIES]
+        assert min(counts) > 0 and max(counts) <= -(-int(w.scale * SPLIT_SIZES[s]) // len(CATEGORIES)), s
+    assert len(w.splits["rm"]) > len(w.splits["ppo"]) > len(w.splits["sft"])  # the paper's order: 33k > 31k > 13k
+
+
+def test_no_held_out_prompt_or_document_in_the_training_text(default_world):
+    """The internet's forum questions come from training prompts only: no test or validation prompt occurs
+    anywhere in the pretraining text (train or val, which PPO-ptx and the alignment tax use), nor in any SFT
+    demonstration; and no validation document is also a training document."""
+    w = default_world
+    text = "\n".join(w.pretrain_docs("train") + w.pretrain_docs("val"))
+    held_out = w.prompts("test") + w.prompts("val")
+    assert not [p for p in held_out if p in text]
+    assert any(p in text for p in w.prompts("rm"))  # forum threads do quote training prompts
+    assert not set(w.pretrain_docs("val")) & set(w.pretrain_docs("train"))
+    assert len(set(w.pretrain_docs("val"))) == len(w.pretrain_docs("val"))
+    demos = "\n".join(p + " " + y for p, y in w.sft_demos())
+    assert not [p for p in held_out if p in demos]
 
 
 def test_ideal_scores_one_on_every_prompt(world):
