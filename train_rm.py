@@ -6,7 +6,7 @@ real token, and all C(K,2) comparisons of a prompt form one batch element (Ouyan
 training, the head's bias is shifted so that the labelers' demonstrations score mean 0 (reward normalization).
 
     python train_rm.py --init runs/default/sft/ckpt.pt --out runs/default/rm
-    python train_rm.py --data rankings.jsonl --init gpt2 --out runs/mine/rm     # your own rankings or HH pairs
+    python train_rm.py --data rankings.jsonl --init gpt2 --out runs/mine/rm     # your own rankings, HH or chat pairs
 """
 import json
 import math
@@ -221,7 +221,7 @@ def accumulate_gradients(model, tok, batch, grad_accum, dtype, device, compiled=
     micro-batches and ranks gives the same gradient. Returns (global loss, this rank's scores, tokens seen)."""
     n_global = sum(len(set(r["ranking"])) > 1 for r in batch)  # prompts with a pair, over all ranks
     mine = dist.shard(batch)
-    size = -(-len(mine) // grad_accum)  # ceil: micro-batch size
+    size = max(1, -(-len(mine) // grad_accum))  # ceil: micro-batch size (a short last batch can leave a rank none)
     loss, scores, n_tokens = torch.zeros((), device=device), [], 0
     for k in range(0, len(mine), size):
         micro = mine[k:k + size]

@@ -98,7 +98,7 @@ def accumulate_gradients(model, examples, batch, pad_id, grad_accum, dtype, devi
     would weight a token by the length of the micro-batch it landed in). Returns (global loss, tokens seen)."""
     n_global = sum(sum(examples[j][1][1:]) for j in batch)  # target tokens in the global batch (all ranks know)
     mine = dist.shard(batch)
-    size = -(-len(mine) // grad_accum)  # ceil: micro-batch size
+    size = max(1, -(-len(mine) // grad_accum))  # ceil: micro-batch size (a short last batch can leave a rank none)
     loss, n_tokens = torch.zeros((), device=device), 0
     for k in range(0, len(mine), size):
         micro = mine[k:k + size]
