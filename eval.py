@@ -243,7 +243,8 @@ def methods_report(rows):
     lines = ["## Methods on the same label budget", "",
              "KL from SFT per response in nats (best-of-N: the analytic log N − (N−1)/N; others: k1 on their own "
              "test samples); minutes: every stage the method needs, base model included, on this machine. "
-             "Best-of-N's win rate sets each prompt's mean over its 64/N picks against SFT's mean over its samples.",
+             "One estimand for every row: a prompt's mean gold over the same number of draws (a best-of-N draw "
+             "picks from N fresh samples); best-of-1 is plain sampling from SFT, the ≈ 50% sanity row.",
              "",
              "| method | win rate vs SFT | gold score | KL from SFT | labels used | minutes |", "|---" * 6 + "|"]
     for r in rows:
@@ -319,7 +320,7 @@ def make_plots(results, run):
         if bon:  # best-of-N at its analytic KL
             axes[0].plot([r["kl"] for r in bon], [r["rm"] for r in bon], "k*--", label="best-of-N")
             axes[1].plot([r["kl"] for r in bon], [r["gold"] for r in bon], "k*--", label="best-of-N")
-        axes[0].set_title("proxy: reward-model score")
+        axes[0].set_title("proxy: the optimized reward (RM − EOS penalty)")
         axes[1].set_title("truth: gold score")
         for ax in axes:
             ax.set_xlabel("KL(policy || SFT) per response (nats)")
