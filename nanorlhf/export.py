@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 
-import torch
-
 from nanorlhf.checkpoint import CheckpointError, load_checkpoint
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import EOS, PROMPT, RESPONSE, Tokenizer, bytes_to_unicode
@@ -186,7 +184,7 @@ def main():
     args = parser.parse_args()
     try:
         config = export(args.ckpt, args.out, args.value)
-    except (CheckpointError, OSError, ValueError) as e:  # a missing or foreign checkpoint, no value model
+    except (CheckpointError, OSError, RuntimeError, ValueError) as e:  # bad checkpoint, no value model, tokenizer
         raise SystemExit(f"export: {e}") from None
     print(f"wrote {args.out}: {config['architectures'][0]}, vocabulary {config['vocab_size']}")
 

@@ -80,7 +80,8 @@ def test_policy_export_logits_match_and_round_trip(tmp_path, kind):
         # left-padded (generation's layout): transformers needs the positions nanorlhf derives from the mask
         ids_l, mask_l = pad(seqs, tok.pad_id, left=True)
         ours_l = model(ids_l, attention_mask=mask_l)
-        theirs_l = hf(input_ids=ids_l, attention_mask=mask_l.long(), position_ids=(mask_l.cumsum(1) - 1).clamp(min=0)).logits
+        positions = (mask_l.cumsum(1) - 1).clamp(min=0)
+        theirs_l = hf(input_ids=ids_l, attention_mask=mask_l.long(), position_ids=positions).logits
         err_l = (ours_l - theirs_l)[mask_l].abs().max().item()
     print(f"{kind} policy: max |logit difference| {err:.2e} right-padded, {err_l:.2e} left-padded")
     assert err < 1e-4 and err_l < 1e-4
