@@ -22,7 +22,7 @@ import torch
 from nanorlhf.common import check_room, load_model, setup
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.rlhf import best_of_n_kl
-from nanorlhf.world import make_world
+from nanorlhf.world import gold_from_components, make_world
 from train_rm import sample_sets, score_records
 
 
@@ -60,7 +60,8 @@ def main(argv=None):
                        torch.Generator(device).manual_seed(cfg.seed))
     records = [{"prompt": p, "responses": ys, "finished": fs} for p, (ys, fs) in zip(prompts, sets)]
     rm = score_records(reward_model, tok, records, device)  # normalized RM score of every sample
-    gold = [[world.gold_score(p, y, f) for y, f in zip(ys, fs)] for p, (ys, fs) in zip(prompts, sets)]
+    comps = [[world.gold_components(p, y, f) for y, f in zip(ys, fs)] for p, (ys, fs) in zip(prompts, sets)]
+    gold = [[gold_from_components(c) for c in cs] for cs in comps]
     results = {"prompts": len(prompts), "draws": cfg.draws, "samples_per_prompt": cfg.draws * n_max, "by_n": {}}
     for n in cfg.ns:
         picks = [best_of_n(s, n, n_max) for s in rm]
@@ -68,6 +69,7 @@ def main(argv=None):
         results["by_n"][str(n)] = {
             "n": n, "kl": best_of_n_kl(n), "gold": statistics.mean(per_prompt),
             "rm": statistics.mean(statistics.mean(s[i] for i in idx) for s, idx in zip(rm, picks)),
+            "helpful": statistics.mean(statistics.mean(c[i]["helpful"] for i in idx) for c, idx in zip(comps, picks)),
             "gold_per_prompt": per_prompt}
         r = results["by_n"][str(n)]
         print(f"best-of-{n}: KL {r['kl']:.3f} | RM {r['rm']:.4f} | gold {r['gold']:.4f}")

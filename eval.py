@@ -7,8 +7,10 @@
 - Reward model: held-out accuracy, the labeler-agreement ceiling, accuracy against gold (from train_rm.py).
 - Alignment tax: pretraining validation loss of every model.
 - Over-optimization: gold and RM score against KL from the PPO logs (Gao et al. 2022), and for best-of-N.
-- Beyond the paper (when run.py ran them): best-of-N, DPO, RFT and iterated-RLHF rounds in one table of
-  method × win rate × gold × KL from SFT × labels × minutes.
+- Beyond the paper (when run.py ran them): best-of-N, DPO, RFT, GRPO, RLOO, REINFORCE++, PPO on the gold judge
+  (the oracle) and iterated-RLHF rounds in one table of method × win rate (mean over training seeds, their spread,
+  95% interval) × gold × helpful × KL from SFT × labels × minutes; Gao et al. 2022's functional forms fitted to
+  best-of-N and to each RL method's training curve.
 Writes results.json, report.md and PNG plots (if matplotlib is installed) into the run folder.
 """
 import json
@@ -16,19 +18,23 @@ import os
 import statistics
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nanorlhf.checkpoint import load_checkpoint
 from nanorlhf.common import check_room, load_model, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
-from nanorlhf.evaluation import gold_report, sample_responses, win_rate
+from nanorlhf.evaluation import fit_gao, gold_report, sample_responses, seed_win_rate, win_rate
 from nanorlhf.engine import generate
 from nanorlhf.world import make_world
 from train_ppo import response_logprobs
 from train_rm import n_pairs
 
 POLICIES = ["base", "sft", "ppo", "ppo_ptx"]
-BASELINES = ["dpo", "rft"]  # run.py --baselines
+BASELINES = ["dpo", "rft", "grpo", "rloo", "reinforce_pp", "oracle"]  # run.py --baselines
+METHODS = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
+           "oracle": "PPO on gold (oracle)", "dpo": "DPO", "rft": "RFT"}
+RL_METHODS = ["ppo", "ppo_ptx", "grpo", "rloo", "reinforce_pp", "oracle"]  # a training curve of (KL, gold)
 
 
 @dataclass
@@ -46,6 +52,15 @@ def overoptimization(log_path):
         return []
     rows = [json.loads(line) for line in open(log_path) if line.strip()]
     return [(r["kl"], r["reward"], r["gold"]) for r in rows if "gold" in r]
+
+
+def seed_runs(run, key):
+    """The run folders of a method's training seeds that exist: key, key_s2, key_s3, … (run.py --seeds)."""
+    names, k = [key], 2
+    while os.path.exists(os.path.join(run, f"{key}_s{k}", "ckpt.pt")):
+        names.append(f"{key}_s{k}")
+        k += 1
+    return [n for n in names if os.path.exists(os.path.join(run, n, "ckpt.pt"))]
 
 
 def rounds(run):
@@ -82,7 +97,8 @@ def evaluate(cfg, device):
     per_prompt = {}
     sft_path = os.path.join(cfg.run, "sft", "ckpt.pt")
     sft = load_model(sft_path, "lm", device)[0] if os.path.exists(sft_path) else None
-    for name in POLICIES + BASELINES + [f"ppo_r{k}" for k in rounds(cfg.run)]:
+    extra_seeds = [n for key in METHODS for n in seed_runs(cfg.run, key)[1:]]
+    for name in POLICIES + BASELINES + extra_seeds + [f"ppo_r{k}" for k in rounds(cfg.run)]:
         path = os.path.join(cfg.run, name, "ckpt.pt")
         if not os.path.exists(path):
             print(f"{name}: no checkpoint at {path}, skipped")
@@ -131,8 +147,31 @@ def evaluate(cfg, device):
     seconds_path = os.path.join(cfg.run, "seconds.json")
     results["seconds"] = json.load(open(seconds_path)) if os.path.exists(seconds_path) else {}
     results["rounds"] = round_table(cfg.run, results)
-    results["methods"] = methods_table(cfg.run, results, len(world.prompts("sft")))
+    results["methods"] = methods_table(cfg.run, results, len(world.prompts("sft")), per_prompt, cfg)
+    results["gao_fits"] = gao_fits(cfg.run, results)
     return results
+
+
+def gao_fits(run, results):
+    """Gao et al. 2022's forms fitted to the gold gain over SFT at d = √KL: best-of-N, d(α − βd), from its rows
+    (analytic KL, gain over best-of-1); each RL method, d(α − β log d), from the (KL, gold) of every training batch
+    of all its seeds (gain over the first batch's gold: samples of the SFT policy, before any update)."""
+    fits = {}
+    bon = sorted(results.get("best_of_n", {}).get("by_n", {}).values(), key=lambda r: r["n"])
+    if len(bon) >= 3 and bon[0]["n"] == 1:
+        d = [r["kl"] ** 0.5 for r in bon]
+        gain = [r["gold"] - bon[0]["gold"] for r in bon]
+        fits["best-of-N"] = dict(zip(("alpha", "beta"), fit_gao(d, gain, "bon")), points=list(zip(d, gain)))
+    for key in RL_METHODS:
+        logs = [overoptimization(os.path.join(run, n, "log.jsonl")) for n in seed_runs(run, key)]
+        logs = [pts for pts in logs if pts]
+        if not logs:
+            continue
+        start = statistics.mean(pts[0][2] for pts in logs)
+        points = [(kl ** 0.5, gold - start) for pts in logs for kl, _, gold in pts if kl > 1e-6]
+        if len(points) >= 3:
+            fits[METHODS[key]] = dict(zip(("alpha", "beta"), fit_gao(*zip(*points), "rl")), points=points)
+    return fits
 
 
 def gold_peak(points, window=3):
@@ -168,34 +207,48 @@ def round_table(run, results):
     return table
 
 
-def methods_table(run, results, n_demos):
-    """One row per method that ran: win rate vs SFT, gold, KL from SFT (measured, analytic for best-of-N), labels
-    (demonstrations + pairwise comparisons) and the minutes of every stage it needed, base model included."""
+def methods_table(run, results, n_demos, per_prompt, cfg):
+    """One row per method that ran: win rate vs SFT (the mean over its training seeds, their range, and a 95%
+    bootstrap interval over prompts), gold, helpful, KL from SFT (measured; analytic for best-of-N), labels
+    (demonstrations + pairwise comparisons) and minutes: every stage it needs, base model included, its own stage
+    averaged over seeds."""
     sec = results["seconds"]
 
-    def minutes(*stages):
-        return sum(sec.get(s, 0.0) for s in stages) / 60 if all(s in sec for s in stages) else None
+    def minutes(stages, own):
+        own = [sec[s] for s in own if s in sec]
+        if not own or not all(s in sec for s in stages):
+            return None
+        return (sum(sec[s] for s in stages) + statistics.mean(own)) / 60
     pairs = _pairs(run, "rm")
     rlhf_labels = f"{n_demos} demos + {pairs} pairs" if pairs else None
+    paper = ["base", "sft", "rm"]
     rows = []
 
-    def add(method, key, kl, labels, mins, gold=None):
-        rows.append({"method": method, "win_rate": results["win_rate_vs_sft"].get(key),
-                     "gold": gold if gold is not None else results["gold_score"].get(key), "kl": kl,
-                     "labels": labels, "minutes": mins})
-    paper = ("base", "sft", "rm")
-    if "sft" in results["gold_score"]:
-        add("SFT", "sft", 0.0, f"{n_demos} demos", minutes("base", "sft"))
+    def add(method, names, kl, labels, mins, gold=None, helpful=None):
+        rates = [results["win_rate_vs_sft"][n] for n in names]
+        rate, ci = seed_win_rate([per_prompt[n] for n in names], per_prompt["sft"], cfg.seed, cfg.bootstrap)
+        rows.append({"method": method, "seeds": len(names), "win_rate": rate, "seed_range": [min(rates), max(rates)],
+                     "win_rate_ci": ci, "kl": kl, "labels": labels, "minutes": mins,
+                     "gold": gold if gold is not None else statistics.mean(results["gold_score"][n] for n in names),
+                     "helpful": helpful if helpful is not None else statistics.mean(
+                         results["gold_components"][n]["helpful"] for n in names)})
+    if "sft" not in per_prompt:
+        return rows
+    add("SFT", ["sft"], 0.0, f"{n_demos} demos", minutes(["base"], ["sft"]))
     for r in results.get("best_of_n", {}).get("by_n", {}).values():
-        add(f"best-of-{r['n']}", f"best_of_{r['n']}", r["kl"], rlhf_labels, minutes(*paper, "bestofn"), r["gold"])
-    for name, key in (("DPO", "dpo"), ("RFT", "rft"), ("PPO", "ppo"), ("PPO-ptx", "ppo_ptx")):
-        if key in results["gold_score"]:
-            add(name, key, results["kl_from_sft"].get(key), rlhf_labels, minutes(*paper, key))
-    stages = list(paper) + ["ppo"]
+        add(f"best-of-{r['n']}", [f"best_of_{r['n']}"], r["kl"], rlhf_labels, minutes(paper, ["bestofn"]), r["gold"],
+            r.get("helpful"))
+    for key, method in METHODS.items():
+        names = [n for n in seed_runs(run, key) if n in per_prompt]
+        if names:
+            add(method, names, statistics.mean(results["kl_from_sft"][n] for n in names),
+                "gold judge" if key == "oracle" else rlhf_labels, minutes(paper, names))
+    stages = paper + ["ppo"]
     for r in results["rounds"][1:]:
-        stages += [f"rm_r{r['round']}", r["policy"]]
-        add(f"RLHF round {r['round']}", r["policy"], results["kl_from_sft"].get(r["policy"]),
-            f"{n_demos} demos + {r['pairs']} pairs", minutes(*stages))
+        stages += [f"rm_r{r['round']}"]
+        add(f"RLHF round {r['round']}", [r["policy"]], results["kl_from_sft"].get(r["policy"]),
+            f"{n_demos} demos + {r['pairs']} pairs", minutes(stages, [r["policy"]]))
+        stages += [r["policy"]]
     return rows
 
 
@@ -241,16 +294,31 @@ def write_report(results, path, machine=""):
 
 def methods_report(rows):
     lines = ["## Methods on the same label budget", "",
-             "KL from SFT per response in nats (best-of-N: the analytic log N − (N−1)/N; others: k1 on their own "
-             "test samples); minutes: every stage the method needs, base model included, on this machine. "
-             "One estimand for every row: a prompt's mean gold over the same number of draws (a best-of-N draw "
-             "picks from N fresh samples); best-of-1 is plain sampling from SFT, the ≈ 50% sanity row.",
-             "",
-             "| method | win rate vs SFT | gold score | KL from SFT | labels used | minutes |", "|---" * 6 + "|"]
+             "Win rate vs SFT: the mean over the method's training seeds (seeds: how many; range: the lowest and "
+             "highest seed), with a 95% bootstrap interval over prompts. KL from SFT per response in nats "
+             "(best-of-N: the analytic log N − (N−1)/N; others: k1 on their own test samples); minutes: every stage "
+             "the method needs, base model included, on this machine. One estimand for every row: a prompt's mean "
+             "gold over the same number of draws (a best-of-N draw picks from N fresh samples); best-of-1 is plain "
+             "sampling from SFT, the ≈ 50% sanity row.", "",
+             "| method | seeds | win rate vs SFT | seed range | 95% CI | gold | helpful | KL from SFT | labels used "
+             "| minutes |", "|---" * 10 + "|"]
     for r in rows:
         mins = "–" if r["minutes"] is None else f"{r['minutes']:.1f}"
-        lines.append(f"| {r['method']} | {_fmt(r['win_rate'], True)} | {_fmt(r['gold'])} | {_fmt(r['kl'])} | "
-                     f"{r['labels'] or '–'} | {mins} |")
+        lo, hi = r["seed_range"]
+        spread = f"{lo:.1%}–{hi:.1%}" if r["seeds"] > 1 else "–"
+        lines.append(f"| {r['method']} | {r['seeds']} | {_fmt(r['win_rate'], True)} | {spread} | "
+                     f"{r['win_rate_ci'][0]:.1%}–{r['win_rate_ci'][1]:.1%} | {_fmt(r['gold'])} | "
+                     f"{_fmt(r['helpful'])} | {_fmt(r['kl'])} | {r['labels'] or '–'} | {mins} |")
+    return lines + [""]
+
+
+def gao_report(fits):
+    lines = ["## Gao et al. 2022's functional forms", "", "Gold gain over SFT against d = √KL: best-of-N fitted with "
+             "d(α − βd), each RL method's training batches (all seeds) with d(α − β log d). Plot: `gao_fits.png`.",
+             "", "| method | form | α | β | points |", "|---|---|---|---|---|"]
+    for name, f in fits.items():
+        form = "d(α − βd)" if name == "best-of-N" else "d(α − β log d)"
+        lines.append(f"| {name} | {form} | {f['alpha']:.4f} | {f['beta']:.4f} | {len(f['points'])} |")
     return lines + [""]
 
 
@@ -260,6 +328,8 @@ def beyond_report(results):
     lines = []
     if any(r["method"] not in ("SFT", "PPO", "PPO-ptx") for r in rows):
         lines += methods_report(rows)
+    if results.get("gao_fits"):
+        lines += gao_report(results["gao_fits"])
     if results.get("best_of_n"):
         lines += ["## Best-of-N: truth (gold) and proxy (RM) against KL", "", "| N | KL | RM score | gold |",
                   "|---|---|---|---|"]
@@ -335,6 +405,20 @@ def make_plots(results, run):
                 ax.set_xlabel("PPO update")
         axes[0].legend()
         written.append(_save(fig, plt, run, "training.png"))
+    if results.get("gao_fits"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, f in results["gao_fits"].items():
+            d, gain = (np.array(c) for c in zip(*f["points"]))
+            dots, = ax.plot(d, gain, ".", ms=3, alpha=0.4)
+            grid = np.linspace(max(d.min(), 1e-3), d.max(), 100)
+            fit = grid * (f["alpha"] - f["beta"] * (grid if name == "best-of-N" else np.log(grid)))
+            ax.plot(grid, fit, "-", color=dots.get_color(), label=f"{name}: α {f['alpha']:.3f}, β {f['beta']:.3f}")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xlabel("d = √KL(policy ‖ SFT)")
+        ax.set_ylabel("gold gain over SFT")
+        ax.set_title("Gao et al. 2022's forms, fitted")
+        ax.legend(fontsize=7)
+        written.append(_save(fig, plt, run, "gao_fits.png"))
     return written
 
 

@@ -38,8 +38,11 @@ class RunConfig:
     world_seed: int = arg(0, "seed of the tiny world")
     quick: bool = arg(False, "tiny preset (≈2 minutes): for tests and trying the code")
     force: bool = arg(False, "redo every stage even if its checkpoint exists")
-    baselines: bool = arg(False, "also best-of-N from SFT (N = 1, 4, 16, 64), DPO and RFT (SFT on the labelers' "
-                                 "best-ranked responses), all on the RM's comparisons")
+    baselines: bool = arg(False, "also best-of-N from SFT (N = 1 … 64), DPO, RFT (SFT on the labelers' best-ranked "
+                                 "responses), the critic-free RL methods GRPO, RLOO and REINFORCE++, and PPO against "
+                                 "the gold judge (the oracle), all on the RM's comparisons, each with --seeds seeds")
+    seeds: int = arg(3, "--baselines: training seeds per method (--seed, --seed + 1, …; the world stays the same)",
+                     low=1)
     rounds: int = arg(1, "rounds of RLHF (1 = the paper). Round k ranks round k−1's policy's samples on fresh RM "
                          "prompts, retrains the RM on all comparisons so far, and continues PPO (reference: SFT)", low=1)
     study: bool = arg(True, "over-optimization study: PPO twice as long at β = 0.01 and β = 0.3 (--no-study skips)")
@@ -54,6 +57,9 @@ STAGES = {
     "ppo_ptx": (train_ppo, ["--ptx_coef", "0.5"], ["--ptx_coef", "0.5", "--batches", "3", "--batch_size", "16",
                                                    "--minibatch_size", "8"]),
 }
+# --baselines: train_ppo.py with another estimator or reward, on the same rollouts, budget and β as PPO
+METHODS = {"grpo": ["--estimator", "grpo", "--group_size", "4"], "rloo": ["--estimator", "rloo", "--group_size", "4"],
+           "reinforce_pp": ["--estimator", "reinforce_pp"], "oracle": ["--reward", "gold"]}
 # rough share of the default run's time per stage, for the ETA line
 EXPECTED_SECONDS = {"base": 185, "sft": 50, "rm": 30, "ppo": 55, "ppo_ptx": 80, "eval": 30}  # measured, 2 cores
 
@@ -94,12 +100,24 @@ def beyond_stages(cfg):
     if cfg.baselines:
         world = ["--device", cfg.device, "--seed", str(cfg.seed), "--world_seed", str(cfg.world_seed),
                  "--world_scale", "0.01" if cfg.quick else "0.1"]
-        stages["bestofn"] = (bestofn, 120, lambda: ["--run", cfg.out] + world)
-        stages["dpo"] = (train_dpo, 90, lambda: stage_args(cfg, "dpo", [
-            "--init", ckpt("sft"), "--comparisons", os.path.join(cfg.out, "rm", "comparisons.jsonl")]))
-        stages["rft"] = (train_sft, 60, lambda: stage_args(cfg, "rft", [
-            "--init", ckpt("sft"), "--data", os.path.join(cfg.out, "rft", "best_ranked.jsonl"),
-            "--epochs", "2" if cfg.quick else "3", "--lr", "3e-4", "--warmup", "5"]))
+        stages["bestofn"] = (bestofn, 240, lambda: ["--run", cfg.out, "--ns", "1", "2", "4", "8", "16", "32", "64"]
+                             + world)
+        ppo_extra = ppo_quick if cfg.quick else []
+        for j in range(cfg.seeds):  # every method with the same budget (PPO's batches and episodes) and β
+            suffix, seed = ("", []) if j == 0 else (f"_s{j + 1}", ["--seed", str(cfg.seed + j)])
+            rl = ["--init", ckpt("sft"), "--reward_model", ckpt("rm")] + ppo_extra + seed
+            if j > 0:  # seed 1 of PPO and PPO-ptx is the pipeline's own run
+                stages[f"ppo{suffix}"] = (train_ppo, 60, lambda s=suffix, a=rl: stage_args(cfg, f"ppo{s}", a))
+                stages[f"ppo_ptx{suffix}"] = (train_ppo, 80, lambda s=suffix, a=rl: stage_args(
+                    cfg, f"ppo_ptx{s}", a + ["--ptx_coef", "0.5"]))
+            for name, flags in METHODS.items():
+                stages[f"{name}{suffix}"] = (train_ppo, 60, lambda n=name, s=suffix, a=rl, f=flags: stage_args(
+                    cfg, f"{n}{s}", a + f))
+            stages[f"dpo{suffix}"] = (train_dpo, 90, lambda s=suffix, a=seed: stage_args(cfg, f"dpo{s}", [
+                "--init", ckpt("sft"), "--comparisons", os.path.join(cfg.out, "rm", "comparisons.jsonl")] + a))
+            stages[f"rft{suffix}"] = (train_sft, 60, lambda s=suffix, a=seed: stage_args(cfg, f"rft{s}", [
+                "--init", ckpt("sft"), "--data", os.path.join(cfg.out, "rft", "best_ranked.jsonl"),
+                "--epochs", "2" if cfg.quick else "3", "--lr", "3e-4", "--warmup", "5"] + a))
     n_prompts = int(rm_quick[rm_quick.index("--n_prompts") + 1]) if cfg.quick else train_rm.RMConfig.n_prompts
     for k in range(2, cfg.rounds + 1):
         prev_rm, prev_ppo = ("rm", "ppo") if k == 2 else (f"rm_r{k - 1}", f"ppo_r{k - 1}")
@@ -147,7 +165,7 @@ def main(argv=None):
             module = evaluate_run
         elif name in beyond:
             module, _, make_args = beyond[name]
-            if name == "rft":
+            if name == "rft":  # the seeds' RFT runs (rft_s2, …) read the same file
                 write_rft_data(os.path.join(cfg.out, "rm", "comparisons.jsonl"),
                                os.path.join(cfg.out, "rft", "best_ranked.jsonl"))
             args = make_args()

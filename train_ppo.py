@@ -5,8 +5,14 @@ it with full forwards (policy and reference log-probs, values, RM score) → per
 score on the EOS → GAE → `ppo_epochs` passes of clipped policy and value updates in minibatches, with γ·ptx
 (next-token loss on pretraining text) added to the same loss for PPO-ptx.
 
+--estimator swaps GAE and the value model for a critic-free advantage of rlhf.py, on the same rollout, scoring and
+clipped policy update: rloo and grpo sample --group_size responses per prompt (the batch keeps --batch_size
+episodes), reinforce_pp one. --reward gold trains against the tiny world's gold judge instead of the RM (the
+oracle: what a perfect reward model would give).
+
     python train_ppo.py --out runs/default/ppo
     python train_ppo.py --out runs/default/ppo_ptx --ptx_coef 0.5
+    python train_ppo.py --out runs/default/grpo --estimator grpo --group_size 4
 """
 import copy
 import json
@@ -72,6 +78,15 @@ class PPOConfig(CommonConfig):
     activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
     compile: bool | None = arg(None, "torch.compile the hot path (the transformer, decode step, log-probs, losses, "
                                      "GAE; fused Adam); None = on for CUDA, off for CPU")
+    estimator: str = arg("gae", "advantages: gae (PPO: learned critic, KL per token in the reward) | rloo (leave-one-"
+                                "out baseline, KL in the sequence reward) | grpo (group-normalized, KL as a k3 term "
+                                "in the loss) | reinforce_pp (return-to-go, KL per token in the reward, normalized over "
+                                "the batch); the last three train no value model")
+    group_size: int = arg(1, "responses sampled per prompt in a batch (rloo and grpo need ≥ 2; --batch_size counts "
+                             "responses and must be a multiple)", low=1)
+    reward: str = arg("rm", "rm | gold: the reward model, or the tiny world's gold judge × --gold_scale (the oracle)")
+    gold_scale: float = arg(10.0, "--reward gold: the gold score (in [0, 1]) times this, near the RM's spread",
+                            positive=True)
 
 
 def load_models(cfg, device):
@@ -169,6 +184,21 @@ def compute_advantages(rewards, values, response_mask, gamma, lam, compiled=Fals
     return dist.masked_whiten(advantages, response_mask), returns  # over all ranks' tokens
 
 
+def estimate_advantages(rewards, final, b, cfg):
+    """(advantages, returns) of a rollout batch by cfg.estimator: GAE with the value model (PPO), or one of
+    rlhf.py's critic-free estimators (their returns are the rollout's values: no value loss uses them)."""
+    m = b["response_mask"]
+    if cfg.estimator == "gae":
+        return compute_advantages(rewards, b["values"], m, cfg.gamma, cfg.lam, cfg.compile)
+    if cfg.estimator == "rloo":  # the sequence reward: RM score − β·Σ KL_t (the per-token rewards summed)
+        advantages = rlhf.rloo_advantages(rewards.sum(1), m, cfg.group_size)
+    elif cfg.estimator == "grpo":  # the outcome reward alone; the KL is a loss term
+        advantages = rlhf.grpo_advantages(final, m, cfg.group_size)
+    else:
+        advantages = dist.masked_whiten(rlhf.reinforce_pp_advantages(rewards, m), m)
+    return advantages, b["values"]
+
+
 def batch_prompts(prompts, step, batch_size, seed):
     """The prompts of batch `step`: a fresh seeded shuffle per pass over the prompts (a tail shorter than a batch
     is skipped). A function of (seed, step) only, so --resume restores the data order from the step."""
@@ -188,18 +218,25 @@ def make_optimizers(policy, value_model, cfg):
             torch.optim.Adam(value_model.parameters(), lr=cfg.value_lr, eps=1e-5, fused=fused))
 
 
-def ppo_losses(policy, value_model, mb, P, ptx_ids, cfg):
+def ppo_losses(policy, value_model, mb, P, ptx_ids, cfg, kl_coef=0.0):
     """One minibatch's loss, for one backward: clipped policy loss + clipped value loss + γ·ptx loss.
-    Policy and value are separate models, so the value loss needs no coefficient (Adam is scale-invariant)."""
+    Policy and value are separate models, so the value loss needs no coefficient (Adam is scale-invariant).
+    Critic-free estimators: no value loss; GRPO adds β·k3 KL(π_θ || π_ref) per real token (its KL is in the loss)."""
     m = mb["response_mask"]
     logprobs, entropy = response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature,
                                           cfg.compile)  # (b, N) each
-    values = response_values(value_model, mb["tokens"], mb["mask"], P)  # (b, N)
-    ppo_loss = kernels.ppo_loss_fused if cfg.compile else kernels.ppo_loss  # one compiled graph, or its eager twin
-    pg_loss, v_loss, stats = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"], mb["returns"],
-                                      m, cfg.clip_eps, cfg.value_clip)
-    terms = {"policy": pg_loss, "value": v_loss}
-    loss = pg_loss + v_loss
+    if cfg.estimator == "gae":
+        values = response_values(value_model, mb["tokens"], mb["mask"], P)  # (b, N)
+        ppo_loss = kernels.ppo_loss_fused if cfg.compile else kernels.ppo_loss  # one compiled graph, or its twin
+        pg_loss, v_loss, stats = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"],
+                                          mb["returns"], m, cfg.clip_eps, cfg.value_clip)
+        terms = {"policy": pg_loss, "value": v_loss}
+    else:
+        pg_loss, stats = rlhf.policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, cfg.clip_eps)
+        terms = {"policy": pg_loss}
+        if cfg.estimator == "grpo":
+            terms["kl"] = kl_coef * rlhf.masked_mean(rlhf.kl_penalty(logprobs, mb["ref_logprobs"], "k3"), m)
+    loss = sum(terms.values())
     if ptx_ids is not None:
         terms["ptx"] = lm_loss(policy, ptx_ids, torch.ones_like(ptx_ids, dtype=torch.bool))  # −E log π(x), x ~ D_pretrain
         loss = loss + cfg.ptx_coef * terms["ptx"]
@@ -207,7 +244,8 @@ def ppo_losses(policy, value_model, mb, P, ptx_ids, cfg):
     return loss, terms, stats
 
 
-def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None, ema=None, dtype="float32"):
+def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None, ema=None, dtype="float32",
+               kl_coef=0.0):
     """cfg.ppo_epochs passes over the batch in shuffled minibatches; returns stats averaged over all minibatches.
 
     Several ranks: `b` is this rank's share of the rollouts and a minibatch is cfg.minibatch_size episodes over all
@@ -216,6 +254,7 @@ def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None
     gives the same gradient (the ptx term, a mean over sequences, gets the same weights: still a weighted mean)."""
     B, device, world = len(b["tokens"]), b["tokens"].device, dist.world_size()
     mb_size = cfg.minibatch_size // world  # this rank's share of a minibatch
+    trained = {"policy": policy, "value": value_model} if cfg.estimator == "gae" else {"policy": policy}
     sums, n = {}, 0
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B).to(device)
@@ -231,7 +270,7 @@ def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None
                     n_ptx = max(1, round(cfg.ptx_per_episode * len(micro)))
                     ptx_ids = get_batch(ptx_stream, n_ptx, cfg.ptx_block_size, device)  # (n_ptx, block + 1)
                 with dist.autocast(device, dtype):
-                    loss, terms, stats = ppo_losses(policy, value_model, mb, P, ptx_ids, cfg)
+                    loss, terms, stats = ppo_losses(policy, value_model, mb, P, ptx_ids, cfg, kl_coef)
                 for name, term in terms.items():
                     if not torch.isfinite(term):
                         raise SystemExit(f"step {step + 1}: non-finite {name} loss ({term.item()})")
@@ -240,11 +279,9 @@ def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None
                 for k, v in {**{f"{k}_loss": t for k, t in terms.items()}, **stats}.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
                 n += 1
-            for model in (policy, value_model):
+            for name, model in trained.items():
                 dist.average_gradients(model)
-            grad_norms = {"policy": torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm),
-                          "value": torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)}
-            for name, norm in grad_norms.items():
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 if not torch.isfinite(norm):
                     raise SystemExit(f"step {step + 1}: non-finite {name} gradient norm")
             for opt in optimizers:
@@ -289,6 +326,15 @@ def main(argv=None):
     dtype = dist.resolve_dtype(cfg.dtype, device)
     if cfg.batch_size % dist.world_size() or cfg.minibatch_size % dist.world_size():
         raise SystemExit(f"--batch_size and --minibatch_size must be multiples of the {dist.world_size()} processes")
+    if cfg.estimator not in ("gae", "rloo", "grpo", "reinforce_pp"):
+        raise SystemExit(f"--estimator {cfg.estimator!r}: expected gae, rloo, grpo or reinforce_pp")
+    if cfg.estimator in ("rloo", "grpo") and cfg.group_size < 2:
+        raise SystemExit(f"--estimator {cfg.estimator} compares samples of one prompt: --group_size must be ≥ 2")
+    if (cfg.batch_size // cfg.group_size) % dist.world_size() or cfg.batch_size % cfg.group_size:
+        raise SystemExit(f"--batch_size {cfg.batch_size} must be --group_size {cfg.group_size} × a multiple of the "
+                         f"{dist.world_size()} processes")
+    if cfg.reward not in ("rm", "gold") or (cfg.reward == "gold" and cfg.data):
+        raise SystemExit(f"--reward {cfg.reward!r}: expected rm, or gold (the tiny world's judge, not with --data)")
     cfg.compile = kernels.use_compile(device) if cfg.compile is None else cfg.compile  # resolved, saved in state.pt
     try:
         prompts = [r["prompt"] for r in read_jsonl(cfg.data, "ppo")] if cfg.data else None
@@ -355,31 +401,38 @@ def main(argv=None):
         for opt, lr in ((opt_policy, cfg.lr), (opt_value, cfg.value_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / cfg.warmup)
-        batch = dist.shard(batch_prompts(prompts, step, cfg.batch_size, cfg.seed))  # this rank's prompts
+        group = batch_prompts(prompts, step, cfg.batch_size // cfg.group_size, cfg.seed)
+        batch = [p for p in dist.shard(group) for _ in range(cfg.group_size)]  # this rank's prompts, each k times
         with dist.autocast(device, dtype):
             b, P, responses = rollout(policy, ref_policy, reward_model, value_model, tok, batch, cfg)
+        if not cfg.data:
+            gold = torch.tensor([world.gold_score(p, y, f) for p, y, f in zip(batch, responses, b["finished"].tolist())],
+                                dtype=torch.float64)
+            if cfg.reward == "gold":  # the oracle: the judge the labelers only approximate
+                b["scores"] = (cfg.gold_scale * gold).to(b["scores"])
         kl_coef = kl_ctl.kl_coef
         rewards, kl, final = compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                      b["response_mask"], kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
+                                             b["response_mask"], 0.0 if cfg.estimator == "grpo" else kl_coef,
+                                             cfg.kl_kind, cfg.missing_eos_penalty)  # GRPO: the KL is in the loss
         for name, x in (("KL", kl), ("reward", rewards)):
             if not torch.isfinite(x).all():
                 raise SystemExit(f"step {step + 1}: non-finite {name} in the rollout")
-        b["advantages"], b["returns"] = compute_advantages(rewards, b["values"], b["response_mask"], cfg.gamma,
-                                                           cfg.lam, cfg.compile)
+        b["advantages"], b["returns"] = estimate_advantages(rewards, final, b, cfg)
         m = b["response_mask"]
         k1 = torch.where(m, rlhf.kl_penalty(b["logprobs"], b["ref_logprobs"], "k1"), 0.0).sum(1)  # (B,) per response
         k3 = torch.where(m, rlhf.kl_penalty(b["logprobs"], b["ref_logprobs"], "k3"), 0.0).sum(1)
         # means over the global batch (all ranks); explained_var is this rank's
         log = {"step": step + 1, "episodes": (step + 1) * cfg.batch_size, "reward": dist.mean(final).item(),
-               "rm_score": dist.mean(b["scores"]).item(), "kl": dist.mean(k1).item(), "kl_k3": dist.mean(k3).item(), "kl_coef": kl_coef,
-               "explained_var": rlhf.explained_variance(b["values"], b["returns"], m).item(),
-               "response_len": dist.mean(m.sum(1).float()).item(),
+               "rm_score": dist.mean(b["scores"]).item(), "kl": dist.mean(k1).item(), "kl_k3": dist.mean(k3).item(),
+               "kl_coef": kl_coef, "response_len": dist.mean(m.sum(1).float()).item(),
                "eos_fraction": dist.mean(b["finished"].float()).item(),
                "retokenized": dist.mean(b["retokenized"].float()).item()}
+        if cfg.estimator == "gae":
+            log["explained_var"] = rlhf.explained_variance(b["values"], b["returns"], m).item()
         if not cfg.data:
-            gold = [world.gold_score(p, y, f) for p, y, f in zip(batch, responses, b["finished"].tolist())]
-            log["gold"] = dist.mean(torch.tensor(gold, dtype=torch.float64)).item()
-        log.update(ppo_update(policy, value_model, (opt_policy, opt_value), b, P, cfg, step, ptx_stream, ema, dtype))
+            log["gold"] = dist.mean(gold).item()
+        log.update(ppo_update(policy, value_model, (opt_policy, opt_value), b, P, cfg, step, ptx_stream, ema, dtype,
+                              kl_coef))
         if cfg.adaptive_kl:
             kl_ctl.update(log["kl"], cfg.batch_size)
         step += 1

@@ -44,6 +44,24 @@ def gold_report(world, prompts, responses):
 def win_rate(scores, baseline, seed=0, n_boot=1000):
     """Fraction of prompts where the model's gold score beats the baseline's (ties ½), with a 95% bootstrap
     interval over prompts."""
-    wins = (np.array(scores) > np.array(baseline)) + 0.5 * (np.array(scores) == np.array(baseline))
+    return seed_win_rate([scores], baseline, seed, n_boot)
+
+
+def seed_win_rate(seed_scores, baseline, seed=0, n_boot=1000):
+    """Win rate against the baseline of a method trained with several seeds (one list of per-prompt scores per
+    seed): each prompt's wins (ties ½) averaged over the seeds, so the rate is the mean of the seeds' rates; the
+    95% bootstrap interval resamples prompts."""
+    b = np.array(baseline)
+    wins = np.mean([(np.array(s) > b) + 0.5 * (np.array(s) == b) for s in seed_scores], axis=0)  # (prompts,)
     boot = np.random.default_rng(seed).choice(wins, (n_boot, len(wins))).mean(1)
     return float(wins.mean()), [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+
+
+def fit_gao(d, gain, form):
+    """Least-squares (α, β) of Gao et al. 2022's functional forms for the gold gain over the initial policy at
+    d = √KL(π ‖ π_init): best-of-N ("bon") gain = d·(α − β·d); RL ("rl") gain = d·(α − β·log d). Both are linear in
+    (α, β), so one lstsq solves them; RL points need d > 0."""
+    d, gain = np.asarray(d, dtype=float), np.asarray(gain, dtype=float)
+    second = d * d if form == "bon" else d * np.log(d)
+    (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -second], 1), gain, rcond=None)
+    return float(alpha), float(beta)

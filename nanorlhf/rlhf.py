@@ -136,6 +136,37 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return advantages, advantages + values
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# critic-free advantages (train_ppo.py --estimator): the same rollout, scoring and clipped update as PPO, without
+# the value model. Each returns (B, T) advantages, 0 on padding; where each puts the KL penalty is in its docstring.
+
+def rloo_advantages(sequence_rewards, mask, k):
+    """RLOO (Ahmadian et al. 2024, "Back to Basics"): k samples per prompt, consecutive in the batch. The
+    advantage of sample i is its sequence reward minus the mean of the other k − 1 samples' (leave-one-out
+    baseline), on every token of the response. KL: in the reward, sequence_rewards = RM − β·Σ_t KL_t."""
+    r = sequence_rewards.view(-1, k)  # (B/k, k)
+    baseline = (r.sum(1, keepdim=True) - r) / (k - 1)  # mean of the others
+    return torch.where(mask.bool(), (r - baseline).view(-1, 1), 0.0)
+
+
+def grpo_advantages(scores, mask, k, eps=1e-6):
+    """GRPO (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision): k samples per prompt, consecutive in the
+    batch; advantage = (r − mean) / (std + eps) over the prompt's group, on every token (a group whose rewards are
+    all equal gives 0). KL: not in the reward; a k3 term β·KL(π_θ || π_ref) in the loss (train_ppo.ppo_losses)."""
+    r = scores.view(-1, k)  # (B/k, k)
+    a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)  # unbiased std, as the paper's code
+    return torch.where(mask.bool(), a.view(-1, 1), 0.0)
+
+
+def reinforce_pp_advantages(rewards, mask):
+    """REINFORCE++ (Hu 2025): no critic; the advantage of token t is its return Σ_{s≥t} r_s (γ = 1) of the
+    per-token rewards (−β·KL_t on every token, the RM score on the last: the KL in the reward, as PPO), then
+    normalized over the batch's real tokens (train_ppo whitens it, as PPO's GAE advantages)."""
+    rewards = torch.where(mask.bool(), rewards, 0.0)
+    returns = rewards.flip(1).cumsum(1).flip(1)  # (B, T) reverse cumulative sum
+    return torch.where(mask.bool(), returns, 0.0)
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
     """PPO clipped surrogate; all inputs (B, T). Returns (loss, stats), loss a masked mean over real tokens.
 

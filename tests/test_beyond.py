@@ -111,8 +111,8 @@ def test_dpo_weighs_every_prompt_once_as_the_rm_does():
 def beyond_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("beyond") / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "run.py", "--quick", "--baselines", "--rounds", "2", "--study", "--out",
-                        str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    p = subprocess.run([sys.executable, "run.py", "--quick", "--baselines", "--seeds", "2", "--rounds", "2", "--study",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 
@@ -122,12 +122,21 @@ def test_quick_baselines_rounds_and_study_fill_the_report(beyond_run):
     out = beyond_run
     results = json.loads((out / "results.json").read_text())
     methods = [r["method"] for r in results["methods"]]
-    assert methods == ["SFT", "best-of-4", "best-of-16", "best-of-64", "DPO", "RFT", "PPO", "PPO-ptx",
-                       "RLHF round 2"]
+    best_of = [f"best-of-{n}" for n in (1, 2, 4, 8, 16, 32, 64)]
+    trained = ["PPO", "PPO-ptx", "GRPO", "RLOO", "REINFORCE++", "PPO on gold (oracle)", "DPO", "RFT"]
+    assert methods == ["SFT", *best_of, *trained, "RLHF round 2"]
     for row in results["methods"]:
         assert 0 <= row["win_rate"] <= 1 and row["minutes"] > 0 and row["labels"], row
+        assert row["win_rate_ci"][0] <= row["win_rate"] <= row["win_rate_ci"][1]
+        assert row["seeds"] == (2 if row["method"] in trained else 1)
+        if row["seeds"] == 2:  # the mean over seeds lies within their range
+            assert row["seed_range"][0] <= row["win_rate"] <= row["seed_range"][1]
     assert results["methods"][0]["win_rate"] == 0.5 and results["methods"][0]["kl"] == 0.0
-    assert [r["n"] for r in results["best_of_n"]["by_n"].values()] == [1, 4, 16, 64]
+    assert [r["n"] for r in results["best_of_n"]["by_n"].values()] == [1, 2, 4, 8, 16, 32, 64]
+    assert results["best_of_n"]["draws"] == 2  # as many draws per prompt as eval.py's --samples
+    assert "best-of-N" in results["gao_fits"] and (out / "gao_fits.png").exists()
+    seeds = {torch.load(out / n / "ckpt.pt", weights_only=True)["config"]["seed"] for n in ("grpo", "grpo_s2")}
+    assert seeds == {1337, 1338}
     # iterated RLHF: round 2's RM saw round 1's comparisons plus new ones, sampled by round 1's policy
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     r1, r2 = results["rounds"]
@@ -150,7 +159,7 @@ def test_quick_baselines_rounds_and_study_fill_the_report(beyond_run):
     assert best == expected and len(best) > len(round1) // 2
     assert set(results["gold_peak_kl"]) >= {"ppo", "study_kl0.01", "study_kl0.3", "ppo_r2"}
     report = (out / "report.md").read_text()
-    for section in ("Methods on the same label budget", "Best-of-N", "Iterated RLHF", "where gold peaks"):
+    for section in ("Methods on the same label budget", "Best-of-N", "Iterated RLHF", "where gold peaks", "Gao et al."):
         assert section in report
 
 

@@ -433,3 +433,60 @@ def test_adaptive_kl_moves_beta_toward_the_target(ckpts, tmp_path, target, direc
         error = min(max(line["kl"] / target - 1, -0.2), 0.2)
         assert nxt == pytest.approx(beta * (1 + error * 8 / 16), rel=1e-9)
         assert (nxt - beta) * direction > 0
+
+
+@pytest.mark.parametrize("estimator, k", [("rloo", 4), ("grpo", 2), ("reinforce_pp", 1)])
+def test_critic_free_estimators_run_end_to_end_on_groups_of_one_prompt(ckpts, tmp_path, monkeypatch, estimator, k):
+    """--estimator rloo/grpo/reinforce_pp: each batch holds batch_size / k prompts, each sampled k times in a row
+    (one group = k samples of the same prompt); the value model is not trained; the log has no value loss."""
+    seen = []
+    real_rollout = train_ppo.rollout
+
+    def spy(policy, ref_policy, reward_model, value_model, tok, prompts, cfg):
+        seen.append(list(prompts))
+        return real_rollout(policy, ref_policy, reward_model, value_model, tok, prompts, cfg)
+
+    monkeypatch.setattr(train_ppo, "rollout", spy)
+    out = tmp_path / estimator
+    train_ppo.main(["--init", ckpts["lm"], "--reward_model", ckpts["scalar"], "--out", str(out), "--world_scale", "0.01",
+                    "--batch_size", "8", "--minibatch_size", "4", "--ppo_epochs", "1", "--max_new_tokens", "8",
+                    "--max_steps", "2", "--estimator", estimator, "--group_size", str(k)])
+    assert len(seen) == 2
+    for prompts in seen:
+        groups = [prompts[i:i + k] for i in range(0, 8, k)]
+        assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 8 // k
+    lines = log_lines(out)
+    assert [line["step"] for line in lines] == [1, 2] and "value_loss" not in lines[0]
+    assert ("kl_loss" in lines[0]) == (estimator == "grpo")
+    value_before = torch.load(ckpts["scalar"], weights_only=True)["model"]
+    value_after = torch.load(out / "state.pt", weights_only=True)["extra"]["value_model"]
+    assert all(torch.equal(value_before[n], value_after[n]) for n in value_before)
+
+
+def test_oracle_reward_is_the_gold_judge(ckpts, tmp_path, monkeypatch):
+    """--reward gold: the reward added at the last token is gold_scale × the gold judge's score of the response."""
+    captured = {}
+    real = train_ppo.compute_rewards
+
+    def spy(scores, finished, *args, **kwargs):
+        captured["scores"], captured["finished"] = scores.clone(), finished.clone()
+        return real(scores, finished, *args, **kwargs)
+
+    monkeypatch.setattr(train_ppo, "compute_rewards", spy)
+    real_rollout = train_ppo.rollout
+
+    def keep(*args):
+        captured["batch"] = real_rollout(*args)
+        captured["prompts"] = args[5]
+        return captured["batch"]
+
+    monkeypatch.setattr(train_ppo, "rollout", keep)
+    train_ppo.main(["--init", ckpts["lm"], "--reward_model", ckpts["scalar"], "--world_scale", "0.01", "--batch_size",
+                    "4", "--minibatch_size", "4", "--ppo_epochs", "1", "--max_new_tokens", "8", "--max_steps", "1",
+                    "--reward", "gold", "--gold_scale", "3", "--out", str(tmp_path / "oracle")])
+    from nanorlhf.world import make_world
+    world = make_world(0, 0.01)
+    _, _, responses = captured["batch"]
+    want = [3 * world.gold_score(p, y, f) for p, y, f in zip(captured["prompts"], responses,
+                                                              captured["finished"].tolist())]
+    assert captured["scores"].tolist() == pytest.approx(want, abs=1e-6)

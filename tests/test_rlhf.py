@@ -337,3 +337,36 @@ def test_adaptive_kl_controller():
     resumed = rlhf.AdaptiveKLController(kl_coef=1.0, target=1.0, horizon=1)
     resumed.load_state_dict(ctl.state_dict())
     assert resumed.update(7.0, 64) == ctl.update(7.0, 64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# critic-free estimators: hand-worked cases
+
+def test_rloo_leave_one_out_baseline_by_hand():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 3.0, 3.0])  # two prompts, k = 3
+    a = rlhf.rloo_advantages(r, mask, 3)
+    expected = [1 - (2 + 6) / 2, 2 - (1 + 6) / 2, 6 - (1 + 2) / 2, 0 - 3, 3 - 1.5, 3 - 1.5]
+    for i, e in enumerate(expected):
+        assert a[i][mask[i]].tolist() == [e] * int(mask[i].sum())  # the sequence's advantage on each real token
+    assert torch.count_nonzero(a[~mask]) == 0
+
+
+def test_grpo_group_normalization_by_hand_and_a_zero_variance_group():
+    mask = torch.ones(6, 2, dtype=torch.bool)
+    mask[1, 1] = False
+    r = torch.tensor([1.0, 2.0, 3.0, 0.5, 0.5, 0.5])  # group 1: mean 2, unbiased std 1; group 2: all equal
+    a = rlhf.grpo_advantages(r, mask, 3)
+    std = 1.0 + 1e-6
+    assert a[:3, 0].tolist() == pytest.approx([-1 / std, 0.0, 1 / std], abs=1e-7)
+    assert a[1, 1].item() == 0 and torch.equal(a[3:], torch.zeros(3, 2))  # padding, and the zero-variance group
+
+
+def test_reinforce_pp_return_to_go_over_real_tokens_only():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    rewards = torch.tensor([[-0.1, -0.2, 1.0, 9.0], [0.3, 2.0, 9.0, 9.0]])  # 9s on padding must not count
+    a = rlhf.reinforce_pp_advantages(rewards, mask)
+    torch.testing.assert_close(a, torch.tensor([[0.7, 0.8, 1.0, 0.0], [2.3, 2.0, 0.0, 0.0]]))
+    whitened = rlhf.masked_whiten(a, mask)  # train_ppo then normalizes over the batch's real tokens
+    real = torch.tensor([0.7, 0.8, 1.0, 2.3, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(whitened[mask].double(), (real - real.mean()) / real.std(), atol=1e-5, rtol=1e-5)
