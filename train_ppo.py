@@ -164,7 +164,7 @@ def rollout(policy, ref_policy, reward_model, value_model, tok, prompts, cfg):
 
 
 def compute_rewards(scores, finished, logprobs, ref_logprobs, response_mask, kl_coef, kl_kind="k1",
-                    missing_eos_penalty=-1.0):
+                    missing_eos_penalty=1.0):
     """Per-token rewards of eq. (2): −β·KL_t on every response token, plus the RM score on the last real token
     (the EOS), lowered by missing_eos_penalty for a response that never emitted EOS: at any RM score, not
     finishing earns less than finishing. Returns (rewards, kl, final): (B, N), (B, N) 0 on padding, and the
