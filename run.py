@@ -2,7 +2,7 @@
 
     base pretraining → SFT → reward model → PPO → PPO-ptx → over-optimization study → evaluation (report card)
 
-    python run.py                   # ≈15 minutes on 2 CPU cores; outputs in runs/default/
+    python run.py                   # 10–15 minutes on 2 CPU cores; outputs in runs/default/
     python run.py --quick           # ≈2 minutes, tiny sizes: tries the code, not the quality bar
     python run.py --device cuda     # on a GPU
     python run.py --baselines       # + best-of-N, DPO and RFT on the same labels (beyond the paper)
