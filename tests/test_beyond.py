@@ -107,16 +107,6 @@ def test_dpo_weighs_every_prompt_once_as_the_rm_does():
     assert abs(loss - sum(per_pair) / 7) > 1e-4
 
 
-@pytest.fixture(scope="module")
-def beyond_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("beyond") / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "run.py", "--quick", "--baselines", "--seeds", "2", "--rounds", "2", "--study",
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out
-
-
 @pytest.mark.slow
 def test_quick_baselines_rounds_and_study_fill_the_report(beyond_run):
     out = beyond_run
@@ -164,9 +154,9 @@ def test_quick_baselines_rounds_and_study_fill_the_report(beyond_run):
 
 
 @pytest.mark.slow
-def test_dpo_resume_is_bit_identical(beyond_run, tmp_path):
-    args = [sys.executable, "train_dpo.py", "--init", str(beyond_run / "sft" / "ckpt.pt"), "--comparisons",
-            str(beyond_run / "rm" / "comparisons.jsonl"), "--world_scale", "0.01", "--max_steps", "4"]
+def test_dpo_resume_is_bit_identical(quick_run, tmp_path):
+    args = [sys.executable, "train_dpo.py", "--init", str(quick_run / "sft" / "ckpt.pt"), "--comparisons",
+            str(quick_run / "rm" / "comparisons.jsonl"), "--world_scale", "0.01", "--max_steps", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = subprocess.run(args + ["--out", str(tmp_path / "a")], cwd=ROOT, capture_output=True, text=True, env=env)
     half = subprocess.run(args[:-1] + ["2", "--out", str(tmp_path / "b")], cwd=ROOT, capture_output=True, text=True,

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from conftest import run_py
 from nanorlhf.evaluation import win_rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,11 +19,8 @@ def test_win_rate_by_hand():
 
 
 @pytest.mark.slow
-def test_quick_pipeline_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "run.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=900)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+def test_quick_pipeline_end_to_end(quick_run):
+    out = quick_run
     for stage in ("base", "sft", "rm", "ppo", "ppo_ptx", "study_kl0.01", "study_kl0.3"):  # the study is on by default
         assert (out / stage / "ckpt.pt").exists(), stage
     results = json.loads((out / "results.json").read_text())
@@ -36,10 +34,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     for png in ("win_rates.png", "overoptimization.png", "training.png"):
         assert (out / png).stat().st_size > 1000, png
     # a second run finds every checkpoint and skips all training stages
-    again = subprocess.run([sys.executable, "run.py", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("checkpoint exists, skipped") == 7
+    assert run_py("--out", str(out), timeout=300).count("checkpoint exists, skipped") == 7
 
 
 def test_eval_of_a_folder_without_checkpoints_exits_with_one_line(tmp_path):
