@@ -1,6 +1,6 @@
 """Benchmark of the RLHF hot path: workload W1 (one PPO batch, eager vs compiled) and log-prob peak memory.
 
-W1 (performance.md): a GPT-2-style model of 4 layers, d_model 128, 4 heads, vocab 2048, context 64, randomly
+W1, the CPU PPO workload: a GPT-2-style model of 4 layers, d_model 128, 4 heads, vocab 2048, context 64, randomly
 initialized as policy, frozen reference, reward model and value model. One PPO batch = 64 prompts of 32 tokens →
 32 new tokens each (temperature 1, full softmax, no early stop: the EOS id is one that is never sampled) → score
 (reference and old log-probs, RM score, values) → 4 PPO epochs × 4 minibatches of 16, updating policy and value.
@@ -30,7 +30,7 @@ from nanorlhf.common import get_device, lm_loss, peak_flops
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
 
-PEER_SECONDS = 3.4  # TRL 0.24 PPOTrainer on W1, this kind of 2-core machine (performance.md)
+PEER_SECONDS = 3.4  # TRL 0.24 PPOTrainer on W1, this kind of 2-core machine (measured by an earlier session)
 GOAL_SECONDS = 1.9
 
 

@@ -246,7 +246,7 @@ def ppo_losses(policy, value_model, mb, P, ptx_ids, cfg, kl_coef=0.0):
 
 def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None, ema=None, dtype="float32",
                kl_coef=0.0):
-    """cfg.ppo_epochs passes over the batch in shuffled minibatches; returns stats averaged over all minibatches.
+    """cfg.ppo_epochs passes over the batch in shuffled minibatches; returns stats averaged over all micro-batches.
 
     Several ranks: `b` is this rank's share of the rollouts and a minibatch is cfg.minibatch_size episodes over all
     ranks. Each minibatch is cfg.grad_accum micro-batches; a micro-batch's loss (means over its response tokens) is

@@ -6,7 +6,7 @@ Real RLHF can only be judged by more humans. Here the humans are a program, so e
 - instruction prompts in InstructGPT's categories (open QA, arithmetic, generation, rewriting,
   classification, closed QA) plus the three the paper names as hard: false premises, harmful requests and
   several constraints at once;
-- a gold judge `gold_score(prompt, response)` (the hidden true preference, a weighted sum of hand-checkable
+- a gold judge `gold_score(prompt, response, finished)` (the hidden true preference, a weighted sum of hand-checkable
   components), simulated labelers who rank responses through noise and a mild bias, and demonstrations that
   are good but imperfect, so that SFT has headroom and RLHF has something to fix.
 Everything is deterministic given the seed.
