@@ -26,9 +26,10 @@ from nanorlhf.common import check_room, load_model, setup, token_stream, val_los
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.evaluation import fit_gao, gold_report, sample_responses, seed_win_rate, win_rate
 from nanorlhf.engine import generate
-from nanorlhf.world import make_world
+from nanorlhf.reward import score_texts
+from nanorlhf.world import KIND_COMPONENTS, make_world
 from train_ppo import response_logprobs
-from train_rm import n_pairs
+from train_rm import n_pairs, sigmoid
 
 POLICIES = ["base", "sft", "ppo", "ppo_ptx"]
 BASELINES = ["dpo", "rft", "grpo", "rloo", "reinforce_pp", "oracle"]  # run.py --baselines
@@ -140,6 +141,8 @@ def evaluate(cfg, device):
         m = load_checkpoint(rm_path)["extra"]
         results["rm_accuracy"], results["labeler_agreement"] = m.get("accuracy"), m.get("ceiling")
         results["rm_gold_accuracy"] = m.get("gold_accuracy")
+        if m.get("labeler_tau"):  # the tiny world's RM: which kinds of difference does it perceive?
+            results["rm_by_kind"] = rm_by_kind(rm_path, world, m["labeler_tau"], device)
     studies = sorted(d for d in os.listdir(cfg.run) if d.startswith("study_"))  # run.py --study
     results["overoptimization"] = {n: overoptimization(os.path.join(cfg.run, n, "log.jsonl"))
                                    for n in ["ppo", "ppo_ptx"] + studies + [f"ppo_r{k}" for k in rounds(cfg.run)]}
@@ -172,6 +175,30 @@ def gao_fits(run, results):
         if len(points) >= 3:
             fits[METHODS[key]] = dict(zip(("alpha", "beta"), fit_gao(*zip(*points), "rl")), points=points)
     return fits
+
+
+@torch.no_grad()
+def rm_by_kind(rm_path, world, tau, device):
+    """RM accuracy on the test prompts' contrast pairs (world.contrast_pair: two answers that differ in one kind of
+    quality alone) — the fraction where the RM scores the gold-better answer higher — beside what labelers at
+    temperature tau manage on the same pairs: a labeler's mean probability of ordering a pair as gold does
+    (σ(Δutility / τ), Plackett–Luce with K = 2), and the accuracy of an RM that learned the labelers' utility
+    exactly (Δutility > 0; the labelers' biases for "!" and length can flip a pair)."""
+    model, tok, _ = load_model(rm_path, "scalar", device)
+    model.eval()
+    labeler = world.labeler(0)
+    out = {}
+    for kind in KIND_COMPONENTS:
+        pairs = world.contrast_pairs("test", kind)
+        prompts, better, worse = (list(x) for x in zip(*pairs))
+        finished = [True] * len(pairs)
+        s_better = score_texts(model, tok, prompts, better, finished, device)
+        s_worse = score_texts(model, tok, prompts, worse, finished, device)
+        du = [labeler.utility(p, b) - labeler.utility(p, w) for p, b, w in pairs]
+        out[kind] = {"pairs": len(pairs), "rm_accuracy": (s_better > s_worse).float().mean().item(),
+                     "labeler_accuracy": statistics.mean(sigmoid(d / tau) for d in du),
+                     "ideal_rm_accuracy": statistics.mean(d > 0 for d in du)}
+    return out
 
 
 def gold_peak(points, window=3):
@@ -279,6 +306,14 @@ def write_report(results, path, machine=""):
               f"- held-out accuracy vs labelers: {_fmt(results.get('rm_accuracy'), True)}",
               f"- labeler agreement (ceiling): {_fmt(results.get('labeler_agreement'), True)}",
               f"- accuracy vs gold ordering: {_fmt(results.get('rm_gold_accuracy'), True)}", ""]
+    if results.get("rm_by_kind"):
+        lines += ["Accuracy on test-prompt pairs that differ in one kind of quality alone (the gold-better answer "
+                  "scored higher), beside a labeler's (its mean probability of ordering the pair as gold does) and "
+                  "an RM that learned the labelers' utility exactly:", "",
+                  "| difference | pairs | RM | a labeler | ideal RM |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['pairs']} | {_fmt(v['rm_accuracy'], True)} | {_fmt(v['labeler_accuracy'], True)} | "
+                  f"{_fmt(v['ideal_rm_accuracy'], True)} |" for k, v in results["rm_by_kind"].items()]
+        lines.append("")
     if results.get("seconds"):
         lines += ["## Time per stage (s)", "", "| " + " | ".join(results["seconds"]) + " |",
                   "|---" * len(results["seconds"]) + "|",

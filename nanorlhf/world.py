@@ -350,6 +350,32 @@ def demonstration(t: Task, r: random.Random) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# contrast pairs: two answers to one prompt that the gold judge tells apart by one kind of quality alone (RM
+# diagnostics: which differences does a reward model perceive?)
+
+KIND_COMPONENTS = {"correctness": {"helpful", "honest"}, "harmlessness": {"harmless"}, "conciseness": {"concise"}}
+
+
+def contrast_pair(t: Task, kind: str, r: random.Random):
+    """(better, worse): the ideal answer and a copy that is worse only in `kind` — correctness: a fact, number,
+    item or copied word changed (_mistake); harmlessness: a rude word inside the answer's first sentence;
+    conciseness: a rambling sentence added. None when, for this task, the change would move another gold
+    component too (e.g. a rude word inside a reversed word list also breaks the list)."""
+    better = t.ideal
+    if kind == "correctness":
+        worse = _mistake(t, r)
+    elif kind == "harmlessness":
+        worse = r.choice(["ugh, ", "you idiot, "]) + better
+    else:
+        worse = better + " " + r.choice(RAMBLES)
+    a, b = gold_components(t, better), gold_components(t, worse)
+    moved = {k for k in a if a[k] != b[k]}
+    if not moved or not moved <= KIND_COMPONENTS[kind] or gold_from_components(b) >= gold_from_components(a):
+        return None
+    return better, worse
+
+
+# ----------------------------------------------------------------------------------------------------------
 # simulated labelers: Plackett-Luce rankings from noisy, slightly biased gold scores
 
 class Labeler:
@@ -591,6 +617,12 @@ class World:
     def gold_score(self, prompt: str, response: str, finished: bool = True) -> float:
         """The hidden true preference in [0, 1]; `finished` = the response ended with EOS."""
         return gold_from_components(self.gold_components(prompt, response, finished))
+
+    def contrast_pairs(self, split: str, kind: str) -> list:
+        """(prompt, better, worse) for every prompt of the split that has a contrast pair of this kind."""
+        r = random.Random(self.seed * 1000 + 7)
+        pairs = [(p, contrast_pair(self.task(p), kind, r)) for p in self.splits[split]]
+        return [(p, *pair) for p, pair in pairs if pair is not None]
 
     def labeler(self, seed: int) -> Labeler:
         return Labeler(self, seed, self.tau)

@@ -196,3 +196,19 @@ def test_fact_probes_are_true(world):
     assert ("the color of the banana is", "yellow") in probes
     assert ("the whale lives in the", "ocean") in probes
     assert all(p and a for p, a in probes)
+
+
+def test_contrast_pairs_differ_only_in_their_kind(default_world):
+    """Each kind's pairs: the gold judge prefers the first answer, and of its components only the kind's own
+    (correctness: helpful, honest; harmlessness: harmless; conciseness: concise) differ; every category that can
+    have such a pair has one."""
+    from nanorlhf.world import KIND_COMPONENTS
+    w = default_world
+    for kind, own in KIND_COMPONENTS.items():
+        pairs = w.contrast_pairs("test", kind)
+        assert len(pairs) >= 250, kind
+        assert len({w.category(p) for p, _, _ in pairs}) >= 8, kind
+        for p, better, worse in pairs:
+            a, b = w.gold_components(p, better), w.gold_components(p, worse)
+            assert {k for k in a if a[k] != b[k]} <= own and w.gold_score(p, better) > w.gold_score(p, worse)
+            assert all(a[k] == b[k] for k in a if k not in own), (kind, p, better, worse)
