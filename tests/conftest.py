@@ -28,8 +28,9 @@ def quick_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def beyond_run(quick_run, tmp_path_factory):
-    """The quick run, copied, extended by `--baselines --seeds 2 --rounds 2` (its stages are skipped)."""
+    """The quick run, copied, extended by `--baselines --seeds 1 --rounds 2` (its stages are skipped; the seeds'
+    stages are tested in test_beyond without training them)."""
     out = tmp_path_factory.mktemp("beyond") / "run"
     shutil.copytree(quick_run, out)
-    run_py("--baselines", "--seeds", "2", "--rounds", "2", "--out", str(out))
+    run_py("--baselines", "--seeds", "1", "--rounds", "2", "--out", str(out))
     return out

@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import eval as evaluate_run
+import run
 from bestofn import best_of_n
 from nanorlhf.evaluation import win_rate
 from nanorlhf.model import GPT, GPTConfig
@@ -118,15 +120,11 @@ def test_quick_baselines_rounds_and_study_fill_the_report(beyond_run):
     for row in results["methods"]:
         assert 0 <= row["win_rate"] <= 1 and row["minutes"] > 0 and row["labels"], row
         assert row["win_rate_ci"][0] <= row["win_rate"] <= row["win_rate_ci"][1]
-        assert row["seeds"] == (2 if row["method"] in trained else 1)
-        if row["seeds"] == 2:  # the mean over seeds lies within their range
-            assert row["seed_range"][0] <= row["win_rate"] <= row["seed_range"][1]
+        assert row["seeds"] == 1
     assert results["methods"][0]["win_rate"] == 0.5 and results["methods"][0]["kl"] == 0.0
     assert [r["n"] for r in results["best_of_n"]["by_n"].values()] == [1, 2, 4, 8, 16, 32, 64]
     assert results["best_of_n"]["draws"] == 2  # as many draws per prompt as eval.py's --samples
     assert "best-of-N" in results["gao_fits"] and (out / "gao_fits.png").exists()
-    seeds = {torch.load(out / n / "ckpt.pt", weights_only=True)["config"]["seed"] for n in ("grpo", "grpo_s2")}
-    assert seeds == {1337, 1338}
     # iterated RLHF: round 2's RM saw round 1's comparisons plus new ones, sampled by round 1's policy
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     r1, r2 = results["rounds"]
@@ -151,6 +149,29 @@ def test_quick_baselines_rounds_and_study_fill_the_report(beyond_run):
     report = (out / "report.md").read_text()
     for section in ("Methods on the same label budget", "Best-of-N", "Iterated RLHF", "where gold peaks", "Gao et al."):
         assert section in report
+
+
+def test_seeds_run_every_method_again_with_the_next_seeds(tmp_path):
+    """--baselines --seeds 3: each trained method's stages are method, method_s2, method_s3 with seeds s, s + 1,
+    s + 2 and otherwise the same flags (PPO and PPO-ptx: the first seed is the pipeline's own stage); eval finds
+    the seeds' folders."""
+    cfg = run.parse_config(run.RunConfig, ["--baselines", "--seeds", "3", "--out", str(tmp_path)])
+    stages = run.beyond_stages(cfg)
+
+    def parsed(argv):  # (the last --seed, the other flags as a sorted list without --out and --seed)
+        drop = {i + d for i, x in enumerate(argv) if x in ("--out", "--seed") for d in (0, 1)}
+        seed = int(argv[len(argv) - argv[::-1].index("--seed")])
+        return seed, sorted(x for i, x in enumerate(argv) if i not in drop)
+
+    for key in ("grpo", "rloo", "reinforce_pp", "oracle", "dpo", "rft", "ppo", "ppo_ptx"):
+        names = [key, f"{key}_s2", f"{key}_s3"]
+        runs = [parsed(stages[n][2]() if n in stages else run.stage_args(cfg, n, run.STAGES[n][1])) for n in names]
+        assert [s for s, _ in runs] == [1337, 1338, 1339], key
+        assert runs[0][1] == runs[1][1] == runs[2][1], key
+    for name in ("grpo", "grpo_s2", "grpo_s3"):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "ckpt.pt").write_bytes(b"")
+    assert evaluate_run.seed_runs(str(tmp_path), "grpo") == ["grpo", "grpo_s2", "grpo_s3"]
 
 
 @pytest.mark.slow
