@@ -5,7 +5,7 @@
     python run.py                   # 10–15 minutes on 2 CPU cores; outputs in runs/default/
     python run.py --quick           # ≈2 minutes, tiny sizes: tries the code, not the quality bar
     python run.py --device cuda     # on a GPU
-    python run.py --baselines       # + best-of-N, DPO and RFT on the same labels (beyond the paper)
+    python run.py --baselines       # + best-of-N, DPO, RFT, GRPO, RLOO, REINFORCE++ and the oracle, 3 seeds each
     python run.py --rounds 3        # iterated RLHF: 3 rounds of sample → rank → RM → PPO
     python run.py --no-study        # skip the over-optimization study (PPO twice as long at β = 0.01 and 0.3)
 
