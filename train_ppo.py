@@ -130,7 +130,7 @@ def response_values(value_model, tokens, mask, P):
 @torch.no_grad()
 def score(policy, ref_policy, value_model, tokens, mask, P, eos_id, temperature, compiled=None):
     """Everything PPO stores about a rollout batch's token ids, as tensors with batch dimension first (the RM's
-    scores come from the response text: `rollout`)."""
+    scores come from the response text: `rollout`). value_model None (critic-free estimators): values are 0."""
     response_mask = mask[:, P:]  # (B, N) real response tokens, EOS included
     last = P + response_mask.sum(1) - 1  # (B,) index of the last real token: the EOS if one was emitted
     rows = torch.arange(len(tokens), device=tokens.device)
@@ -138,7 +138,8 @@ def score(policy, ref_policy, value_model, tokens, mask, P, eos_id, temperature,
         "tokens": tokens, "mask": mask, "response_mask": response_mask,
         "logprobs": response_logprobs(policy, tokens, mask, P, temperature, compiled)[0],  # (B, N) log π_old
         "ref_logprobs": response_logprobs(ref_policy, tokens, mask, P, temperature, compiled)[0],  # (B, N) log π_SFT
-        "values": response_values(value_model, tokens, mask, P),  # (B, N) V_old
+        "values": (response_values(value_model, tokens, mask, P) if value_model is not None
+                   else torch.zeros_like(response_mask, dtype=torch.float32)),  # (B, N) V_old
         "finished": tokens[rows, last] == eos_id,  # (B,) the response ended with EOS
     }
 
@@ -148,16 +149,18 @@ def rollout(policy, ref_policy, reward_model, value_model, tok, prompts, cfg):
 
     The RM reads the decoded response text through `reward.rm_input`, as it read every response in training,
     not the sampled ids: those can be a non-canonical BPE split of the same text, or hold template tokens, which
-    the RM never saw. b["retokenized"] marks the samples whose ids differ from the RM's encoding of their text."""
+    the RM never saw. b["retokenized"] marks the samples whose ids differ from the RM's encoding of their text.
+    Critic-free estimators skip the value model; --reward gold skips the RM (main scores with the judge)."""
     gen = generate(policy, [tok.format_prompt(p) for p in prompts], cfg.max_new_tokens, tok.eos_id, tok.pad_id,
                    temperature=cfg.temperature, compiled=cfg.compile)
     P = gen.prompt_len
-    b = score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, tok.eos_id, cfg.temperature,
-              cfg.compile)
+    critic = value_model if cfg.estimator == "gae" else None
+    b = score(policy, ref_policy, critic, gen.tokens, gen.attention_mask, P, tok.eos_id, cfg.temperature, cfg.compile)
     sampled = [row[:n] for row, n in zip(gen.tokens[:, P:].tolist(), b["response_mask"].sum(1).tolist())]
     finished = b["finished"].tolist()
     responses = [tok.decode_response(ids) for ids in sampled]
-    b["scores"] = score_texts(reward_model, tok, prompts, responses, finished, gen.tokens.device).float()  # (B,)
+    if cfg.reward == "rm":
+        b["scores"] = score_texts(reward_model, tok, prompts, responses, finished, gen.tokens.device).float()  # (B,)
     b["retokenized"] = torch.tensor([ids != tok.encode(y) + [tok.eos_id] * f
                                      for ids, y, f in zip(sampled, responses, finished)], device=gen.tokens.device)
     return b, P, responses
@@ -186,7 +189,7 @@ def compute_advantages(rewards, values, response_mask, gamma, lam, compiled=Fals
 
 def estimate_advantages(rewards, final, b, cfg):
     """(advantages, returns) of a rollout batch by cfg.estimator: GAE with the value model (PPO), or one of
-    rlhf.py's critic-free estimators (their returns are the rollout's values: no value loss uses them)."""
+    rlhf.py's critic-free estimators (their returns are the rollout's zero values: no value loss uses them)."""
     m = b["response_mask"]
     if cfg.estimator == "gae":
         return compute_advantages(rewards, b["values"], m, cfg.gamma, cfg.lam, cfg.compile)
@@ -409,7 +412,7 @@ def main(argv=None):
             gold = torch.tensor([world.gold_score(p, y, f) for p, y, f in zip(batch, responses, b["finished"].tolist())],
                                 dtype=torch.float64)
             if cfg.reward == "gold":  # the oracle: the judge the labelers only approximate
-                b["scores"] = (cfg.gold_scale * gold).to(b["scores"])
+                b["scores"] = (cfg.gold_scale * gold).to(device=device, dtype=torch.float32)
         kl_coef = kl_ctl.kl_coef
         rewards, kl, final = compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                              b["response_mask"], 0.0 if cfg.estimator == "grpo" else kl_coef,
