@@ -32,9 +32,9 @@ from train_ppo import response_logprobs
 from train_rm import n_pairs, sigmoid
 
 POLICIES = ["base", "sft", "ppo", "ppo_ptx"]
-BASELINES = ["dpo", "rft", "grpo", "rloo", "reinforce_pp", "oracle"]  # run.py --baselines
 METHODS = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
            "oracle": "PPO on gold (oracle)", "dpo": "DPO", "rft": "RFT"}
+BASELINES = [k for k in METHODS if k not in POLICIES]  # run.py --baselines
 RL_METHODS = ["ppo", "ppo_ptx", "grpo", "rloo", "reinforce_pp", "oracle"]  # a training curve of (KL, gold)
 
 
