@@ -32,6 +32,17 @@ def s(text):
     return {"role": "system", "content": text}
 
 
+def assert_bad_lines(path, kind, problems):
+    """Reading `path` as `kind` fails with one DataError naming every bad line as file:line: field: problem (line
+    1, the good one, not among them)."""
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, kind)
+    msg = str(e.value)
+    assert f"{len(problems)} bad line(s)" in msg and f"{path}:1:" not in msg
+    for problem in problems:
+        assert f"{path}:{problem}" in msg
+
+
 def test_one_turn_chat_is_the_prompt_response_template():
     tok = Tokenizer.load("tiny")
     assert tok.format_chat([u("what color is the pear?"), a("green.")]) == tok.format_example("what color is the pear?",
@@ -101,20 +112,15 @@ def test_bad_chat_lines_named_by_file_line_field(tmp_path):
         {"messages": [u("hi"), ["assistant", "x"]]},                  # 9: message not an object
         {"messages": [{"role": "bot", "content": "x"}]},              # 10: unknown role
     ])
-    with pytest.raises(DataError) as e:
-        read_jsonl(path, "sft")
-    msg = str(e.value)
-    assert "9 bad line(s)" in msg and f"{path}:1:" not in msg
-    for problem in ["2: messages[0].role: expected 'user', got 'assistant'",
-                    "3: messages[1].role: expected 'assistant', got 'user'",
-                    "4: messages[2].role: expected 'user', got 'system'",
-                    "5: messages: the last turn is 'user', expected 'assistant'",
-                    "6: messages[1].content: expected a string, got int",
-                    "7: messages[1].content: empty string",
-                    "8: messages: expected a non-empty list of messages",
-                    "9: messages[1]: expected an object with role and content, got list",
-                    "10: messages[0].role: expected 'user', got 'bot'"]:
-        assert f"{path}:{problem}" in msg
+    assert_bad_lines(path, "sft", ["2: messages[0].role: expected 'user', got 'assistant'",
+                                   "3: messages[1].role: expected 'assistant', got 'user'",
+                                   "4: messages[2].role: expected 'user', got 'system'",
+                                   "5: messages: the last turn is 'user', expected 'assistant'",
+                                   "6: messages[1].content: expected a string, got int",
+                                   "7: messages[1].content: empty string",
+                                   "8: messages: expected a non-empty list of messages",
+                                   "9: messages[1]: expected an object with role and content, got list",
+                                   "10: messages[0].role: expected 'user', got 'bot'"])
     assert read_jsonl(write(tmp_path, [good], "good.jsonl"), "sft") == [good]
 
 
@@ -129,15 +135,10 @@ def test_chat_preference_pairs(tmp_path):
         {"chosen": prompt + [a("green.")], "rejected": "look it up."},
         {"chosen": prompt + [a("green.")]},
     ])
-    with pytest.raises(DataError) as e:
-        read_jsonl(path, "rm")
-    msg = str(e.value)
-    assert "5 bad line(s)" in msg and f"{path}:1:" not in msg
-    for problem in ["2: chosen/rejected: the turns before the last assistant turn differ",
-                    "3: chosen/rejected: the same final reply",
-                    "4: chosen: the last turn is 'user', expected 'assistant'",
-                    "5: rejected: expected a non-empty list of messages", "6: rejected: missing"]:
-        assert f"{path}:{problem}" in msg
+    assert_bad_lines(path, "rm", ["2: chosen/rejected: the turns before the last assistant turn differ",
+                                  "3: chosen/rejected: the same final reply",
+                                  "4: chosen: the last turn is 'user', expected 'assistant'",
+                                  "5: rejected: expected a non-empty list of messages", "6: rejected: missing"])
     [rec] = read_jsonl(write(tmp_path, [good], "good.jsonl"), "rm")
     assert rec == {"prompt": prompt, "responses": ["green.", "look it up."], "ranking": [0, 1]}
     # the RM scores the whole conversation: the prompt turns, then each final reply and its EOS
