@@ -8,6 +8,7 @@ A single process (no WORLD_SIZE, or WORLD_SIZE=1) never touches torch.distribute
 
     torchrun --nproc_per_node 4 train_sft.py --data demos.jsonl --init gpt2_folder --device cuda
 """
+import atexit
 import contextlib
 import functools
 import os
@@ -27,6 +28,9 @@ def init(device):
         if torch.device(device).type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         td.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        # leave the group before the interpreter exits, however the script ends: a process that exits with the
+        # group alive can abort in the backend's threads ("terminate called without an active exception")
+        atexit.register(close)
         if not is_main():
             sys.stdout = open(os.devnull, "w")
 
