@@ -96,6 +96,8 @@ def evaluate(cfg, device):
     results = {"gold_score": {}, "gold_components": {}, "gold_by_category": {}, "win_rate_vs_sft": {},
                "win_rate_ci": {}, "pretrain_val_loss": {}, "eos_fraction": {}, "examples": {}, "kl_from_sft": {}}
     per_prompt = {}
+    rm_path = os.path.join(cfg.run, "rm", "ckpt.pt")
+    rm, rm_tok, _ = load_model(rm_path, "scalar", device) if os.path.exists(rm_path) else (None, None, None)
     sft_path = os.path.join(cfg.run, "sft", "ckpt.pt")
     sft = load_model(sft_path, "lm", device)[0] if os.path.exists(sft_path) else None
     extra_seeds = [n for key in METHODS for n in seed_runs(cfg.run, key)[1:]]
@@ -118,6 +120,12 @@ def evaluate(cfg, device):
         results["eos_fraction"][name] = rep["eos_fraction"]
         results["examples"][name] = [{"prompt": p, "response": y, "gold": s}
                                      for p, (y, _), s in list(zip(reps, responses, rep["scores"]))[:12:cfg.samples]]
+        if rm is not None:
+            with torch.no_grad():
+                rm_scores = score_texts(rm.eval(), rm_tok, reps, [y for y, _ in responses], [f for _, f in responses],
+                                        device)
+            results.setdefault("rm_on_samples", {})[name] = rm_sample_accuracy(rep["scores"], rm_scores.tolist(),
+                                                                               cfg.samples)
         stream = token_stream(tok, val_docs)
         results["pretrain_val_loss"][name] = val_loss(model, stream, model.config.block_size, device)
         if sft is not None:
@@ -136,8 +144,7 @@ def evaluate(cfg, device):
             rate, (lo, hi) = win_rate(scores, per_prompt["sft"], cfg.seed, cfg.bootstrap)
             results["win_rate_vs_sft"][name], results["win_rate_ci"][name] = rate, [lo, hi]
             print(f"{name}: win rate vs SFT {rate:.1%} (95% CI {lo:.1%}-{hi:.1%})")
-    rm_path = os.path.join(cfg.run, "rm", "ckpt.pt")
-    if os.path.exists(rm_path):
+    if rm is not None:
         m = load_checkpoint(rm_path)["extra"]
         results["rm_accuracy"], results["labeler_agreement"] = m.get("accuracy"), m.get("ceiling")
         results["rm_gold_accuracy"] = m.get("gold_accuracy")
@@ -199,6 +206,20 @@ def rm_by_kind(rm_path, world, tau, device):
                      "labeler_accuracy": statistics.mean(sigmoid(d / tau) for d in du),
                      "ideal_rm_accuracy": statistics.mean(d > 0 for d in du)}
     return out
+
+
+def rm_sample_accuracy(gold, rm_scores, k):
+    """The RM's accuracy on a policy's own samples: over the pairs among each prompt's k draws (consecutive in
+    both lists) whose gold scores differ, the fraction the RM orders as gold does. On PPO's samples it shows
+    whether the RM still tells better from worse where the policy has moved (over-optimization starts there)."""
+    right = pairs = 0
+    for start in range(0, len(gold), k):
+        for i in range(start, start + k):
+            for j in range(i + 1, start + k):
+                if gold[i] != gold[j]:
+                    pairs += 1
+                    right += 0.5 if rm_scores[i] == rm_scores[j] else (gold[i] > gold[j]) == (rm_scores[i] > rm_scores[j])
+    return {"pairs": pairs, "accuracy": right / pairs if pairs else None}
 
 
 def gold_peak(points, window=3):
@@ -313,6 +334,12 @@ def write_report(results, path, machine=""):
                   "| difference | pairs | RM | a labeler | ideal RM |", "|---|---|---|---|---|"]
         lines += [f"| {k} | {v['pairs']} | {_fmt(v['rm_accuracy'], True)} | {_fmt(v['labeler_accuracy'], True)} | "
                   f"{_fmt(v['ideal_rm_accuracy'], True)} |" for k, v in results["rm_by_kind"].items()]
+        lines.append("")
+    if results.get("rm_on_samples"):
+        lines += ["Accuracy on each policy's own samples (pairs of a test prompt's draws whose gold differs, ordered "
+                  "as gold orders them):", "", "| policy | pairs | RM accuracy |", "|---|---|---|"]
+        lines += [f"| {n} | {v['pairs']} | {_fmt(v['accuracy'], True)} |" for n, v in results["rm_on_samples"].items()
+                  if n in POLICIES]
         lines.append("")
     if results.get("seconds"):
         lines += ["## Time per stage (s)", "", "| " + " | ".join(results["seconds"]) + " |",

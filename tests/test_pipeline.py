@@ -18,6 +18,18 @@ def test_win_rate_by_hand():
     assert win_rate([0.3] * 5, [0.3] * 5) == (0.5, [0.5, 0.5])
 
 
+def test_rm_sample_accuracy_by_hand():
+    from eval import rm_sample_accuracy
+    # two prompts, three draws each; prompt 1: gold 1 > 0 > -1, RM agrees on 2 of 3 pairs; prompt 2: gold ties
+    # on (0, 2) (not a pair), RM ties on (0, 1) (half right), and orders (1, 2) against gold
+    gold = [1.0, 0.0, -1.0, 0.5, 0.2, 0.5]
+    rm = [0.3, 0.9, -2.0, 0.1, 0.1, 0.0]
+    on = rm_sample_accuracy(gold, rm, 3)
+    assert on["pairs"] == 3 + 2
+    assert on["accuracy"] == pytest.approx((2 + 0.5 + 0) / 5)
+    assert rm_sample_accuracy([0.0, 0.0], [1.0, 2.0], 2) == {"pairs": 0, "accuracy": None}
+
+
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(quick_run):
     out = quick_run
@@ -29,6 +41,9 @@ def test_quick_pipeline_end_to_end(quick_run):
     assert set(results["gold_score"]) == {"base", "sft", "ppo", "ppo_ptx"}
     assert results["win_rate_vs_sft"]["sft"] == 0.5  # SFT against itself: every prompt a tie
     assert set(results["seconds"]) >= {"base", "sft", "rm", "ppo", "ppo_ptx"}
+    for name in ("sft", "ppo", "ppo_ptx"):  # the RM judged on each policy's own samples (2 draws a prompt)
+        on = results["rm_on_samples"][name]
+        assert on["pairs"] > 0 and 0 <= on["accuracy"] <= 1
     report = (out / "report.md").read_text()
     assert "win rate vs SFT" in report and "ppo_ptx" in report
     for png in ("win_rates.png", "overoptimization.png", "training.png"):
