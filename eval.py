@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nanorlhf.checkpoint import load_checkpoint
-from nanorlhf.common import check_room, load_model, setup, token_stream, val_loss
+from nanorlhf.common import check_room, load_model, pad, sequence_logprobs, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.evaluation import fit_gao, gold_report, sample_responses, seed_win_rate, win_rate
 from nanorlhf.engine import generate
@@ -149,7 +149,7 @@ def evaluate(cfg, device):
         results["rm_accuracy"], results["labeler_agreement"] = m.get("accuracy"), m.get("ceiling")
         results["rm_gold_accuracy"] = m.get("gold_accuracy")
         if m.get("labeler_tau"):  # the tiny world's RM: which kinds of difference does it perceive?
-            results["rm_by_kind"] = rm_by_kind(rm_path, world, m["labeler_tau"], device)
+            results["rm_by_kind"] = rm_by_kind(rm_path, world, m["labeler_tau"], device, sft)
     studies = sorted(d for d in os.listdir(cfg.run) if d.startswith("study_"))  # run.py --study
     results["overoptimization"] = {n: overoptimization(os.path.join(cfg.run, n, "log.jsonl"))
                                    for n in ["ppo", "ppo_ptx"] + studies + [f"ppo_r{k}" for k in rounds(cfg.run)]}
@@ -185,12 +185,14 @@ def gao_fits(run, results):
 
 
 @torch.no_grad()
-def rm_by_kind(rm_path, world, tau, device):
+def rm_by_kind(rm_path, world, tau, device, lm=None):
     """RM accuracy on the test prompts' contrast pairs (world.contrast_pair: two answers that differ in one kind of
     quality alone) — the fraction where the RM scores the gold-better answer higher — beside what labelers at
     temperature tau manage on the same pairs: a labeler's mean probability of ordering a pair as gold does
     (σ(Δutility / τ), Plackett–Luce with K = 2), and the accuracy of an RM that learned the labelers' utility
-    exactly (Δutility > 0; the labelers' biases for "!" and length can flip a pair)."""
+    exactly (Δutility > 0; the labelers' biases for "!" and length can flip a pair). With `lm` (the SFT model that
+    the RM's trunk starts from): how often its likelihood log π(y | x) is higher for the better answer — whether the
+    knowledge the RM needs is in the trunk it starts from."""
     model, tok, _ = load_model(rm_path, "scalar", device)
     model.eval()
     labeler = world.labeler(0)
@@ -199,13 +201,27 @@ def rm_by_kind(rm_path, world, tau, device):
         pairs = world.contrast_pairs("test", kind)
         prompts, better, worse = (list(x) for x in zip(*pairs))
         finished = [True] * len(pairs)
-        s_better = score_texts(model, tok, prompts, better, finished, device)
-        s_worse = score_texts(model, tok, prompts, worse, finished, device)
+        with torch.no_grad():
+            s_better = score_texts(model, tok, prompts, better, finished, device)
+            s_worse = score_texts(model, tok, prompts, worse, finished, device)
         du = [labeler.utility(p, b) - labeler.utility(p, w) for p, b, w in pairs]
         out[kind] = {"pairs": len(pairs), "rm_accuracy": (s_better > s_worse).float().mean().item(),
                      "labeler_accuracy": statistics.mean(sigmoid(d / tau) for d in du),
                      "ideal_rm_accuracy": statistics.mean(d > 0 for d in du)}
+        if lm is not None:
+            lm_better, lm_worse = (response_likelihood(lm, tok, prompts, ys, device) for ys in (better, worse))
+            out[kind]["sft_likelihood_accuracy"] = (lm_better > lm_worse).float().mean().item()
     return out
+
+
+@torch.no_grad()
+def response_likelihood(model, tok, prompts, responses, device):
+    """log π(y | x) of each finished response (EOS included) after its templated prompt: (B,)."""
+    model.eval()
+    seqs = [tok.format_example(p, y) for p, y in zip(prompts, responses)]
+    ids, _ = pad([s for s, _ in seqs], tok.pad_id, device=device)  # (B, T) right-padded
+    loss_mask, _ = pad([m for _, m in seqs], 0, device=device)  # (B, T) 1 on the response and its EOS
+    return (sequence_logprobs(model, ids) * loss_mask[:, 1:]).sum(1)
 
 
 def rm_sample_accuracy(gold, rm_scores, k):
@@ -330,10 +346,12 @@ def write_report(results, path, machine=""):
     if results.get("rm_by_kind"):
         lines += ["Accuracy on test-prompt pairs that differ in one kind of quality alone (the gold-better answer "
                   "scored higher), beside a labeler's (its mean probability of ordering the pair as gold does) and "
-                  "an RM that learned the labelers' utility exactly:", "",
-                  "| difference | pairs | RM | a labeler | ideal RM |", "|---|---|---|---|---|"]
+                  "an RM that learned the labelers' utility exactly, and the SFT model's own likelihood log π(y | x) (does the trunk "
+                  "the RM starts from know which answer is better?):", "",
+                  "| difference | pairs | RM | a labeler | ideal RM | SFT's likelihood |", "|---|---|---|---|---|---|"]
         lines += [f"| {k} | {v['pairs']} | {_fmt(v['rm_accuracy'], True)} | {_fmt(v['labeler_accuracy'], True)} | "
-                  f"{_fmt(v['ideal_rm_accuracy'], True)} |" for k, v in results["rm_by_kind"].items()]
+                  f"{_fmt(v['ideal_rm_accuracy'], True)} | {_fmt(v.get('sft_likelihood_accuracy'), True)} |"
+                  for k, v in results["rm_by_kind"].items()]
         lines.append("")
     if results.get("rm_on_samples"):
         lines += ["Accuracy on each policy's own samples (pairs of a test prompt's draws whose gold differs, ordered "

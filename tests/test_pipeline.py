@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import run_py
 from nanorlhf.evaluation import win_rate
@@ -16,6 +17,23 @@ def test_win_rate_by_hand():
     assert rate == pytest.approx((1 + 0 + 0.5 + 1) / 4)  # a tie counts 1/2
     assert 0.0 <= lo <= rate <= hi <= 1.0
     assert win_rate([0.3] * 5, [0.3] * 5) == (0.5, [0.5, 0.5])
+
+
+def test_response_likelihood_is_the_sum_of_the_response_tokens_logprobs():
+    from eval import response_likelihood
+    from nanorlhf.model import GPT, GPTConfig
+    from nanorlhf.tokenizer import Tokenizer
+    tok = Tokenizer.load("tiny")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)).eval()
+    prompts, responses = ["what is 3 plus 4?", "name a red fruit."], ["7.", "the apple is red, i think!"]
+    got = response_likelihood(model, tok, prompts, responses, "cpu")
+    for i, (p, y) in enumerate(zip(prompts, responses)):  # one unpadded sequence at a time, full log-softmax
+        prompt = tok.format_prompt(p)
+        ids = torch.tensor([prompt + tok.encode(y) + [tok.eos_id]])
+        logp = torch.log_softmax(model(ids)[0].double(), -1)
+        want = sum(logp[t - 1, ids[0, t]].item() for t in range(len(prompt), ids.shape[1]))
+        assert got[i].item() == pytest.approx(want, abs=1e-4)
 
 
 def test_rm_sample_accuracy_by_hand():
@@ -44,6 +62,8 @@ def test_quick_pipeline_end_to_end(quick_run):
     for name in ("sft", "ppo", "ppo_ptx"):  # the RM judged on each policy's own samples (2 draws a prompt)
         on = results["rm_on_samples"][name]
         assert on["pairs"] > 0 and 0 <= on["accuracy"] <= 1
+    for kind in ("correctness", "harmlessness", "conciseness"):
+        assert 0 <= results["rm_by_kind"][kind]["sft_likelihood_accuracy"] <= 1
     report = (out / "report.md").read_text()
     assert "win rate vs SFT" in report and "ppo_ptx" in report
     for png in ("win_rates.png", "overoptimization.png", "training.png"):
