@@ -45,6 +45,8 @@ class EvalConfig(CommonConfig):
     max_new_tokens: int = arg(48, "response length limit", low=1)
     temperature: float = arg(1.0, "sampling temperature for every model", positive=True)
     bootstrap: int = arg(1000, "bootstrap resamples for the 95% intervals", low=1)
+    rms: list[str] = arg([], "reward-model checkpoints (tiny world) to compare instead of a run: held-out accuracy "
+                            "against the labelers and its ceiling, and the accuracy on each kind of contrast pair")
 
 
 def overoptimization(log_path):
@@ -515,9 +517,28 @@ def _save(fig, plt, run, name):
     return path
 
 
+def rm_table(paths, world, device):
+    """One row per reward model (the lever table of the README): the accuracies train_rm.py measured on its
+    held-out rankings, and rm_by_kind's on the test prompts' contrast pairs."""
+    lines = ["| reward model | held-out accuracy (ceiling) | vs gold ordering | correctness | harmlessness | "
+             "conciseness |", "|---|---|---|---|---|---|"]
+    for path in paths:
+        m = load_checkpoint(path)["extra"]
+        if not m.get("labeler_tau"):
+            raise SystemExit(f"--rms {path}: not a reward model trained on the tiny world's labels")
+        kinds = rm_by_kind(path, world, m["labeler_tau"], device)
+        lines.append(f"| {path} | {_fmt(m['accuracy'], True)} ({_fmt(m['ceiling'], True)}) | "
+                     f"{_fmt(m['gold_accuracy'], True)} | "
+                     + " | ".join(_fmt(kinds[k]["rm_accuracy"], True) for k in KIND_COMPONENTS) + " |")
+        print(lines[-1])
+    return lines
+
+
 def main(argv=None):
     cfg = parse_config(EvalConfig, argv)
     device = setup(cfg)
+    if cfg.rms:
+        return "\n".join(rm_table(cfg.rms, make_world(cfg.world_seed, cfg.world_scale), device))
     found = [n for n in POLICIES + BASELINES if os.path.exists(os.path.join(cfg.run, n, "ckpt.pt"))]
     if not found:
         raise SystemExit(f"--run {cfg.run}: no checkpoints to evaluate (expected the --out folder of run.py, "

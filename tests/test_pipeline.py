@@ -64,6 +64,15 @@ def test_quick_pipeline_end_to_end(quick_run):
         assert on["pairs"] > 0 and 0 <= on["accuracy"] <= 1
     for kind in ("correctness", "harmlessness", "conciseness"):
         assert 0 <= results["rm_by_kind"][kind]["sft_likelihood_accuracy"] <= 1
+    # eval.py --rms: the RM alone, the same accuracies as in the run's report
+    from eval import main as eval_main
+    row = eval_main(["--rms", str(out / "rm" / "ckpt.pt"), "--world_scale", "0.01"]).splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{results['rm_accuracy']:.1%} ({results['labeler_agreement']:.1%})"
+    assert cells[3:] == [f"{results['rm_by_kind'][k]['rm_accuracy']:.1%}" for k in ("correctness", "harmlessness",
+                                                                                     "conciseness")]
+    with pytest.raises(SystemExit, match="not a reward model trained on the tiny world"):
+        eval_main(["--rms", str(out / "sft" / "ckpt.pt"), "--world_scale", "0.01"])
     report = (out / "report.md").read_text()
     assert "win rate vs SFT" in report and "ppo_ptx" in report
     for png in ("win_rates.png", "overoptimization.png", "training.png"):
