@@ -182,6 +182,7 @@ def peer_run(w, device, batches, threads):
     finally:
         proc.stdin.close()  # EOF: the peer ends its run
         proc.wait()
+        proc.stdout.close()
         stderr.close()
 
 
@@ -214,15 +215,16 @@ def report_ppo(w, device, batches, peer=False, threads=2):
     flops = train_ppo.batch_flops(models[0], models[3], w.prompts, T, w.prompt_len, w.ppo_epochs)
     total = sum(flops.values())
     del models
-    medians = {}
+    medians, per_batch = {}, {}
     for name, times in bench_ppo(w, device, batches, peer, threads).items():
-        per_batch = [sum(t) for t in times]
-        sec = medians[name] = statistics.median(per_batch)
-        who = "peer (TRL 0.24 PPOTrainer)" if name == "peer" else name
-        print(f"{w.name} {who}: {sec:.3f} s/batch (median of {batches}: " + ", ".join(f"{t:.3f}" for t in per_batch)
-              + f") | {w.prompts * T / sec:,.0f} tokens/s | {total / 1e9:,.0f} GFLOP | "
-              f"MFU {100 * total / sec / peak:.1f}%")
-        if name != "peer":
+        per_batch[name] = [sum(t) for t in times]
+        sec = medians[name] = statistics.median(per_batch[name])
+        line = (f"{w.name} {name}: {sec:.3f} s/batch (median of {batches}: "
+                + ", ".join(f"{t:.3f}" for t in per_batch[name]) + f") | {w.prompts * T / sec:,.0f} tokens/s")
+        if name == "peer":  # it runs more FLOPs than nanorlhf's count (logits at every position): no MFU
+            print(line + " | TRL 0.24.0 PPOTrainer (bench_peer.py)")
+        else:
+            print(line + f" | {total / 1e9:,.0f} GFLOP | MFU {100 * total / sec / peak:.1f}%")
             for i, (stage, f) in enumerate(flops.items()):
                 t = statistics.median(t[i] for t in times)
                 print(f"    {stage:10s} {t:.3f} s  {f / 1e9:6.1f} GFLOP  {f / t / 1e9:6.1f} GFLOP/s  "
@@ -233,7 +235,9 @@ def report_ppo(w, device, batches, peer=False, threads=2):
             ratio = medians["peer"] / medians[mode]
             met = mode in goals and ratio >= goals[mode]
             goal = f"; goal ≥ {goals[mode]}×: {'met' if met else 'NOT met'}" if mode in goals else ""
-            print(f"{w.name} {mode}: {ratio:.2f}× the peer's speed (peer s/batch ÷ nanorlhf s/batch){goal}")
+            rounds = ", ".join(f"{p / t:.2f}" for p, t in zip(per_batch["peer"], per_batch[mode]))
+            print(f"{w.name} {mode}: {ratio:.2f}× the peer's speed (peer s/batch ÷ nanorlhf s/batch; batch by batch: "
+                  f"{rounds}){goal}")
     return medians
 
 

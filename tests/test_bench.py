@@ -90,6 +90,16 @@ def test_peer_in_lockstep_returns_one_time_per_batch_and_ends():
     assert all(len(t) == 1 and t[0] > 0 for t in times)
 
 
+@needs_trl
+@pytest.mark.slow
+def test_report_with_the_peer_prints_both_ratios_and_the_cpu_goals(capsys):
+    medians = bench.report_ppo(bench.tiny(bench.W1), CPU, batches=1, peer=True, threads=1)
+    assert set(medians) == {"eager", "compiled", "peer"}
+    out = capsys.readouterr().out
+    assert "W1-tiny eager: " in out and "× the peer's speed" in out
+    assert "goal ≥ 1.5×" in out and "goal ≥ 2.0×" in out  # W1's goals are for the CPU
+
+
 def test_peer_flag_without_trl_is_one_clear_line(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit):
