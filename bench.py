@@ -1,37 +1,84 @@
-"""Benchmark of the RLHF hot path: workload W1 (one PPO batch, eager vs compiled) and log-prob peak memory.
+"""Benchmark of the RLHF hot path: PPO workloads W1 and W2 (one PPO batch, eager vs compiled, and the peer in the
+same run), log-prob peak memory, and on CUDA decode tokens/s and GPT-2 124M training MFU.
 
 W1, the CPU PPO workload: a GPT-2-style model of 4 layers, d_model 128, 4 heads, vocab 2048, context 64, randomly
 initialized as policy, frozen reference, reward model and value model. One PPO batch = 64 prompts of 32 tokens →
 32 new tokens each (temperature 1, full softmax, no early stop: the EOS id is one that is never sampled) → score
 (reference and old log-probs, RM score, values) → 4 PPO epochs × 4 minibatches of 16, updating policy and value.
-It runs train_ppo's own functions (generate → score → compute_rewards / compute_advantages → ppo_update), so it
-measures the real code. Time = wall seconds per batch after one warm-up batch (which also pays for compiling);
-the eager and the compiled run take turns batch by batch. Compiled = train_ppo --compile: the compiled transformer
-(kernels.compile_model), decode step, log-probs, PPO loss and GAE, fused Adam, and inverse-CDF sampling.
+fp32 on every device.
+W2, the GPU PPO workload: the same batch on GPT-2 124M-shaped models (12 layers, d_model 768, 12 heads, vocab
+50257, context 1024): 64 prompts of 128 tokens → 128 new tokens; 4 PPO epochs × 4 minibatches of 16. bf16
+autocast on CUDA (train_ppo's default there), fp32 on CPU.
 
-    python bench.py                  # CPU: W1 eager vs compiled + log-prob peak memory at vocab 50257
-    python bench.py --device cuda    # the same, plus decode tokens/s and GPT-2 124M training MFU (bf16 autocast)
+Both run train_ppo's own functions (generate → score → compute_rewards / compute_advantages → ppo_update), so they
+measure the real code. Time = wall seconds per batch after one warm-up batch (which also pays for compiling),
+split into generation / scoring / update; the eager and the compiled run (and with --peer the peer) take turns
+batch by batch. Compiled = train_ppo --compile: the compiled transformer (kernels.compile_model), decode step,
+log-probs, PPO loss and GAE, fused Adam, and inverse-CDF sampling. The peer is TRL 0.24.0's PPOTrainer on the
+same workload (bench_peer.py, an optional dependency: requirements-peer.txt), in fp32 unless the workload is bf16;
+bench.py prints peer seconds ÷ nanorlhf seconds per batch, with the goals: W1 on CPU, eager ≥ 1.5× and compiled
+≥ 2×; W2 on CUDA, compiled ≥ 2×.
+
+    python bench.py                         # CPU: W1 eager vs compiled + log-prob peak memory at vocab 50257
+    python bench.py --peer --batches 3      # the same, and the peer's W1 batch by batch beside them: the ratios
+    python bench.py --device cuda --peer    # decode, training MFU (--train_batch 16 32), W1 and W2 with the peer
 """
 import argparse
+import contextlib
 import copy
+import importlib.util
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from dataclasses import dataclass, replace
 
 import torch
 
 import train_ppo
-from nanorlhf import kernels
+from nanorlhf import dist, kernels
 from nanorlhf.common import get_device, lm_loss, peak_flops
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
 
-PEER_SECONDS = 3.4  # TRL 0.24 PPOTrainer on W1, this kind of 2-core machine (measured by an earlier session)
-GOAL_SECONDS = 1.9
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Workload:
+    """One PPO batch on four GPT-2-style models of one shape (policy, frozen reference, reward model, value model,
+    random init): `prompts` prompts of `prompt_len` random tokens → `new_tokens` sampled tokens each (temperature 1,
+    full softmax, no early stop) → scoring → `ppo_epochs` epochs of minibatches of `minibatch` prompts."""
+    name: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab_size: int
+    block_size: int
+    prompt_len: int
+    new_tokens: int
+    prompts: int = 64
+    minibatch: int = 16
+    ppo_epochs: int = 4
+    dtype: str = "float32"  # autocast dtype: float32, or auto (bf16 on CUDA, as train_ppo runs there)
+    goals: tuple = ()  # ((mode, device type, least peer seconds / nanorlhf seconds), ...)
+
+
+W1 = Workload("W1", 4, 4, 128, 2048, 64, prompt_len=32, new_tokens=32,
+              goals=(("eager", "cpu", 1.5), ("compiled", "cpu", 2.0)))
+W2 = Workload("W2", 12, 12, 768, 50257, 1024, prompt_len=128, new_tokens=128, dtype="auto",  # GPT-2 124M
+              goals=(("compiled", "cuda", 2.0),))
+WORKLOADS = {"w1": W1, "w2": W2}
+
+
+def tiny(w):
+    """The workload's code path at a size that runs in seconds on a CPU (tests): same structure, smaller numbers."""
+    return replace(w, name=w.name + "-tiny", n_layer=2, n_head=2, n_embd=32, vocab_size=256, block_size=16,
+                   prompt_len=8, new_tokens=8, prompts=8, minibatch=4, ppo_epochs=2)
 
 
 def sync(device):
@@ -40,12 +87,13 @@ def sync(device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# W1: one PPO batch
+# W1 and W2: one PPO batch, nanorlhf eager and compiled, and the peer (bench_peer.py) in the same run
 
-def w1_models(device, seed=0):
+def ppo_models(w, device, seed=0):
     """(policy, ref_policy, reward_model, value_model), set up as train_ppo.load_models does, random init."""
     torch.manual_seed(seed)
-    config = GPTConfig(block_size=64, vocab_size=2048, n_layer=4, n_head=4, n_embd=128, dropout=0.0)
+    config = GPTConfig(block_size=w.block_size, vocab_size=w.vocab_size, n_layer=w.n_layer, n_head=w.n_head,
+                       n_embd=w.n_embd, dropout=0.0)
     policy = GPT(config).to(device)
     ref_policy = copy.deepcopy(policy).requires_grad_(False)
     reward_model = GPT(config, head="scalar").to(device).requires_grad_(False)
@@ -55,80 +103,142 @@ def w1_models(device, seed=0):
     return policy, ref_policy, reward_model, value_model
 
 
-def w1_batch(models, optimizers, prompts, cfg, step, device):
+def ppo_batch(w, models, optimizers, prompts, cfg, step, device):
     """One PPO batch through train_ppo's functions; returns seconds of (generation, scoring, update)."""
     policy, ref_policy, reward_model, value_model = models
     never = -1  # an EOS id no sampled token can equal: every response has exactly max_new_tokens tokens
     sync(device)
     t0 = time.perf_counter()
-    gen = generate(policy, prompts, cfg.max_new_tokens, never, 0, temperature=cfg.temperature, compiled=cfg.compile)
-    sync(device)
-    t1 = time.perf_counter()
-    P = gen.prompt_len
-    b = train_ppo.score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never, cfg.temperature,
-                        compiled=cfg.compile)
-    # W1 has no tokenizer (random ids), so the RM reads the sampled ids; every row is 64 real tokens
-    b["scores"] = reward_model(gen.tokens).float()[:, -1]  # (B,)
+    with dist.autocast(device, cfg.dtype):
+        gen = generate(policy, prompts, cfg.max_new_tokens, never, 0, temperature=cfg.temperature,
+                       compiled=cfg.compile)
+        sync(device)
+        t1 = time.perf_counter()
+        P = gen.prompt_len
+        b = train_ppo.score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never,
+                            cfg.temperature, compiled=cfg.compile)
+        # no tokenizer (random ids), so the RM reads the sampled ids; every row is P + N real tokens
+        b["scores"] = reward_model(gen.tokens).float()[:, -1]  # (B,)
     sync(device)
     t2 = time.perf_counter()
     rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                            b["response_mask"], cfg.kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
     b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"],
                                                                  cfg.gamma, cfg.lam, cfg.compile)
-    train_ppo.ppo_update(policy, value_model, optimizers, b, P, cfg, step)
+    train_ppo.ppo_update(policy, value_model, optimizers, b, P, cfg, step, dtype=cfg.dtype)
     sync(device)
     t3 = time.perf_counter()
-    assert gen.response_mask.all() and gen.tokens.shape == (len(prompts), 64), "W1 needs 32 + 32 tokens, no stop"
+    assert gen.response_mask.all() and gen.tokens.shape == (w.prompts, w.prompt_len + w.new_tokens), "early stop"
     return t1 - t0, t2 - t1, t3 - t2
 
 
-def w1_setup(device, compiled):
-    """Models, optimizers, config and prompt generator of one W1 run (eager or compiled), as train_ppo sets them up."""
-    models = w1_models(device)
-    cfg = train_ppo.PPOConfig(batch_size=64, minibatch_size=16, ppo_epochs=4, max_new_tokens=32, temperature=1.0,
-                              device=device.type, compile=compiled)
+def ppo_setup(w, device, compiled):
+    """A step function of one nanorlhf run (eager or compiled) of workload w, set up as train_ppo sets it up."""
+    models = ppo_models(w, device)
+    cfg = train_ppo.PPOConfig(batch_size=w.prompts, minibatch_size=w.minibatch, ppo_epochs=w.ppo_epochs,
+                              max_new_tokens=w.new_tokens, temperature=1.0, device=device.type, compile=compiled,
+                              dtype=dist.resolve_dtype(w.dtype, device))
     if compiled:
         for m in models:
             kernels.compile_model(m)
-    return models, train_ppo.make_optimizers(models[0], models[3], cfg), cfg, torch.Generator().manual_seed(1)
+    optimizers = train_ppo.make_optimizers(models[0], models[3], cfg)
+    g = torch.Generator().manual_seed(1)
+
+    def step(i):
+        prompts = torch.randint(0, w.vocab_size, (w.prompts, w.prompt_len), generator=g).tolist()
+        return ppo_batch(w, models, optimizers, prompts, cfg, i, device)
+    return step
 
 
-def bench_w1(device, batches):
-    """{"eager": [...], "compiled": [...]}: per-batch (generation, scoring, update) seconds. The two runs take turns
-    batch by batch, so a machine whose speed drifts (this one does) slows both alike; batch 0 of each is the
-    warm-up (and compiles)."""
-    runs = {"eager": w1_setup(device, False), "compiled": w1_setup(device, True)}
+@contextlib.contextmanager
+def peer_run(w, device, batches, threads):
+    """The peer (bench_peer.py) on workload w in its own process, kept in lockstep: it waits for a line on its stdin
+    before each batch and prints the batch's seconds after it. Yields a step function that runs one batch and
+    returns (seconds,)."""
+    flags = {"n_layer": w.n_layer, "n_head": w.n_head, "n_embd": w.n_embd, "vocab": w.vocab_size,
+             "block_size": w.block_size, "prompts": w.prompts, "prompt_len": w.prompt_len,
+             "new_tokens": w.new_tokens, "ppo_epochs": w.ppo_epochs, "minibatches": w.prompts // w.minibatch,
+             "batches": batches, "threads": threads, "device": device.type}
+    argv = [sys.executable, os.path.join(ROOT, "bench_peer.py"), "--lockstep"]
+    argv += [f"--{k}={v}" for k, v in flags.items()]
+    if dist.resolve_dtype(w.dtype, device) == "bfloat16":
+        argv.append("--bf16")
+    stderr = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)
+
+    def step(i):
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        for line in proc.stdout:  # PPOTrainer prints its metrics on stdout too
+            if line.startswith("peer batch seconds:"):
+                return (float(line.split(":")[1]),)
+        stderr.seek(0)
+        raise RuntimeError("the peer (bench_peer.py) stopped:\n" + stderr.read()[-3000:])
+    try:
+        yield step
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        proc.stdin.close()  # EOF: the peer ends its run
+        proc.wait()
+        proc.stdout.close()
+        stderr.close()
+
+
+def bench_ppo(w, device, batches, peer=False, threads=2):
+    """{"eager": [...], "compiled": [...], "peer": [...]}: per-batch seconds, split (generation, scoring, update)
+    for nanorlhf's. The runs take turns batch by batch, so a machine whose speed drifts (this one does) slows all
+    alike; batch 0 of each is the warm-up (and compiles)."""
+    runs = {"eager": ppo_setup(w, device, False), "compiled": ppo_setup(w, device, True)}
     times = {name: [] for name in runs}
-    for step in range(batches + 1):
-        for name, (models, optimizers, cfg, g) in runs.items():
-            prompts = torch.randint(0, 2048, (64, 32), generator=g).tolist()
-            t = w1_batch(models, optimizers, prompts, cfg, step, device)
-            if step > 0:
-                times[name].append(t)
+    with contextlib.ExitStack() as stack:
+        if peer:
+            runs["peer"], times["peer"] = stack.enter_context(peer_run(w, device, batches, threads)), []
+        for i in range(batches + 1):
+            for name, step in runs.items():
+                t = step(i)
+                if i > 0:
+                    times[name].append(t)
     return times
 
 
-def report_w1(device, batches):
+def report_ppo(w, device, batches, peer=False, threads=2):
     peak = peak_flops(device)
-    print("W1 FLOPs per batch:" + train_ppo.batch_flops.__doc__.split(":", 1)[1].rstrip("."))
+    T = w.prompt_len + w.new_tokens
+    print(f"{w.name}: {w.n_layer} layers, d {w.n_embd}, {w.n_head} heads, vocab {w.vocab_size}; {w.prompts} prompts "
+          f"× {w.prompt_len} tokens → {w.new_tokens} new; {w.ppo_epochs} epochs × {w.prompts // w.minibatch} "
+          f"minibatches of {w.minibatch}; {dist.resolve_dtype(w.dtype, device)}")
+    print(f"{w.name} FLOPs per batch:" + train_ppo.batch_flops.__doc__.split(":", 1)[1].rstrip("."))
     print(f"matmul peak (measured now, {'fp32' if device.type == 'cpu' else 'bf16'}): {peak / 1e9:,.0f} GFLOP/s")
-    models = w1_models(device)
-    flops = train_ppo.batch_flops(models[0], models[3], 64, 64, 32, 4)  # B, T = P + N, P, ppo_epochs
+    models = ppo_models(w, device)
+    flops = train_ppo.batch_flops(models[0], models[3], w.prompts, T, w.prompt_len, w.ppo_epochs)
     total = sum(flops.values())
-    results = {}
-    for name, times in bench_w1(device, batches).items():
-        per_batch = [sum(t) for t in times]
-        sec = statistics.median(per_batch)
-        parts = [statistics.median(t[i] for t in times) for i in range(3)]
-        results[name] = sec
-        print(f"W1 {name:8s}: {sec:.3f} s/batch (median of {batches}: " + ", ".join(f"{t:.3f}" for t in per_batch)
-              + f") | {64 * 64 / sec:,.0f} tokens/s | {total / 1e9:.0f} GFLOP | MFU {100 * total / sec / peak:.1f}%")
-        for (stage, f), t in zip(flops.items(), parts):
-            print(f"    {stage:10s} {t:.3f} s  {f / 1e9:6.1f} GFLOP  {f / t / 1e9:6.1f} GFLOP/s  "
-                  f"MFU {100 * f / t / peak:.1f}%")
-    for name, sec in results.items():
-        print(f"W1 {name}: {PEER_SECONDS / sec:.2f}× the peer (TRL PPOTrainer ≈{PEER_SECONDS} s/batch); "
-              f"goal ≤ {GOAL_SECONDS} s: {'met' if sec <= GOAL_SECONDS else 'NOT met'}")
+    del models
+    medians, per_batch = {}, {}
+    for name, times in bench_ppo(w, device, batches, peer, threads).items():
+        per_batch[name] = [sum(t) for t in times]
+        sec = medians[name] = statistics.median(per_batch[name])
+        line = (f"{w.name} {name}: {sec:.3f} s/batch (median of {batches}: "
+                + ", ".join(f"{t:.3f}" for t in per_batch[name]) + f") | {w.prompts * T / sec:,.0f} tokens/s")
+        if name == "peer":  # it runs more FLOPs than nanorlhf's count (logits at every position): no MFU
+            print(line + " | TRL 0.24.0 PPOTrainer (bench_peer.py)")
+        else:
+            print(line + f" | {total / 1e9:,.0f} GFLOP | MFU {100 * total / sec / peak:.1f}%")
+            for i, (stage, f) in enumerate(flops.items()):
+                t = statistics.median(t[i] for t in times)
+                print(f"    {stage:10s} {t:.3f} s  {f / 1e9:6.1f} GFLOP  {f / t / 1e9:6.1f} GFLOP/s  "
+                      f"MFU {100 * f / t / peak:.1f}%")
+    if "peer" in medians:
+        goals = {mode: x for mode, dev, x in w.goals if dev == device.type}
+        for mode in ("eager", "compiled"):
+            ratio = medians["peer"] / medians[mode]
+            met = mode in goals and ratio >= goals[mode]
+            goal = f"; goal ≥ {goals[mode]}×: {'met' if met else 'NOT met'}" if mode in goals else ""
+            rounds = ", ".join(f"{p / t:.2f}" for p, t in zip(per_batch["peer"], per_batch[mode]))
+            print(f"{w.name} {mode}: {ratio:.2f}× the peer's speed (peer s/batch ÷ nanorlhf s/batch; batch by batch: "
+                  f"{rounds}){goal}")
+    return medians
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,7 +311,7 @@ def report_memory(device, rows=4096, d=768, vocab=50257):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CUDA only: decode tokens/s and GPT-2 124M training MFU
+# CUDA by default: decode tokens/s and GPT-2 124M training MFU
 
 def gpt2_small():
     return GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, dropout=0.0)
@@ -226,33 +336,54 @@ def report_decode(device, B=32, P=32, N=224, repeats=3):
           f"{rates[True]:,.0f} tokens/s | {rates[True] / rates[False]:.2f}× (goal ≥ 3×)")
 
 
-def report_train_mfu(device, B=8, T=1024, steps=10):
-    """GPT-2 124M next-token training steps (AdamW, bf16 autocast), eager vs compiled (kernels.compile_model and the
-    fused log-prob kernel). FLOPs = model.flops_per_token(T) · B · T (6N + 12·L·C·T per token)."""
+def report_train_mfu(device, batch_sizes=(8,), T=1024, steps=10, config=None):
+    """Next-token training steps of GPT-2 124M (or `config`) at each batch size × T tokens: fused AdamW, bf16
+    autocast on CUDA (fp32 on CPU), eager vs compiled (kernels.compile_model and the fused log-prob kernel).
+    FLOPs = model.flops_per_token(T) · B · T (6N + 12·L·C·T per token). What limits it: the step's peak memory,
+    AdamW's share of the step (timed alone afterwards) and the LM head's share of the FLOPs."""
+    config = config or gpt2_small()
     peak = peak_flops(device)
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = GPT(gpt2_small()).to(device)
-        if compiled:
-            kernels.compile_model(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        ids = torch.randint(0, model.config.vocab_size, (B, T + 1), device=device)
-        mask = torch.ones_like(ids, dtype=torch.bool)
-        for i in range(steps + 3):  # 3 warm-up steps
-            if i == 3:
-                sync(device)
-                t0 = time.perf_counter()
-            with torch.autocast("cuda", torch.bfloat16):
-                loss = lm_loss(model, ids, mask, compiled)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sync(device)
-        sec = (time.perf_counter() - t0) / steps
-        flops = model.flops_per_token(T) * B * T
-        print(f"train GPT-2 124M {'compiled' if compiled else 'eager':8s}: {sec * 1e3:.0f} ms/step | "
-              f"{B * T / sec:,.0f} tokens/s | MFU {100 * flops / sec / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16")
-        del model, opt
+    dtype = dist.resolve_dtype("auto", device)
+    for B in batch_sizes:
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            model = GPT(config).to(device)
+            if compiled:
+                kernels.compile_model(model)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            ids = torch.randint(0, config.vocab_size, (B, T + 1), device=device)
+            mask = torch.ones_like(ids, dtype=torch.bool)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            for i in range(steps + 3):  # 3 warm-up steps
+                if i == 3:
+                    sync(device)
+                    t0 = time.perf_counter()
+                with dist.autocast(device, dtype):
+                    loss = lm_loss(model, ids, mask, compiled)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sync(device)
+            sec = (time.perf_counter() - t0) / steps
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            sync(device)
+            sec_opt = (time.perf_counter() - t0) / steps
+            flops = model.flops_per_token(T) * B * T
+            head = 6 * config.n_embd * config.vocab_size / model.flops_per_token(T)
+            memory = (f" | peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} of "
+                      f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB"
+                      if device.type == "cuda" else "")
+            print(f"train {config.n_layer}L d{config.n_embd} {'compiled' if compiled else 'eager':8s} {B} × {T} "
+                  f"tokens, {dtype}: {sec * 1e3:.0f} ms/step | {B * T / sec:,.0f} tokens/s | MFU "
+                  f"{100 * flops / sec / peak:.1f}% of {peak / 1e12:.3g} TFLOP/s{memory} | AdamW "
+                  f"{sec_opt * 1e3:.1f} ms ({100 * sec_opt / sec:.0f}% of the step) | LM head {100 * head:.0f}% of "
+                  f"the FLOPs")
+            del model, opt
 
 
 def main(argv=None):
@@ -260,18 +391,31 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (W1 is defined at 2)")
     parser.add_argument("--batches", type=int, default=3, help="timed PPO batches per mode, after one warm-up")
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="PPO workloads (default: w1 on "
+                        "CPU; w1 and w2 on CUDA)")
+    parser.add_argument("--peer", action="store_true", help="also run each PPO workload through the peer "
+                        "(bench_peer.py: TRL 0.24.0 PPOTrainer; pip install -r requirements-peer.txt), batch by batch "
+                        "with nanorlhf's runs, and print peer ÷ nanorlhf seconds per batch")
+    parser.add_argument("--train_batch", type=int, nargs="+", default=[16], help="CUDA training MFU: batch sizes "
+                        "to measure (several: a sweep)")
+    parser.add_argument("--train_seq", type=int, default=1024, help="CUDA training MFU: tokens per sequence")
     args = parser.parse_args(argv)
     if args.batches < 1 or args.threads < 1:
         parser.error("--batches and --threads must be at least 1")
+    if args.peer and importlib.util.find_spec("trl") is None:
+        parser.error("--peer needs the optional peer package: pip install -r requirements-peer.txt")
     torch.set_num_threads(args.threads)
     device = get_device(args.device)
     print(f"{platform.node()} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads | load average {os.getloadavg()[0]:.2f} (other work on the machine)")
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(device)}")
-    sections = [lambda: report_w1(device, args.batches), lambda: report_memory(device)]
+    workloads = args.workloads or (["w1", "w2"] if device.type == "cuda" else ["w1"])
+    sections = [lambda w=w: report_ppo(WORKLOADS[w], device, args.batches, args.peer, args.threads)
+                for w in workloads] + [lambda: report_memory(device)]
     if device.type == "cuda":  # the GPU-only figures first
-        sections = [lambda: report_decode(device), lambda: report_train_mfu(device)] + sections
+        sections = [lambda: report_decode(device),
+                    lambda: report_train_mfu(device, args.train_batch, args.train_seq)] + sections
     failed = 0
     for section in sections:
         try:

@@ -4,7 +4,7 @@
 
     python run.py                   # 10–15 minutes on 2 CPU cores; outputs in runs/default/
     python run.py --quick           # ≈2 minutes, tiny sizes: tries the code, not the quality bar
-    python run.py --device cuda     # on a GPU
+    python run.py --device cuda     # on a GPU: the gpu preset, a larger world and models (GPU time not yet measured)
     python run.py --baselines       # + best-of-N, DPO, RFT, GRPO, RLOO, REINFORCE++ and the oracle, 3 seeds each
     python run.py --rounds 3        # iterated RLHF: 3 rounds of sample → rank → RM → PPO
     python run.py --no-study        # skip the over-optimization study (PPO twice as long at β = 0.01 and 0.3)
@@ -19,6 +19,8 @@ import shutil
 import time
 from dataclasses import dataclass
 
+import torch
+
 import bestofn
 import eval as evaluate_run
 import train_base
@@ -28,6 +30,9 @@ import train_rm
 import train_sft
 from nanorlhf.common import get_device
 from nanorlhf.config import arg, parse_config, print_config
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.tokenizer import Tokenizer
+from nanorlhf.world import make_world
 
 
 @dataclass
@@ -36,7 +41,10 @@ class RunConfig:
     device: str = arg("cpu", "cpu | cuda")
     seed: int = arg(1337, "seed of every stage")
     world_seed: int = arg(0, "seed of the tiny world")
-    quick: bool = arg(False, "tiny preset (≈2 minutes): for tests and trying the code")
+    quick: bool = arg(False, "tiny sizes (≈2 minutes): for tests and trying the code; shrinks either preset")
+    preset: str = arg("auto", "stage sizes: cpu (the default world, ≈12 min on 2 cores) | gpu (a larger world and "
+                              "models for one GPU: sized by FLOP estimate for ≤ 15 min on an H100, not yet measured) "
+                              "| auto (gpu with --device cuda, else cpu)")
     force: bool = arg(False, "redo every stage even if its checkpoint exists")
     baselines: bool = arg(False, "also best-of-N from SFT (N = 1 … 64), DPO, RFT (SFT on the labelers' best-ranked "
                                  "responses), the critic-free RL methods GRPO, RLOO and REINFORCE++, and PPO against "
@@ -48,9 +56,10 @@ class RunConfig:
     study: bool = arg(True, "over-optimization study: PPO twice as long at β = 0.01 and β = 0.3 (--no-study skips)")
 
 
-# flags of each stage: (default preset, quick preset). Everything else is the stage's own default.
+# flags of each stage: (cpu preset, --quick). Everything else is the stage's own default.
 STAGES = {
-    "base": (train_base, [], ["--steps", "60", "--eval_every", "60", "--n_layer", "2", "--n_embd", "64"]),
+    "base": (train_base, [], ["--steps", "60", "--eval_every", "60", "--n_layer", "2", "--n_head", "4", "--n_embd",
+                              "64"]),
     "sft": (train_sft, [], ["--epochs", "2"]),
     "rm": (train_rm, [], ["--n_prompts", "60", "--n_calibrate", "30", "--n_norm", "50"]),
     "ppo": (train_ppo, [], ["--batches", "3", "--batch_size", "16", "--minibatch_size", "8"]),
@@ -60,14 +69,85 @@ STAGES = {
 # --baselines: train_ppo.py with another estimator or reward, on the same rollouts, budget and β as PPO
 METHODS = {"grpo": ["--estimator", "grpo", "--group_size", "4"], "rloo": ["--estimator", "rloo", "--group_size", "4"],
            "reinforce_pp": ["--estimator", "reinforce_pp"], "oracle": ["--reward", "gold"]}
+# --preset gpu: the tiny world at the largest scale it holds (0.2: 600 test prompts and 777 / 1973 / 1852 SFT / RM /
+# PPO prompts, the paper's 13:33:31; above 0.2 a small category runs out of distinct prompts) with 11M-parameter
+# models (6 layers, d 384: 12× the CPU's) and 3× the PPO episodes. The pretraining text is the same 453k tokens at any
+# scale, so the base model sees it ≈18 times (the CPU's ≈6), with dropout 0.1 against memorizing it. Sized by the
+# FLOP estimate run.py prints (gpu_estimate) for ≤ 15 minutes on one H100; not yet measured on a GPU.
+GPU_WORLD_SCALE = "0.2"
+GPU_STAGES = {
+    "base": ["--n_layer", "6", "--n_head", "6", "--n_embd", "384", "--dropout", "0.1", "--steps", "2000",
+             "--warmup", "100", "--lr", "1e-3", "--eval_every", "500", "--log_every", "100"],
+    "sft": ["--lr", "3e-4"],
+    "rm": ["--n_prompts", "1500", "--lr", "3e-4"],  # of 1973: iterated rounds need fresh prompts
+    "ppo": ["--batches", "60", "--batch_size", "128", "--minibatch_size", "32"],
+    "ppo_ptx": ["--ptx_coef", "0.5", "--batches", "60", "--batch_size", "128", "--minibatch_size", "32"],
+}
 # rough share of the default run's time per stage, for the ETA line
 EXPECTED_SECONDS = {"base": 185, "sft": 50, "rm": 30, "ppo": 55, "ppo_ptx": 80, "eval": 30}  # measured, 2 cores
+
+
+def preset(cfg):
+    """cpu | gpu: --preset, with auto resolved by the device."""
+    if cfg.preset not in ("auto", "cpu", "gpu"):
+        raise SystemExit(f"--preset {cfg.preset}: expected auto, cpu or gpu")
+    return cfg.preset if cfg.preset != "auto" else "gpu" if get_device(cfg.device).type == "cuda" else "cpu"
+
+
+def world_scale(cfg):
+    return "0.01" if cfg.quick else GPU_WORLD_SCALE if preset(cfg) == "gpu" else "0.1"
+
+
+def stage_flags(cfg, name):
+    """The flags run.py gives a pipeline stage: the preset's, then --quick's (later flags win: any preset, shrunk)."""
+    _, default, quick = STAGES[name]
+    flags = GPU_STAGES[name] if preset(cfg) == "gpu" else default
+    return flags + quick if cfg.quick else flags
+
+
+def flag(flags, name, default):
+    """The value a stage reads for `name` from these flags (the last one given), else its default."""
+    values = [v for k, v in zip(flags, flags[1:]) if k == name]
+    return type(default)(values[-1]) if values else default
+
+
+def gpu_estimate(cfg):
+    """FLOPs of the main stages with the preset's flags (the study and --baselines not counted), by the models'
+    formulas: training 6N + 12·L·C·T per token (GPT.flops_per_token), sampling a third of that, PPO by
+    train_ppo.batch_flops; token counts from the world's prompts and demonstrations, responses at their longest
+    (48 tokens). The time assumes 100 TFLOP/s (≈10% of an H100's bf16 peak: small models, much of it decoding),
+    an estimate until the preset is measured on a GPU. Returns {stage: FLOPs}."""
+    world = make_world(cfg.world_seed, float(world_scale(cfg)))
+    tok = Tokenizer.load("tiny")
+    base = parse_config(train_base.BaseConfig, stage_flags(cfg, "base"))
+    with torch.device("meta"):
+        lm = GPT(GPTConfig(block_size=base.block_size, vocab_size=(tok.vocab_size + 63) // 64 * 64,
+                           n_layer=base.n_layer, n_head=base.n_head, n_embd=base.n_embd))
+    demos = [len(tok.format_chat(train_sft.chat(p, y))[0]) for p, y in world.sft_demos("sft")]
+    P = round(sum(len(tok.format_prompt(p)) for p in world.prompts("ppo")) / len(world.prompts("ppo")))
+    N = train_ppo.PPOConfig.max_new_tokens
+    sft = parse_config(train_sft.SFTConfig, stage_flags(cfg, "sft"))
+    rm = parse_config(train_rm.RMConfig, stage_flags(cfg, "rm"))
+    n_rm = len(world.prompts("rm")) if rm.n_prompts < 0 else min(rm.n_prompts, len(world.prompts("rm")))
+    rm_tokens = n_rm * (rm.k_min + rm.k_max) / 2 * (P + rm.max_new_tokens)  # ranked responses, each with its prompt
+    flops = {"base": base.steps * base.batch_size * base.block_size * lm.flops_per_token(base.block_size),
+             "sft": sft.epochs * sum(demos) * lm.flops_per_token(max(demos)),
+             "rm": rm_tokens * (1 + 1 / 3) * lm.flops_per_token(P + rm.max_new_tokens)}  # sampling + training
+    for name in ("ppo", "ppo_ptx"):
+        ppo = parse_config(train_ppo.PPOConfig, stage_flags(cfg, name))
+        flops[name] = ppo.batches * sum(train_ppo.batch_flops(lm, lm, ppo.batch_size, P + N, P, ppo.ppo_epochs)
+                                        .values())
+    total = sum(flops.values())
+    print(f"--preset {preset(cfg)}: {lm.num_params() / 1e6:.1f}M-parameter models; estimated " + ", ".join(
+        f"{k} {v / 1e15:.2f}" for k, v in flops.items()) + f" PFLOP; {total / 1e15:.1f} PFLOP in all ≈ "
+        f"{total / 100e12 / 60:.1f} min at 100 TFLOP/s (an assumption: the GPU time is not yet measured)")
+    return flops
 
 
 def stage_args(cfg, name, extra):
     d = os.path.join(cfg.out, name)
     args = ["--out", d, "--device", cfg.device, "--seed", str(cfg.seed), "--world_seed", str(cfg.world_seed),
-            "--world_scale", "0.01" if cfg.quick else "0.1"]
+            "--world_scale", world_scale(cfg)]
     upstream = {"sft": "base", "rm": "sft", "ppo": "sft", "ppo_ptx": "sft"}.get(name)
     if upstream:
         args += ["--init", os.path.join(cfg.out, upstream, "ckpt.pt")]
@@ -95,14 +175,14 @@ def beyond_stages(cfg):
     when the stage starts: later rounds read the labeler temperature the first RM calibrated."""
     def ckpt(name):
         return os.path.join(cfg.out, name, "ckpt.pt")
-    rm_quick, ppo_quick = STAGES["rm"][2], STAGES["ppo"][2]
+    rm_flags, ppo_flags = stage_flags(cfg, "rm"), stage_flags(cfg, "ppo")
     stages = {}
     if cfg.baselines:
         world = ["--device", cfg.device, "--seed", str(cfg.seed), "--world_seed", str(cfg.world_seed),
-                 "--world_scale", "0.01" if cfg.quick else "0.1"]
+                 "--world_scale", world_scale(cfg)]
         stages["bestofn"] = (bestofn, 240, lambda: ["--run", cfg.out, "--ns", "1", "2", "4", "8", "16", "32", "64"]
                              + world)
-        ppo_extra = ppo_quick if cfg.quick else []
+        ppo_extra = ppo_flags
         for j in range(cfg.seeds):  # every method with the same budget (PPO's batches and episodes) and β
             suffix, seed = ("", []) if j == 0 else (f"_s{j + 1}", ["--seed", str(cfg.seed + j)])
             rl = ["--init", ckpt("sft"), "--reward_model", ckpt("rm")] + ppo_extra + seed
@@ -118,7 +198,7 @@ def beyond_stages(cfg):
             stages[f"rft{suffix}"] = (train_sft, 60, lambda s=suffix, a=seed: stage_args(cfg, f"rft{s}", [
                 "--init", ckpt("sft"), "--data", os.path.join(cfg.out, "rft", "best_ranked.jsonl"),
                 "--epochs", "2" if cfg.quick else "3", "--lr", "3e-4", "--warmup", "5"] + a))
-    n_prompts = int(rm_quick[rm_quick.index("--n_prompts") + 1]) if cfg.quick else train_rm.RMConfig.n_prompts
+    n_prompts = flag(rm_flags, "--n_prompts", train_rm.RMConfig.n_prompts)
     for k in range(2, cfg.rounds + 1):
         prev_rm, prev_ppo = ("rm", "ppo") if k == 2 else (f"rm_r{k - 1}", f"ppo_r{k - 1}")
         stages[f"rm_r{k}"] = (train_rm, 150, lambda k=k, prev_rm=prev_rm, prev_ppo=prev_ppo: stage_args(
@@ -126,16 +206,16 @@ def beyond_stages(cfg):
                               "--prompt_offset", str((k - 1) * n_prompts), "--previous_rm", ckpt(prev_rm),
                               "--extra_comparisons", os.path.join(cfg.out, prev_rm, "comparisons.jsonl"),
                               "--labeler_tau", str(json.load(open(os.path.join(cfg.out, "rm", "metrics.json")))
-                                                   ["labeler_tau"])] + (rm_quick if cfg.quick else [])))
+                                                   ["labeler_tau"])] + rm_flags))
         stages[f"ppo_r{k}"] = (train_ppo, 170, lambda k=k, prev_ppo=prev_ppo: stage_args(
             cfg, f"ppo_r{k}", ["--init", ckpt(prev_ppo), "--reference", ckpt("sft"), "--seed", str(cfg.seed + k - 1),
-                               "--reward_model", ckpt(f"rm_r{k}")] + (ppo_quick if cfg.quick else [])))
+                               "--reward_model", ckpt(f"rm_r{k}")] + ppo_flags))
     if cfg.study:
-        batches = 2 * (int(ppo_quick[ppo_quick.index("--batches") + 1]) if cfg.quick else train_ppo.PPOConfig.batches)
+        batches = 2 * flag(ppo_flags, "--batches", train_ppo.PPOConfig.batches)
         for beta in ("0.01", "0.3"):
             stages[f"study_kl{beta}"] = (train_ppo, 340, lambda beta=beta: stage_args(
                 cfg, f"study_kl{beta}", ["--init", ckpt("sft"), "--reward_model", ckpt("rm")]
-                + (ppo_quick if cfg.quick else []) + ["--kl_coef", beta, "--batches", str(batches)]))
+                + ppo_flags + ["--kl_coef", beta, "--batches", str(batches)]))
     return stages
 
 
@@ -143,6 +223,8 @@ def main(argv=None):
     cfg = parse_config(RunConfig, argv)
     print_config(cfg)
     get_device(cfg.device)  # a device this machine lacks stops here, before any stage
+    if preset(cfg) == "gpu":
+        gpu_estimate(cfg)
     if cfg.force and os.path.isdir(cfg.out):
         shutil.rmtree(cfg.out)
     os.makedirs(cfg.out, exist_ok=True)
@@ -158,10 +240,10 @@ def main(argv=None):
         if name != "eval" and os.path.exists(done):
             print(f"\n=== [{i + 1}/{len(names)}] {name}: checkpoint exists, skipped (--force to redo) ===")
             continue
-        eta = "" if cfg.quick else f" | ETA for the rest ≈ {left / 60:.0f} min"
+        eta = "" if cfg.quick or preset(cfg) == "gpu" else f" | ETA for the rest ≈ {left / 60:.0f} min"
         if name == "eval":
             args = ["--run", cfg.out, "--device", cfg.device, "--seed", str(cfg.seed),
-                    "--world_seed", str(cfg.world_seed), "--world_scale", "0.01" if cfg.quick else "0.1"]
+                    "--world_seed", str(cfg.world_seed), "--world_scale", world_scale(cfg)]
             module = evaluate_run
         elif name in beyond:
             module, _, make_args = beyond[name]
@@ -170,8 +252,8 @@ def main(argv=None):
                                os.path.join(cfg.out, "rft", "best_ranked.jsonl"))
             args = make_args()
         else:
-            module, default, quick = STAGES[name]
-            args = stage_args(cfg, name, quick if cfg.quick else default)
+            module = STAGES[name][0]
+            args = stage_args(cfg, name, stage_flags(cfg, name))
         print(f"\n=== [{i + 1}/{len(names)}] {name}: python {module.__name__}.py {' '.join(args)}{eta} ===", flush=True)
         t0 = time.perf_counter()
         module.main(args)

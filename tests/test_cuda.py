@@ -1,5 +1,7 @@
 """GPU checks, skipped without CUDA: the compiled CUDA paths (CUDA-graph decode, fused log-probs, PPO loss, GAE)
-equal their eager twins or an independent float64 CPU computation, and a PPO run goes end to end on the GPU."""
+equal their eager twins or an independent float64 CPU computation, a PPO run goes end to end on the GPU, and
+bench.py's GPU sections (W2 in bf16, training MFU, the peer in bf16) run at tiny sizes."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -72,3 +74,29 @@ def test_ppo_run_on_cuda_compiled_by_default(tmp_path):
     assert [line["step"] for line in lines] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(line["value_loss"])) for line in lines)
     print(proc.stderr[-3000:])  # the recompile log, for the record (pytest -s shows it)
+
+
+def test_bench_w2_tiny_on_cuda_in_bf16_eager_and_compiled(capsys):
+    import bench
+
+    medians = bench.report_ppo(bench.tiny(bench.W2), torch.device("cuda"), batches=1)
+    assert set(medians) == {"eager", "compiled"}
+    assert "; bfloat16" in capsys.readouterr().out  # W2 runs as train_ppo does on CUDA
+
+
+def test_bench_training_mfu_tiny_on_cuda_reports_memory_and_adamw(capsys):
+    import bench
+
+    config = bench.GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
+    bench.report_train_mfu(torch.device("cuda"), (2, 4), 64, steps=2, config=config)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train ")]
+    assert len(lines) == 4 and all("bfloat16" in line and "peak memory" in line for line in lines)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="the optional peer (trl) is not installed")
+def test_bench_peer_w2_tiny_on_cuda_in_bf16():
+    import bench
+
+    with bench.peer_run(bench.tiny(bench.W2), torch.device("cuda"), batches=1, threads=2) as step:
+        times = [step(0), step(1)]
+    assert all(t[0] > 0 for t in times)

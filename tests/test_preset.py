@@ -1,0 +1,77 @@
+"""run.py's presets: --preset auto picks gpu on CUDA; the gpu preset's flags reach every stage's config (the
+pipeline, the study, --baselines and --rounds); its FLOP estimate; and the gpu preset shrunk by --quick runs end to
+end on CPU (the device is all it skips)."""
+import json
+
+import pytest
+
+import run
+import train_base
+import train_ppo
+import train_rm
+import train_sft
+from conftest import run_py
+from nanorlhf.config import parse_config
+
+CONFIG_OF = {"train_base": train_base.BaseConfig, "train_sft": train_sft.SFTConfig, "train_rm": train_rm.RMConfig,
+             "train_ppo": train_ppo.PPOConfig}
+
+
+def gpu_cfg(*args):
+    return parse_config(run.RunConfig, ["--preset", "gpu", "--out", "/tmp/unused", *args])
+
+
+def stage_configs(cfg):
+    """name → the config each stage would parse from the argv run.py builds for it (nothing runs)."""
+    out = {name: parse_config(CONFIG_OF[module.__name__], run.stage_args(cfg, name, run.stage_flags(cfg, name)))
+           for name, (module, _, _) in run.STAGES.items()}
+    for name, (module, _, make_args) in run.beyond_stages(cfg).items():
+        if module.__name__ in CONFIG_OF and not name.startswith("rm_r"):  # rm_r2 reads the first RM's metrics
+            out[name] = parse_config(CONFIG_OF[module.__name__], make_args())
+    return out
+
+
+def test_preset_auto_is_cpu_on_cpu_and_the_cpu_flags_are_unchanged():
+    cfg = parse_config(run.RunConfig, ["--out", "/tmp/unused"])
+    assert run.preset(cfg) == "cpu" and run.world_scale(cfg) == "0.1"
+    assert all(run.stage_flags(cfg, name) == default for name, (_, default, _) in run.STAGES.items())
+    with pytest.raises(SystemExit):
+        run.preset(parse_config(run.RunConfig, ["--preset", "tpu"]))
+
+
+def test_gpu_preset_flags_reach_every_stage():
+    configs = stage_configs(gpu_cfg("--baselines", "--seeds", "1"))
+    assert {c.world_scale for c in configs.values()} == {0.2}
+    base = configs["base"]
+    assert (base.n_layer, base.n_head, base.n_embd, base.dropout, base.steps) == (6, 6, 384, 0.1, 2000)
+    assert configs["rm"].n_prompts == 1500 and configs["sft"].lr == 3e-4
+    for name in ("ppo", "ppo_ptx", "grpo", "rloo", "reinforce_pp", "oracle"):
+        c = configs[name]
+        assert (c.batches, c.batch_size, c.minibatch_size) == (60, 128, 32), name
+    assert configs["ppo_ptx"].ptx_coef == 0.5 and configs["ppo"].ptx_coef == 0.0
+    assert configs["study_kl0.01"].batches == configs["study_kl0.3"].batches == 120  # twice PPO's
+
+
+def test_quick_shrinks_the_gpu_preset():
+    configs = stage_configs(gpu_cfg("--quick"))
+    assert {c.world_scale for c in configs.values()} == {0.01}
+    assert (configs["base"].n_layer, configs["base"].n_embd, configs["base"].steps) == (2, 64, 60)
+    assert (configs["ppo"].batches, configs["ppo"].batch_size, configs["study_kl0.3"].batches) == (3, 16, 6)
+
+
+def test_gpu_estimate_counts_every_main_stage(capsys):
+    flops = run.gpu_estimate(gpu_cfg())
+    assert set(flops) == {"base", "sft", "rm", "ppo", "ppo_ptx"} and all(f > 0 for f in flops.values())
+    assert flops["base"] == pytest.approx(2000 * 32 * 128 * 6 * 11.3e6, rel=0.15)  # ≈ 6N per token, N ≈ 11M
+    assert "not yet measured" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_preset_shrunk_runs_end_to_end_on_cpu(tmp_path):
+    out = tmp_path / "run"
+    log = run_py("--preset", "gpu", "--no-study", "--out", str(out))
+    assert "--preset gpu:" in log  # the estimate line
+    for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):
+        assert (out / stage / "ckpt.pt").exists(), stage
+    assert "--dropout 0.1" in log and "--n_head 6" in log  # the gpu flags, then --quick's
+    assert set(json.loads((out / "results.json").read_text())["gold_score"]) == {"base", "sft", "ppo", "ppo_ptx"}
