@@ -49,7 +49,8 @@ class CommonConfig:
     device: str = arg("cpu", "cpu | cuda")
     resume: bool = arg(False, "continue from the checkpoint in --out")
     world_seed: int = arg(0, "seed of the built-in tiny world (used when --data is empty)")
-    world_scale: float = arg(0.1, "size of the tiny world: 1.0 = the paper's 13k/33k/31k SFT/RM/PPO prompts",
+    world_scale: float = arg(0.1, "size of the tiny world's splits, as a fraction of the paper's 13k/33k/31k "
+                                   "SFT/RM/PPO prompts; at most 0.2 (its small categories run out of distinct prompts)",
                              positive=True)
 
 

@@ -529,6 +529,9 @@ SPLIT_SIZES = {"test": 3000, "val": 2000, "sft": 13000, "rm": 33000, "ppo": 3100
 HELD_OUT, TRAINING = ["test", "val"], ["sft", "rm", "ppo"]
 
 
+MAX_SCALE = 0.2  # the largest --world_scale whose splits the smallest category (generation) can fill
+
+
 def deal(pools, n):
     """Up to n prompts from per-category pools, categories in equal shares (⌈n / 9⌉ at most from each, in
     round-robin order); a category whose pool runs short gives all it has. Dealt prompts leave their pool."""
@@ -563,6 +566,11 @@ class World:
         # RM and PPO in the paper's proportions; a training split holds fewer prompts than its size when a small
         # category (e.g. generation: 120 distinct prompts) runs short.
         self.splits = {s: deal(pools, sizes[s]) for s in HELD_OUT}
+        short = [c for c in CATEGORIES if not pools[c]]
+        if short or any(len(self.splits[s]) < sizes[s] for s in HELD_OUT):
+            raise SystemExit(f"--world_scale {scale}: too few distinct prompts in the tiny world's categories "
+                             f"({', '.join(short) or 'the smallest'}) for {sizes['test']} test and {sizes['val']} "
+                             f"validation prompts plus training ones; use a scale ≤ {MAX_SCALE}")
         training = {c: list(ps) for c, ps in pools.items()}  # the only questions the internet may ask
         weights = [SPLIT_SIZES[s] for s in TRAINING]
         train_pools = {s: {} for s in TRAINING}

@@ -212,3 +212,8 @@ def test_contrast_pairs_differ_only_in_their_kind(default_world):
             a, b = w.gold_components(p, better), w.gold_components(p, worse)
             assert {k for k in a if a[k] != b[k]} <= own and w.gold_score(p, better) > w.gold_score(p, worse)
             assert all(a[k] == b[k] for k in a if k not in own), (kind, p, better, worse)
+
+
+def test_a_scale_the_world_cannot_fill_is_one_clear_line():
+    with pytest.raises(SystemExit, match=r"--world_scale 0.25: too few distinct prompts .*generation.* ≤ 0.2"):
+        make_world(0, 0.25)
