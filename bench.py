@@ -4,7 +4,7 @@ W1, the CPU PPO workload: a GPT-2-style model of 4 layers, d_model 128, 4 heads,
 initialized as policy, frozen reference, reward model and value model. One PPO batch = 64 prompts of 32 tokens →
 32 new tokens each (temperature 1, full softmax, no early stop: the EOS id is one that is never sampled) → score
 (reference and old log-probs, RM score, values) → 4 PPO epochs × 4 minibatches of 16, updating policy and value.
-It runs train_ppo's own functions (generate → score → compute_rewards / compute_advantages → ppo_update), so it
+It runs train_ppo's own functions (generate → ppo.score → rlhf.ppo_rewards / ppo.gae_advantages → ppo.update), so it
 measures the real code. Time = wall seconds per batch after one warm-up batch (which also pays for compiling);
 the eager and the compiled run take turns batch by batch. Compiled = train_ppo --compile: the compiled transformer
 (kernels.compile_model), decode step, log-probs, PPO loss and GAE, fused Adam, and inverse-CDF sampling.
@@ -24,8 +24,7 @@ import traceback
 
 import torch
 
-import train_ppo
-from nanorlhf import kernels
+from nanorlhf import kernels, ppo, rlhf
 from nanorlhf.common import get_device, lm_loss, peak_flops
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
@@ -56,7 +55,7 @@ def w1_models(device, seed=0):
 
 
 def w1_batch(models, optimizers, prompts, cfg, step, device):
-    """One PPO batch through train_ppo's functions; returns seconds of (generation, scoring, update)."""
+    """One PPO batch through the library functions train_ppo runs; returns seconds of (generation, scoring, update)."""
     policy, ref_policy, reward_model, value_model = models
     never = -1  # an EOS id no sampled token can equal: every response has exactly max_new_tokens tokens
     sync(device)
@@ -65,17 +64,17 @@ def w1_batch(models, optimizers, prompts, cfg, step, device):
     sync(device)
     t1 = time.perf_counter()
     P = gen.prompt_len
-    b = train_ppo.score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never, cfg.temperature,
-                        compiled=cfg.compile)
+    b = ppo.score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never, cfg.temperature,
+                  compiled=cfg.compile)
     # W1 has no tokenizer (random ids), so the RM reads the sampled ids; every row is 64 real tokens
     b["scores"] = reward_model(gen.tokens).float()[:, -1]  # (B,)
     sync(device)
     t2 = time.perf_counter()
-    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                           b["response_mask"], cfg.kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
-    b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"],
-                                                                 cfg.gamma, cfg.lam, cfg.compile)
-    train_ppo.ppo_update(policy, value_model, optimizers, b, P, cfg, step)
+    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                     b["response_mask"], cfg.kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
+    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], cfg.gamma, cfg.lam,
+                                                       cfg.compile)
+    ppo.update(policy, value_model, optimizers, b, P, cfg, step)
     sync(device)
     t3 = time.perf_counter()
     assert gen.response_mask.all() and gen.tokens.shape == (len(prompts), 64), "W1 needs 32 + 32 tokens, no stop"
@@ -85,12 +84,12 @@ def w1_batch(models, optimizers, prompts, cfg, step, device):
 def w1_setup(device, compiled):
     """Models, optimizers, config and prompt generator of one W1 run (eager or compiled), as train_ppo sets them up."""
     models = w1_models(device)
-    cfg = train_ppo.PPOConfig(batch_size=64, minibatch_size=16, ppo_epochs=4, max_new_tokens=32, temperature=1.0,
+    cfg = ppo.PPOConfig(batch_size=64, minibatch_size=16, ppo_epochs=4, max_new_tokens=32, temperature=1.0,
                               device=device.type, compile=compiled)
     if compiled:
         for m in models:
             kernels.compile_model(m)
-    return models, train_ppo.make_optimizers(models[0], models[3], cfg), cfg, torch.Generator().manual_seed(1)
+    return models, ppo.make_optimizers(models[0], models[3], cfg), cfg, torch.Generator().manual_seed(1)
 
 
 def bench_w1(device, batches):
@@ -110,10 +109,10 @@ def bench_w1(device, batches):
 
 def report_w1(device, batches):
     peak = peak_flops(device)
-    print("W1 FLOPs per batch:" + train_ppo.batch_flops.__doc__.split(":", 1)[1].rstrip("."))
+    print("W1 FLOPs per batch:" + ppo.batch_flops.__doc__.split(":", 1)[1].rstrip("."))
     print(f"matmul peak (measured now, {'fp32' if device.type == 'cpu' else 'bf16'}): {peak / 1e9:,.0f} GFLOP/s")
     models = w1_models(device)
-    flops = train_ppo.batch_flops(models[0], models[3], 64, 64, 32, 4)  # B, T = P + N, P, ppo_epochs
+    flops = ppo.batch_flops(models[0], models[3], 64, 64, 32, 4)  # B, T = P + N, P, ppo_epochs
     total = sum(flops.values())
     results = {}
     for name, times in bench_w1(device, batches).items():

@@ -24,12 +24,12 @@ import torch
 from nanorlhf.checkpoint import load_checkpoint
 from nanorlhf.common import check_room, load_model, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
-from nanorlhf.evaluation import fit_gao, gold_report, sample_responses, seed_win_rate, win_rate
 from nanorlhf.engine import generate
+from nanorlhf.evaluation import fit_gao, gold_eval, seed_win_rate, sigmoid, win_rate
+from nanorlhf.ppo import response_logprobs
 from nanorlhf.reward import score_texts
+from nanorlhf.rlhf import ranked_pairs
 from nanorlhf.world import KIND_COMPONENTS, make_world
-from train_ppo import response_logprobs
-from train_rm import n_pairs, sigmoid
 
 POLICIES = ["base", "sft", "ppo", "ppo_ptx"]
 METHODS = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
@@ -106,10 +106,8 @@ def evaluate(cfg, device):
             continue
         model, tok, _ = load_model(path, "lm", device)
         check_room(tok, prompts, cfg.max_new_tokens, model.config.block_size)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same sampling noise for every model
         reps = [p for p in prompts for _ in range(cfg.samples)]
-        responses = sample_responses(model, tok, reps, cfg.max_new_tokens, cfg.temperature, generator=gen)
-        rep = gold_report(world, reps, responses)
+        rep = gold_eval(model, tok, world, reps, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)  # same noise
         per_prompt[name] = [statistics.mean(rep["scores"][i * cfg.samples:(i + 1) * cfg.samples])
                             for i in range(len(prompts))]
         results["gold_score"][name] = rep["gold"]
@@ -117,7 +115,7 @@ def evaluate(cfg, device):
         results["gold_by_category"][name] = rep["by_category"]
         results["eos_fraction"][name] = rep["eos_fraction"]
         results["examples"][name] = [{"prompt": p, "response": y, "gold": s}
-                                     for p, (y, _), s in list(zip(reps, responses, rep["scores"]))[:12:cfg.samples]]
+                                     for p, y, s in list(zip(reps, rep["responses"], rep["scores"]))[:12:cfg.samples]]
         stream = token_stream(tok, val_docs)
         results["pretrain_val_loss"][name] = val_loss(model, stream, model.config.block_size, device)
         if sft is not None:
@@ -216,7 +214,8 @@ def _rm_extra(run, name):
 def _pairs(run, rm):
     """Pairwise comparisons an RM trained on (all rounds so far), from the comparisons.jsonl train_rm.py wrote."""
     path = os.path.join(run, rm, "comparisons.jsonl")
-    return sum(n_pairs(json.loads(line)["ranking"]) for line in open(path)) if os.path.exists(path) else None
+    return (sum(len(ranked_pairs(json.loads(line)["ranking"])) for line in open(path)) if os.path.exists(path)
+            else None)
 
 
 def round_table(run, results):

@@ -10,22 +10,17 @@
     python run.py --no-study        # skip the over-optimization study (PPO twice as long at β = 0.01 and 0.3)
 
 A stage whose checkpoint exists is skipped (--force redoes everything); an interrupted stage resumes from its
-state.pt. Each stage is its own script (train_base.py, train_sft.py, train_rm.py, train_ppo.py, eval.py),
-called here with the flags printed before it starts, so any stage can be rerun by hand.
+state.pt. Each stage is its own script (train_base.py, train_sft.py, train_rm.py, train_ppo.py, eval.py), run here
+as a process of its own with the command line printed before it starts, so any stage can be rerun by hand.
 """
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
-import bestofn
-import eval as evaluate_run
-import train_base
-import train_dpo
-import train_ppo
-import train_rm
-import train_sft
 from nanorlhf.common import get_device
 from nanorlhf.config import arg, parse_config, print_config
 
@@ -48,13 +43,14 @@ class RunConfig:
     study: bool = arg(True, "over-optimization study: PPO twice as long at β = 0.01 and β = 0.3 (--no-study skips)")
 
 
-# flags of each stage: (default preset, quick preset). Everything else is the stage's own default.
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# each stage's script and flags: (script, default preset, quick preset). Everything else is the stage's own default.
 STAGES = {
-    "base": (train_base, [], ["--steps", "60", "--eval_every", "60", "--n_layer", "2", "--n_embd", "64"]),
-    "sft": (train_sft, [], ["--epochs", "2"]),
-    "rm": (train_rm, [], ["--n_prompts", "60", "--n_calibrate", "30", "--n_norm", "50"]),
-    "ppo": (train_ppo, [], ["--batches", "3", "--batch_size", "16", "--minibatch_size", "8"]),
-    "ppo_ptx": (train_ppo, ["--ptx_coef", "0.5"], ["--ptx_coef", "0.5", "--batches", "3", "--batch_size", "16",
+    "base": ("train_base.py", [], ["--steps", "60", "--eval_every", "60", "--n_layer", "2", "--n_embd", "64"]),
+    "sft": ("train_sft.py", [], ["--epochs", "2"]),
+    "rm": ("train_rm.py", [], ["--n_prompts", "60", "--n_calibrate", "30", "--n_norm", "50"]),
+    "ppo": ("train_ppo.py", [], ["--batches", "3", "--batch_size", "16", "--minibatch_size", "8"]),
+    "ppo_ptx": ("train_ppo.py", ["--ptx_coef", "0.5"], ["--ptx_coef", "0.5", "--batches", "3", "--batch_size", "16",
                                                    "--minibatch_size", "8"]),
 }
 # --baselines: train_ppo.py with another estimator or reward, on the same rollouts, budget and β as PPO
@@ -91,51 +87,53 @@ def write_rft_data(comparisons, path):
 
 
 def beyond_stages(cfg):
-    """The opt-in stages beyond the paper: name → (module, expected seconds, args). `args` is a function, called
+    """The opt-in stages beyond the paper: name → (script, expected seconds, args). `args` is a function, called
     when the stage starts: later rounds read the labeler temperature the first RM calibrated."""
     def ckpt(name):
         return os.path.join(cfg.out, name, "ckpt.pt")
+
+    def metrics(name):  # a finished stage's results: later stages size themselves by what it did
+        return json.load(open(os.path.join(cfg.out, name, "metrics.json")))
     rm_quick, ppo_quick = STAGES["rm"][2], STAGES["ppo"][2]
     stages = {}
     if cfg.baselines:
         world = ["--device", cfg.device, "--seed", str(cfg.seed), "--world_seed", str(cfg.world_seed),
                  "--world_scale", "0.01" if cfg.quick else "0.1"]
-        stages["bestofn"] = (bestofn, 240, lambda: ["--run", cfg.out, "--ns", "1", "2", "4", "8", "16", "32", "64"]
-                             + world)
+        stages["bestofn"] = ("bestofn.py", 240, lambda: ["--run", cfg.out, "--ns", "1", "2", "4", "8", "16", "32",
+                                                         "64"] + world)
         ppo_extra = ppo_quick if cfg.quick else []
         for j in range(cfg.seeds):  # every method with the same budget (PPO's batches and episodes) and β
             suffix, seed = ("", []) if j == 0 else (f"_s{j + 1}", ["--seed", str(cfg.seed + j)])
             rl = ["--init", ckpt("sft"), "--reward_model", ckpt("rm")] + ppo_extra + seed
             if j > 0:  # seed 1 of PPO and PPO-ptx is the pipeline's own run
-                stages[f"ppo{suffix}"] = (train_ppo, 60, lambda s=suffix, a=rl: stage_args(cfg, f"ppo{s}", a))
-                stages[f"ppo_ptx{suffix}"] = (train_ppo, 80, lambda s=suffix, a=rl: stage_args(
+                stages[f"ppo{suffix}"] = ("train_ppo.py", 60, lambda s=suffix, a=rl: stage_args(cfg, f"ppo{s}", a))
+                stages[f"ppo_ptx{suffix}"] = ("train_ppo.py", 80, lambda s=suffix, a=rl: stage_args(
                     cfg, f"ppo_ptx{s}", a + ["--ptx_coef", "0.5"]))
             for name, flags in METHODS.items():
-                stages[f"{name}{suffix}"] = (train_ppo, 60, lambda n=name, s=suffix, a=rl, f=flags: stage_args(
+                stages[f"{name}{suffix}"] = ("train_ppo.py", 60, lambda n=name, s=suffix, a=rl, f=flags: stage_args(
                     cfg, f"{n}{s}", a + f))
-            stages[f"dpo{suffix}"] = (train_dpo, 90, lambda s=suffix, a=seed: stage_args(cfg, f"dpo{s}", [
+            stages[f"dpo{suffix}"] = ("train_dpo.py", 90, lambda s=suffix, a=seed: stage_args(cfg, f"dpo{s}", [
                 "--init", ckpt("sft"), "--comparisons", os.path.join(cfg.out, "rm", "comparisons.jsonl")] + a))
-            stages[f"rft{suffix}"] = (train_sft, 60, lambda s=suffix, a=seed: stage_args(cfg, f"rft{s}", [
+            stages[f"rft{suffix}"] = ("train_sft.py", 60, lambda s=suffix, a=seed: stage_args(cfg, f"rft{s}", [
                 "--init", ckpt("sft"), "--data", os.path.join(cfg.out, "rft", "best_ranked.jsonl"),
                 "--epochs", "2" if cfg.quick else "3", "--lr", "3e-4", "--warmup", "5"] + a))
-    n_prompts = int(rm_quick[rm_quick.index("--n_prompts") + 1]) if cfg.quick else train_rm.RMConfig.n_prompts
     for k in range(2, cfg.rounds + 1):
         prev_rm, prev_ppo = ("rm", "ppo") if k == 2 else (f"rm_r{k - 1}", f"ppo_r{k - 1}")
-        stages[f"rm_r{k}"] = (train_rm, 150, lambda k=k, prev_rm=prev_rm, prev_ppo=prev_ppo: stage_args(
+        stages[f"rm_r{k}"] = ("train_rm.py", 150, lambda k=k, prev_rm=prev_rm, prev_ppo=prev_ppo: stage_args(
             cfg, f"rm_r{k}", ["--init", ckpt("sft"), "--policy", ckpt(prev_ppo), "--seed", str(cfg.seed + k - 1),
-                              "--prompt_offset", str((k - 1) * n_prompts), "--previous_rm", ckpt(prev_rm),
+                              "--prompt_offset", str((k - 1) * metrics("rm")["train_prompts"]),
+                              "--previous_rm", ckpt(prev_rm),
                               "--extra_comparisons", os.path.join(cfg.out, prev_rm, "comparisons.jsonl"),
-                              "--labeler_tau", str(json.load(open(os.path.join(cfg.out, "rm", "metrics.json")))
-                                                   ["labeler_tau"])] + (rm_quick if cfg.quick else [])))
-        stages[f"ppo_r{k}"] = (train_ppo, 170, lambda k=k, prev_ppo=prev_ppo: stage_args(
+                              "--labeler_tau", str(metrics("rm")["labeler_tau"])] + (rm_quick if cfg.quick else [])))
+        stages[f"ppo_r{k}"] = ("train_ppo.py", 170, lambda k=k, prev_ppo=prev_ppo: stage_args(
             cfg, f"ppo_r{k}", ["--init", ckpt(prev_ppo), "--reference", ckpt("sft"), "--seed", str(cfg.seed + k - 1),
                                "--reward_model", ckpt(f"rm_r{k}")] + (ppo_quick if cfg.quick else [])))
-    if cfg.study:
-        batches = 2 * (int(ppo_quick[ppo_quick.index("--batches") + 1]) if cfg.quick else train_ppo.PPOConfig.batches)
+    if cfg.study:  # twice as many batches as the PPO run
         for beta in ("0.01", "0.3"):
-            stages[f"study_kl{beta}"] = (train_ppo, 340, lambda beta=beta: stage_args(
+            stages[f"study_kl{beta}"] = ("train_ppo.py", 340, lambda beta=beta: stage_args(
                 cfg, f"study_kl{beta}", ["--init", ckpt("sft"), "--reward_model", ckpt("rm")]
-                + (ppo_quick if cfg.quick else []) + ["--kl_coef", beta, "--batches", str(batches)]))
+                + (ppo_quick if cfg.quick else []) + ["--kl_coef", beta, "--batches", str(2 * metrics("ppo")["steps"])]
+            ))
     return stages
 
 
@@ -162,19 +160,21 @@ def main(argv=None):
         if name == "eval":
             args = ["--run", cfg.out, "--device", cfg.device, "--seed", str(cfg.seed),
                     "--world_seed", str(cfg.world_seed), "--world_scale", "0.01" if cfg.quick else "0.1"]
-            module = evaluate_run
+            script = "eval.py"
         elif name in beyond:
-            module, _, make_args = beyond[name]
+            script, _, make_args = beyond[name]
             if name == "rft":  # the seeds' RFT runs (rft_s2, …) read the same file
                 write_rft_data(os.path.join(cfg.out, "rm", "comparisons.jsonl"),
                                os.path.join(cfg.out, "rft", "best_ranked.jsonl"))
             args = make_args()
         else:
-            module, default, quick = STAGES[name]
+            script, default, quick = STAGES[name]
             args = stage_args(cfg, name, quick if cfg.quick else default)
-        print(f"\n=== [{i + 1}/{len(names)}] {name}: python {module.__name__}.py {' '.join(args)}{eta} ===", flush=True)
+        print(f"\n=== [{i + 1}/{len(names)}] {name}: python {script} {' '.join(args)}{eta} ===", flush=True)
         t0 = time.perf_counter()
-        module.main(args)
+        code = subprocess.call([sys.executable, os.path.join(ROOT, script), *args])  # one process per stage
+        if code:
+            raise SystemExit(f"{name}: python {script} exited with {code}; rerun run.py to resume from its state.pt")
         seconds[name] = time.perf_counter() - t0
         json.dump(seconds, open(seconds_path, "w"), indent=1)
     print(f"\nall stages done in {(time.perf_counter() - t_start) / 60:.1f} min: see {cfg.out}/report.md")

@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanorlhf import dist, kernels
-from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf import dist, evaluation, kernels
+from nanorlhf.checkpoint import make_checkpoint, save_checkpoint
 from nanorlhf.common import (Progress, adamw, check_finite, check_room, checkpoint_or_compile, cosine_lr, lm_loss,
-                             load_model, pad, read_checkpoint, setup, write_state)
+                             load_model, pad, resume, setup, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
-from nanorlhf.evaluation import gold_report, sample_responses
 from nanorlhf.world import make_world
 
 
@@ -127,14 +126,11 @@ def validation_loss(model, examples, pad_id, device, batch_size=64):
     return total / count
 
 
-def gold_eval(model, tok, world, prompts, cfg, device):
-    """Mean gold score of greedy and sampled (T=1) responses. The sampler gets a fresh generator with the same
-    seed every call, so epochs (and base vs SFT) are compared on the same random stream and the training RNG
-    is left untouched."""
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    sampled = sample_responses(model, tok, prompts, cfg.max_new_tokens, temperature=1.0, generator=gen)
-    greedy = sample_responses(model, tok, prompts, cfg.max_new_tokens, greedy=True)
-    s, g = gold_report(world, prompts, sampled), gold_report(world, prompts, greedy)
+def gold_eval(model, tok, world, prompts, cfg):
+    """Mean gold score of greedy and sampled (T=1) responses, the samples on the same seeded stream every call
+    (evaluation.gold_eval), so epochs (and base vs SFT) are compared on the same random draws."""
+    s = evaluation.gold_eval(model, tok, world, prompts, cfg.max_new_tokens, seed=cfg.seed)
+    g = evaluation.gold_eval(model, tok, world, prompts, cfg.max_new_tokens, greedy=True)
     return {"gold_sampled": s["gold"], "gold_greedy": g["gold"], "eos_fraction_sampled": s["eos_fraction"],
             "by_category_sampled": s["by_category"]}
 
@@ -177,13 +173,10 @@ def main(argv=None):
 
     step, perm, history, best = 0, None, [], None  # best: {"epoch", "score", "model"} of the chosen epoch
     state_path = os.path.join(cfg.out, "state.pt")
-    state = read_checkpoint(state_path, map_location=device) if cfg.resume and os.path.exists(state_path) else None
+    state = resume(cfg, model, opt, map_location=device)  # the data order and dropout streams continue too
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         step = state["step"]
         perm, history, best = state["extra"]["perm"], state["extra"]["history"], state["extra"]["best"]
-        print(f"resumed from {state_path} at step {step}")
 
     def save_state():
         if not dist.is_main():
@@ -196,7 +189,7 @@ def main(argv=None):
         nonlocal best
         metrics = {"epoch": epoch, "step": step, "val_loss": validation_loss(model, val, tok.pad_id, device)}
         if by_gold:
-            metrics.update(gold_eval(model, tok, world, world.prompts("val"), cfg, device))
+            metrics.update(gold_eval(model, tok, world, world.prompts("val"), cfg))
         score = metrics["gold_sampled"] if by_gold else -metrics["val_loss"]
         if best is None or score > best["score"]:
             best = {"epoch": epoch, "score": score, "model": {k: v.clone() for k, v in model.state_dict().items()}}
@@ -206,8 +199,6 @@ def main(argv=None):
 
     mean_len = n_tok / len(train)
     progress = Progress(stop, cfg.log_every, model.flops_per_token(round(mean_len)), device, start=step, name="sft ")
-    if state is not None:
-        set_rng_state(state["rng"])  # the data order and dropout streams continue where they stopped
     t0 = time.perf_counter()
     model.train()
     while step < stop:
@@ -242,8 +233,8 @@ def main(argv=None):
     if by_gold:  # held-out test prompts: the SFT model vs the base model with the same template and sampling
         test = world.prompts("test")
         base, _, _ = load_model(cfg.init, "lm", device)
-        results["test"] = {"sft": gold_eval(model, tok, world, test, cfg, device),
-                           "base": gold_eval(base, tok, world, test, cfg, device)}
+        results["test"] = {"sft": gold_eval(model, tok, world, test, cfg),
+                           "base": gold_eval(base, tok, world, test, cfg)}
         for name in ("base", "sft"):
             m = results["test"][name]
             print(f"test gold ({len(test)} prompts) {name:4s}: sampled {m['gold_sampled']:.4f} | "

@@ -7,7 +7,7 @@ import time
 import torch
 
 from nanorlhf import dist, kernels
-from nanorlhf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
+from nanorlhf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything, set_rng_state
 from nanorlhf.config import print_config
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
@@ -57,10 +57,25 @@ def first_nonfinite(x, name=""):
 
 
 def check_finite(value, step, what, state_path):
-    """The NaN guard before an update: a non-finite loss or gradient norm stops the run, naming the step (from 1),
-    the quantity and its value, with the last good state.pt left as it was."""
-    if not torch.isfinite(value):
-        raise SystemExit(f"step {step}: non-finite {what} {value.item()}; last good state in {state_path}")
+    """The NaN guard: a non-finite loss, gradient norm or reward (any element of a tensor) stops the run, naming
+    the step (from 1), the quantity and its value, with the last good state.pt left as it was."""
+    if not torch.isfinite(value).all():
+        shown = f" {value.item()}" if value.numel() == 1 else ""
+        raise SystemExit(f"step {step}: non-finite {what}{shown}; last good state in {state_path}")
+
+
+def resume(cfg, model, optimizer, map_location="cpu"):
+    """--resume: restore model, optimizer and every RNG from cfg.out/state.pt, so the run continues the same
+    random streams; returns the state (its "step" and "extra" are the script's), or None for a fresh start."""
+    path = os.path.join(cfg.out, "state.pt")
+    if not (cfg.resume and os.path.exists(path)):
+        return None
+    state = read_checkpoint(path, map_location)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    print(f"resumed from {path} at step {state['step']}")
+    return state
 
 
 def write_state(path, ckpt):
@@ -169,11 +184,11 @@ def token_stream(tok, docs):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def epoch_batch(items, step, batch_size, seed):
-    """The items of optimizer step `step`, in epochs of ceil(len(items) / batch_size) steps. Each epoch's order comes
-    from a generator seeded with seed + epoch, so the batches are a function of (seed, step): a resumed run sees
-    the same ones."""
-    epoch, i = divmod(step, -(-len(items) // batch_size))
+def epoch_batch(items, step, batch_size, seed, drop_last=False):
+    """The items of step `step`, in epochs of ceil(len(items) / batch_size) steps (drop_last: floor, a tail shorter
+    than a batch is skipped). Each epoch's order comes from a generator seeded with seed + epoch, so the batches are
+    a function of (seed, step): a resumed run sees the same ones."""
+    epoch, i = divmod(step, len(items) // batch_size if drop_last else -(-len(items) // batch_size))
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return [items[j] for j in order[i * batch_size:(i + 1) * batch_size]]
 
