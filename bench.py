@@ -6,8 +6,8 @@ initialized as policy, frozen reference, reward model and value model. One PPO b
 (reference and old log-probs, RM score, values) → 4 PPO epochs × 4 minibatches of 16, updating policy and value.
 It runs train_ppo's own functions (generate → ppo.score → rlhf.ppo_rewards / ppo.gae_advantages → ppo.update), so it
 measures the real code. Time = wall seconds per batch after one warm-up batch (which also pays for compiling);
-the eager and the compiled run take turns batch by batch. Compiled = train_ppo --compile: the compiled transformer
-(kernels.compile_model), decode step, log-probs, PPO loss and GAE, fused Adam, and inverse-CDF sampling.
+the eager and the compiled run take turns batch by batch. Compiled = train_ppo --compile (kernels.enable): the
+compiled transformer (kernels.compile_model), decode step, log-probs, PPO loss and GAE, and fused Adam.
 
     python bench.py                  # CPU: W1 eager vs compiled + log-prob peak memory at vocab 50257
     python bench.py --device cuda    # the same, plus decode tokens/s and GPT-2 124M training MFU (bf16 autocast)
@@ -60,20 +60,18 @@ def w1_batch(models, optimizers, prompts, cfg, step, device):
     never = -1  # an EOS id no sampled token can equal: every response has exactly max_new_tokens tokens
     sync(device)
     t0 = time.perf_counter()
-    gen = generate(policy, prompts, cfg.max_new_tokens, never, 0, temperature=cfg.temperature, compiled=cfg.compile)
+    gen = generate(policy, prompts, cfg.max_new_tokens, never, 0, temperature=cfg.temperature)
     sync(device)
     t1 = time.perf_counter()
     P = gen.prompt_len
-    b = ppo.score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never, cfg.temperature,
-                  compiled=cfg.compile)
+    b = ppo.score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never, cfg.temperature)
     # W1 has no tokenizer (random ids), so the RM reads the sampled ids; every row is 64 real tokens
     b["scores"] = reward_model(gen.tokens).float()[:, -1]  # (B,)
     sync(device)
     t2 = time.perf_counter()
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                      b["response_mask"], cfg.kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
-    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], cfg.gamma, cfg.lam,
-                                                       cfg.compile)
+    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], cfg.gamma, cfg.lam)
     ppo.update(policy, value_model, optimizers, b, P, cfg, step)
     sync(device)
     t3 = time.perf_counter()
@@ -86,7 +84,7 @@ def w1_setup(device, compiled):
     models = w1_models(device)
     cfg = ppo.PPOConfig(batch_size=64, minibatch_size=16, ppo_epochs=4, max_new_tokens=32, temperature=1.0,
                               device=device.type, compile=compiled)
-    if compiled:
+    with kernels.compiling(compiled):
         for m in models:
             kernels.compile_model(m)
     return models, ppo.make_optimizers(models[0], models[3], cfg), cfg, torch.Generator().manual_seed(1)
@@ -101,7 +99,8 @@ def bench_w1(device, batches):
     for step in range(batches + 1):
         for name, (models, optimizers, cfg, g) in runs.items():
             prompts = torch.randint(0, 2048, (64, 32), generator=g).tolist()
-            t = w1_batch(models, optimizers, prompts, cfg, step, device)
+            with kernels.compiling(cfg.compile):
+                t = w1_batch(models, optimizers, prompts, cfg, step, device)
             if step > 0:
                 times[name].append(t)
     return times
@@ -145,7 +144,8 @@ def logprob_step(kind, hidden, weight, targets, compiled=False):
     if kind == "naive":
         logp = kernels.token_logprobs_eager(hidden, weight, targets)  # (N, V) log_softmax, then gather
     else:
-        logp = kernels.token_logprobs(hidden, weight, targets, compiled=compiled)  # chunked from hidden states
+        with kernels.compiling(compiled):
+            logp = kernels.token_logprobs(hidden, weight, targets)  # chunked from hidden states
     logp.sum().backward()
 
 
@@ -214,11 +214,12 @@ def report_decode(device, B=32, P=32, N=224, repeats=3):
     prompts = torch.randint(0, model.config.vocab_size, (B, P)).tolist()
     rates = {}
     for compiled in (False, True):
-        generate(model, prompts, N, -1, 0, compiled=compiled)  # warm-up (compiles)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            generate(model, prompts, N, -1, 0, compiled=compiled)
+        with kernels.compiling(compiled):
+            generate(model, prompts, N, -1, 0)  # warm-up (compiles)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                generate(model, prompts, N, -1, 0)
         sync(device)
         rates[compiled] = repeats * B * N / (time.perf_counter() - t0)
     print(f"decode GPT-2 124M bf16, {B} × ({P} + {N}) tokens: eager {rates[False]:,.0f} tokens/s | compiled "
@@ -232,7 +233,7 @@ def report_train_mfu(device, B=8, T=1024, steps=10):
     for compiled in (False, True):
         torch.manual_seed(0)
         model = GPT(gpt2_small()).to(device)
-        if compiled:
+        with kernels.compiling(compiled):
             kernels.compile_model(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(0, model.config.vocab_size, (B, T + 1), device=device)
@@ -241,8 +242,8 @@ def report_train_mfu(device, B=8, T=1024, steps=10):
             if i == 3:
                 sync(device)
                 t0 = time.perf_counter()
-            with torch.autocast("cuda", torch.bfloat16):
-                loss = lm_loss(model, ids, mask, compiled)
+            with torch.autocast("cuda", torch.bfloat16), kernels.compiling(compiled):
+                loss = lm_loss(model, ids, mask)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

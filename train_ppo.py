@@ -3,7 +3,8 @@
 Each PPO batch: sample one response per prompt from the policy (KV-cached, full softmax at temperature T) → score
 it with full forwards (policy and reference log-probs, values, RM score) → per-token rewards −β·KL plus the RM
 score on the EOS → GAE → `ppo_epochs` passes of clipped policy and value updates in minibatches, with γ·ptx
-(next-token loss on pretraining text) added to the same loss for PPO-ptx.
+(next-token loss on pretraining text) added to the same loss for PPO-ptx. The flags (PPOConfig), scoring and the
+minibatch update are in nanorlhf/ppo.py (bench.py runs them too); the math is nanorlhf/rlhf.py's.
 
 --estimator swaps GAE and the value model for a critic-free advantage of rlhf.py, on the same rollout, scoring and
 clipped policy update: rloo and grpo sample --group_size responses per prompt (the batch keeps --batch_size
@@ -94,11 +95,10 @@ def rollout(policy, ref_policy, reward_model, value_model, tok, prompts, cfg):
     the RM never saw. b["retokenized"] marks the samples whose ids differ from the RM's encoding of their text.
     Critic-free estimators skip the value model; --reward gold skips the RM (main scores with the judge)."""
     gen = generate(policy, [tok.format_prompt(p) for p in prompts], cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                   temperature=cfg.temperature, compiled=cfg.compile)
+                   temperature=cfg.temperature)
     P = gen.prompt_len
     critic = value_model if cfg.estimator == "gae" else None
-    b = ppo.score(policy, ref_policy, critic, gen.tokens, gen.attention_mask, P, tok.eos_id, cfg.temperature,
-                  cfg.compile)
+    b = ppo.score(policy, ref_policy, critic, gen.tokens, gen.attention_mask, P, tok.eos_id, cfg.temperature)
     sampled = [row[:n] for row, n in zip(gen.tokens[:, P:].tolist(), b["response_mask"].sum(1).tolist())]
     finished = b["finished"].tolist()
     responses = [tok.decode_response(ids) for ids in sampled]
@@ -114,7 +114,7 @@ def estimate_advantages(rewards, final, b, cfg):
     rlhf.py's critic-free estimators (their returns are the rollout's zero values: no value loss uses them)."""
     m = b["response_mask"]
     if cfg.estimator == "gae":
-        return ppo.gae_advantages(rewards, b["values"], m, cfg.gamma, cfg.lam, cfg.compile)
+        return ppo.gae_advantages(rewards, b["values"], m, cfg.gamma, cfg.lam)
     if cfg.estimator == "rloo":  # the sequence reward: RM score − β·Σ KL_t (the per-token rewards summed)
         advantages = rlhf.rloo_advantages(rewards.sum(1), m, cfg.group_size)
     elif cfg.estimator == "grpo":  # the outcome reward alone; the KL is a loss term
@@ -153,19 +153,19 @@ def final_evaluation(policy, ref_policy, tok, world, cfg, device):
     """The trained policy against SFT on held-out test prompts: gold score, win rate (overall and per category),
     pretraining validation loss (the alignment tax) and EOS fraction, of T-sampled answers."""
     prompts, val_stream = world.prompts("test"), token_stream(tok, world.pretrain_docs("val"))
-    ppo_, sft = ({**gold_eval(m, tok, world, prompts, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed),
+    trained, sft = ({**gold_eval(m, tok, world, prompts, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed),
                   "val_loss": val_loss(m, val_stream, m.config.block_size, device)} for m in (policy, ref_policy))
-    rate, interval = win_rate(ppo_["scores"], sft["scores"])
-    by_cat = {c: win_rate([s for p, s in zip(prompts, ppo_["scores"]) if world.category(p) == c],
+    rate, interval = win_rate(trained["scores"], sft["scores"])
+    by_cat = {c: win_rate([s for p, s in zip(prompts, trained["scores"]) if world.category(p) == c],
                           [s for p, s in zip(prompts, sft["scores"]) if world.category(p) == c])[0]
               for c in sorted(set(map(world.category, prompts)))}
-    print(f"test gold: PPO {ppo_['gold']:.4f} vs SFT {sft['gold']:.4f} | win rate vs SFT {rate:.1%} "
-          f"[{interval[0]:.1%}, {interval[1]:.1%}] | val loss: PPO {ppo_['val_loss']:.4f} vs SFT "
+    print(f"test gold: PPO {trained['gold']:.4f} vs SFT {sft['gold']:.4f} | win rate vs SFT {rate:.1%} "
+          f"[{interval[0]:.1%}, {interval[1]:.1%}] | val loss: PPO {trained['val_loss']:.4f} vs SFT "
           f"{sft['val_loss']:.4f}")
-    return {"gold": {"ppo": ppo_["gold"], "sft": sft["gold"]}, "win_rate": rate, "win_rate_95": interval,
-            "win_rate_by_category": by_cat, "val_loss": {"ppo": ppo_["val_loss"], "sft": sft["val_loss"]},
-            "eos_fraction": {"ppo": ppo_["eos_fraction"], "sft": sft["eos_fraction"]},
-            "components": {"ppo": ppo_["components"], "sft": sft["components"]}}
+    return {"gold": {"ppo": trained["gold"], "sft": sft["gold"]}, "win_rate": rate, "win_rate_95": interval,
+            "win_rate_by_category": by_cat, "val_loss": {"ppo": trained["val_loss"], "sft": sft["val_loss"]},
+            "eos_fraction": {"ppo": trained["eos_fraction"], "sft": sft["eos_fraction"]},
+            "components": {"ppo": trained["components"], "sft": sft["components"]}}
 
 
 def main(argv=None):
@@ -174,7 +174,7 @@ def main(argv=None):
     device = setup(cfg)
     dtype = dist.resolve_dtype(cfg.dtype, device)
     check_config(cfg)
-    cfg.compile = kernels.use_compile(device) if cfg.compile is None else cfg.compile  # resolved, saved in state.pt
+    cfg.compile = kernels.enable(cfg.compile, device)  # the one switch; resolved, saved in state.pt
 
     # data: instruction prompts for the rollouts, pretraining text for ptx
     try:
@@ -195,10 +195,9 @@ def main(argv=None):
         torch.manual_seed(cfg.seed + dist.rank())  # each rank samples its own rollouts
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.ema > 0 else None
     for m in (policy, value_model):
-        checkpoint_or_compile(m, cfg.activation_checkpointing, cfg.compile)
-    if cfg.compile:  # the frozen models are never checkpointed (no backward)
-        for m in (ref_policy, reward_model):
-            kernels.compile_model(m)
+        checkpoint_or_compile(m, cfg.activation_checkpointing)
+    for m in (ref_policy, reward_model):  # frozen: never checkpointed (no backward)
+        kernels.compile_model(m)
     opt_policy, opt_value = ppo.make_optimizers(policy, value_model, cfg)
     kl_ctl = rlhf.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     ptx_stream = token_stream(tok, ptx_docs or world.pretrain_docs("train")) if cfg.ptx_coef > 0 else None

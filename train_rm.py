@@ -25,7 +25,7 @@ from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import expected_agreement, pair_accuracy, sample_sets
 from nanorlhf.reward import rm_input, score_groups, score_records
-from nanorlhf.rlhf import ranked_pairs, ranking_loss
+from nanorlhf.rlhf import ranked_pairs
 from nanorlhf.world import calibrate_tau, make_world
 
 
@@ -131,7 +131,7 @@ def check_file_lengths(cfg, records, tok, block_size):
     check_lengths(lengths, block_size, "example (prompt + longest response)")
 
 
-def accumulate_gradients(model, tok, batch, grad_accum, dtype, device, compiled=False):
+def accumulate_gradients(model, tok, batch, grad_accum, dtype, device):
     """Gradient of the global batch's ranking loss (a mean over its prompts with at least one pair) from this
     rank's shard, in `grad_accum` micro-batches, each weighted by its share of those prompts: any split into
     micro-batches and ranks gives the same gradient. Returns (global loss, this rank's scores, responses scored)."""
@@ -145,8 +145,7 @@ def accumulate_gradients(model, tok, batch, grad_accum, dtype, device, compiled=
             rewards, valid = score_groups(model, tok, micro, device)  # (b, K), (b, K)
         ranks = pad([r["ranking"] for r in micro], 0, device=device)[0]  # (b, K), padding masked by `valid`
         weight = sum(bool(ranked_pairs(r["ranking"])) for r in micro) / max(n_global, 1)
-        loss_fn = kernels.ranking_loss_compiled if compiled else ranking_loss  # compiled twin, or eager
-        micro_loss = loss_fn(rewards.float(), ranks, valid) * weight
+        micro_loss = kernels.ranking_loss(rewards.float(), ranks, valid) * weight  # eq. (1)
         (micro_loss * dist.world_size()).backward()  # average_gradients divides by the number of ranks
         loss += micro_loss.detach()
         scores += rewards.detach().float().tolist()
@@ -176,14 +175,14 @@ def main(argv=None):
     device = setup(cfg)
     if cfg.k_min > cfg.k_max:
         raise SystemExit(f"--k_min {cfg.k_min} is larger than --k_max {cfg.k_max}")
-    cfg.compile = kernels.use_compile(device) if cfg.compile is None else cfg.compile  # resolved, saved in state.pt
+    cfg.compile = kernels.enable(cfg.compile, device)  # the one switch; resolved, saved in state.pt
     dtype = dist.resolve_dtype(cfg.dtype, device)
     t_start = time.perf_counter()
 
     # model: the SFT trunk with a fresh scalar head instead of the unembedding (its tokenizer reads the data)
     model, tok, _ = load_model(cfg.init, head="scalar", device=device)
     print(f"reward model: {model.num_params() / 1e6:.2f}M parameters")
-    checkpoint_or_compile(model, cfg.activation_checkpointing, cfg.compile)
+    checkpoint_or_compile(model, cfg.activation_checkpointing)
     opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
     state = resume(cfg, model, opt)
 
@@ -225,8 +224,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss, scores, n_responses = accumulate_gradients(model, tok, batch, cfg.grad_accum, dtype, device,
-                                                         cfg.compile)
+        loss, scores, n_responses = accumulate_gradients(model, tok, batch, cfg.grad_accum, dtype, device)
         check_finite(loss, step + 1, "ranking loss", state_path)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         check_finite(grad_norm, step + 1, "ranking loss gradient norm", state_path)

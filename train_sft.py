@@ -90,7 +90,7 @@ def set_dropout(model, p):
         block.mlp.dropout.p = p
 
 
-def accumulate_gradients(model, examples, batch, pad_id, grad_accum, dtype, device, compiled=False):
+def accumulate_gradients(model, examples, batch, pad_id, grad_accum, dtype, device):
     """Gradient of the global batch's loss, the mean over all its target tokens, from this rank's shard of
     `batch` in `grad_accum` micro-batches. Each micro-batch's mean is weighted by its share of the batch's target
     tokens, so every split into micro-batches and ranks gives the same gradient (a plain 1/N per micro-batch
@@ -104,7 +104,7 @@ def accumulate_gradients(model, examples, batch, pad_id, grad_accum, dtype, devi
         ids, loss_mask = make_batch(examples, micro, pad_id, device)
         weight = sum(sum(examples[j][1][1:]) for j in micro) / n_global
         with dist.autocast(device, dtype):
-            micro_loss = lm_loss(model, ids, loss_mask, compiled) * weight  # mean over the micro-batch's response + EOS
+            micro_loss = lm_loss(model, ids, loss_mask) * weight  # mean over the micro-batch's response + EOS
         (micro_loss * dist.world_size()).backward()  # average_gradients divides by the number of ranks
         loss += micro_loss.detach()
         n_tokens += ids.numel()
@@ -139,7 +139,7 @@ def main(argv=None):
     cfg = parse_config(SFTConfig, argv)
     dist.init(cfg.device)  # under torchrun: one process per device, each a shard of every batch
     device = setup(cfg)
-    cfg.compile = kernels.use_compile(device) if cfg.compile is None else cfg.compile  # resolved, saved in state.pt
+    cfg.compile = kernels.enable(cfg.compile, device)  # the one switch; resolved, saved in state.pt
     dtype = dist.resolve_dtype(cfg.dtype, device)
     world = None if cfg.data else make_world(cfg.world_seed, cfg.world_scale)
     try:
@@ -162,7 +162,7 @@ def main(argv=None):
     print(f"demonstrations: {len(train)} train ({n_tok:,} tokens), {len(val)} validation | "
           f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}")
     set_dropout(model, cfg.dropout)
-    checkpoint_or_compile(model, cfg.activation_checkpointing, cfg.compile)
+    checkpoint_or_compile(model, cfg.activation_checkpointing)
     opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -210,8 +210,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss, n_tokens = accumulate_gradients(model, train, batch, tok.pad_id, cfg.grad_accum, dtype, device,
-                                               cfg.compile)
+        loss, n_tokens = accumulate_gradients(model, train, batch, tok.pad_id, cfg.grad_accum, dtype, device)
         check_finite(loss, step + 1, "SFT loss", state_path)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         check_finite(grad_norm, step + 1, "SFT grad norm", state_path)

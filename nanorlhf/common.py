@@ -14,10 +14,12 @@ from nanorlhf.tokenizer import Tokenizer
 
 
 def setup(cfg):
-    """Print the config and seed, seed every RNG, and return the torch device (clear error if unavailable)."""
+    """Print the config and seed, seed every RNG, set kernels' switch to the device's default (compiled on CUDA; a
+    script's --compile sets it after), and return the torch device (clear error if unavailable)."""
     print_config(cfg)
     device = get_device(cfg.device)
     seed_everything(cfg.seed)
+    kernels.enable(None, device)
     return device
 
 
@@ -112,14 +114,12 @@ def load_model(path, head="lm", device="cpu"):
     return model.to(device), tok, ckpt
 
 
-def checkpoint_or_compile(model, activation_checkpointing, compiled):
-    """A trained model's --activation_checkpointing (dist.checkpoint_blocks) or else --compile
-    (kernels.compile_model): dynamo cannot trace checkpointed blocks, so with both the model stays eager."""
+def checkpoint_or_compile(model, activation_checkpointing):
+    """A trained model's --activation_checkpointing (dist.checkpoint_blocks) or else kernels.compile_model (a no-op
+    without --compile): dynamo cannot trace checkpointed blocks, so with both the model stays eager."""
     if activation_checkpointing:
-        dist.checkpoint_blocks(model)
-    elif compiled:
-        kernels.compile_model(model)
-    return model
+        return dist.checkpoint_blocks(model)
+    return kernels.compile_model(model)
 
 
 def pad(seqs, pad_id, left=False, device="cpu"):
@@ -136,7 +136,7 @@ def pad(seqs, pad_id, left=False, device="cpu"):
 
 def adamw(model, lr, weight_decay, fused=False):
     """AdamW with weight decay on the matrices only (not on biases, LayerNorm gains), betas as GPT-3/nanoGPT.
-    fused: one kernel for the whole step (the compiled runs' choice; same math, last bits differ)."""
+    fused: one kernel for the whole step (--compile's choice; same math, last bits differ)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -152,11 +152,11 @@ def cosine_lr(step, total, lr, warmup, final_ratio=0.1):
     return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def sequence_logprobs(model, ids, mask=None, temperature=1.0, compiled=None):
+def sequence_logprobs(model, ids, mask=None, temperature=1.0):
     """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1). logits[:, t] predict token t+1, so hidden
     state t scores token t+1; computed chunk-wise from hidden states (no (B, T, V) logits tensor)."""
     h = model.hidden_states(ids[:, :-1], attention_mask=None if mask is None else mask[:, :-1])  # (B, T-1, C)
-    return kernels.token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature, compiled=compiled)  # (B, T-1)
+    return kernels.token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature)  # (B, T-1)
 
 
 def check_room(tok, prompts, max_new_tokens, block_size):
@@ -168,10 +168,10 @@ def check_room(tok, prompts, max_new_tokens, block_size):
                          f"model's context is {block_size}, so at most {block_size - longest} new tokens fit")
 
 
-def lm_loss(model, ids, loss_mask, compiled=None):
+def lm_loss(model, ids, loss_mask):
     """Next-token cross-entropy, averaged over the tokens where loss_mask (B, T) is 1 (targets, not inputs).
     Right padding only: a real token never attends to a pad after it."""
-    logp = sequence_logprobs(model, ids, compiled=compiled)  # (B, T-1)
+    logp = sequence_logprobs(model, ids)  # (B, T-1)
     target_mask = loss_mask[:, 1:].to(logp.dtype)  # (B, T-1)
     return -(logp * target_mask).sum() / target_mask.sum().clamp(min=1)
 

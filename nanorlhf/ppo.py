@@ -68,14 +68,14 @@ class PPOConfig(CommonConfig):
                             positive=True)
 
 
-def response_logprobs(model, tokens, mask, P, temperature, compiled=None):
+def response_logprobs(model, tokens, mask, P, temperature):
     """log π(y_t | x, y_<t) and the entropy of π(· | x, y_<t) for the response tokens tokens[:, P:], each (B, N).
 
     Hidden state t predicts token t+1, so only hidden states P−1 .. P+N−2 go through the LM head (chunked, no
     logits tensor). The rollout scores and the update recompute with this one function: at lr 0, ratio == 1.
     """
     h = model.hidden_states(tokens[:, :-1], attention_mask=mask[:, :-1], start=P - 1)  # (B, N, C)
-    return kernels.token_logprobs_and_entropy(h, model.lm_head.weight, tokens[:, P:], temperature, compiled=compiled)
+    return kernels.token_logprobs_and_entropy(h, model.lm_head.weight, tokens[:, P:], temperature)
 
 
 def response_values(value_model, tokens, mask, P):
@@ -85,7 +85,7 @@ def response_values(value_model, tokens, mask, P):
 
 
 @torch.no_grad()
-def score(policy, ref_policy, value_model, tokens, mask, P, eos_id, temperature, compiled=None):
+def score(policy, ref_policy, value_model, tokens, mask, P, eos_id, temperature):
     """Everything PPO stores about a rollout batch's token ids, as tensors with batch dimension first (the RM's
     scores come from the response text: train_ppo.rollout). value_model None (critic-free estimators): values 0."""
     response_mask = mask[:, P:]  # (B, N) real response tokens, EOS included
@@ -93,24 +93,23 @@ def score(policy, ref_policy, value_model, tokens, mask, P, eos_id, temperature,
     rows = torch.arange(len(tokens), device=tokens.device)
     return {
         "tokens": tokens, "mask": mask, "response_mask": response_mask,
-        "logprobs": response_logprobs(policy, tokens, mask, P, temperature, compiled)[0],  # (B, N) log π_old
-        "ref_logprobs": response_logprobs(ref_policy, tokens, mask, P, temperature, compiled)[0],  # (B, N) log π_SFT
+        "logprobs": response_logprobs(policy, tokens, mask, P, temperature)[0],  # (B, N) log π_old
+        "ref_logprobs": response_logprobs(ref_policy, tokens, mask, P, temperature)[0],  # (B, N) log π_SFT
         "values": (response_values(value_model, tokens, mask, P) if value_model is not None
                    else torch.zeros_like(response_mask, dtype=torch.float32)),  # (B, N) V_old
         "finished": tokens[rows, last] == eos_id,  # (B,) the response ended with EOS
     }
 
 
-def gae_advantages(rewards, values, response_mask, gamma, lam, compiled=False):
-    """GAE advantages, whitened over the real tokens of the whole batch (all ranks), and the returns R = A + V
-    (from the advantages before whitening)."""
-    gae = kernels.gae_scan if compiled else rlhf.gae  # the compiled reverse scan, or its eager twin
-    advantages, returns = gae(rewards, values, response_mask, gamma, lam)
+def gae_advantages(rewards, values, response_mask, gamma, lam):
+    """GAE advantages (rlhf.gae), whitened over the real tokens of the whole batch (all ranks), and the returns
+    R = A + V (from the advantages before whitening)."""
+    advantages, returns = kernels.gae(rewards, values, response_mask, gamma, lam)
     return rlhf.masked_whiten(advantages, response_mask, dist.all_reduce_sum), returns
 
 
 def make_optimizers(policy, value_model, cfg):
-    """Adam for the policy and for the value model; compiled runs take the fused Adam (one kernel per step)."""
+    """Adam for the policy and for the value model; --compile takes the fused Adam (one kernel per step)."""
     fused = cfg.compile or None  # None: torch's default (foreach); fused=False would mean the slower per-tensor loop
     return (torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=fused),
             torch.optim.Adam(value_model.parameters(), lr=cfg.value_lr, eps=1e-5, fused=fused))
@@ -122,13 +121,11 @@ def minibatch_loss(policy, value_model, mb, P, ptx_ids, cfg, kl_coef=0.0):
     Policy and value are separate models, so the value loss needs no coefficient (Adam is scale-invariant).
     Critic-free estimators: no value loss; GRPO adds β·k3 KL(π_θ || π_ref) per real token (its KL is in the loss)."""
     m = mb["response_mask"]
-    logprobs, entropy = response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature,
-                                          cfg.compile)  # (b, N) each
+    logprobs, entropy = response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature)  # (b, N) each
     if cfg.estimator == "gae":
         values = response_values(value_model, mb["tokens"], mb["mask"], P)  # (b, N)
-        ppo_loss = kernels.ppo_loss_fused if cfg.compile else kernels.ppo_loss  # one compiled graph, or its twin
-        pg_loss, v_loss, stats = ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"],
-                                          mb["returns"], m, cfg.clip_eps, cfg.value_clip)
+        pg_loss, v_loss, stats = kernels.ppo_loss(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"],
+                                                  mb["returns"], m, cfg.clip_eps, cfg.value_clip)
         terms = {"policy": pg_loss, "value": v_loss}
     else:
         pg_loss, stats = rlhf.policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, cfg.clip_eps)

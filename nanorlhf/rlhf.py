@@ -180,7 +180,7 @@ def rloo_advantages(sequence_rewards, mask, k):
 def grpo_advantages(scores, mask, k, eps=1e-6):
     """GRPO (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision): k samples per prompt, consecutive in the
     batch; advantage = (r − mean) / (std + eps) over the prompt's group, on every token (a group whose rewards are
-    all equal gives 0). KL: not in the reward; a k3 term β·KL(π_θ || π_ref) in the loss (train_ppo.ppo_losses)."""
+    all equal gives 0). KL: not in the reward; a k3 term β·KL(π_θ || π_ref) in the loss (ppo.minibatch_loss)."""
     r = scores.view(-1, k)  # (B/k, k)
     a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)  # unbiased std, as the paper's code
     return torch.where(mask.bool(), a.view(-1, 1), 0.0)

@@ -47,18 +47,18 @@ def sft_step(grad_accum=1):
 def ppo_step(paths):
     """The whole rollout batch is made on every rank (same seed); each rank keeps its rows and updates on them."""
     cfg = ppo.PPOConfig(init=paths["lm"], reward_model=paths["scalar"], max_new_tokens=8, batch_size=8,
-                              minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False)
+                        minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False)
     torch.manual_seed(0)
     policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
     b, P, _ = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS, cfg)
     for i in range(4):
         b["response_mask"][i, 2 + i:] = False  # ragged: ranks hold different numbers of response tokens
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                           b["response_mask"], cfg.kl_coef)
+                                     b["response_mask"], cfg.kl_coef)
     mine = slice(dist.rank(), None, dist.world_size())  # dist.shard's rows
     b = {k: v[mine] for k, v in b.items()}
     b["advantages"], b["returns"] = ppo.gae_advantages(rewards[mine], b["values"], b["response_mask"],
-                                                               1.0, 0.95)
+                                                       1.0, 0.95)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-5) for m in (policy, value_model)]
     stats = ppo.update(policy, value_model, opts, b, P, cfg, step=0)
     return stats, b["advantages"], [p.detach().clone() for m in (policy, value_model) for p in m.parameters()]

@@ -57,9 +57,8 @@ def rollout_batch(cfg, seed=0):
 def add_advantages(b, cfg):
     """Per-token rewards, then GAE advantages and returns (γ 1, λ 0.95) into the rollout batch b, as in train_ppo."""
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                           b["response_mask"], cfg.kl_coef)
-    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95,
-                                                                 cfg.compile)
+                                     b["response_mask"], cfg.kl_coef)
+    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     return b
 
 
@@ -73,7 +72,7 @@ def test_lr0_first_minibatch_ratio_one_even_with_dropout_in_config(tmp_path):
     opts = [torch.optim.Adam(m.parameters(), lr=0.0) for m in (policy, value_model)]
     torch.manual_seed(1)
     perm = torch.randperm(len(b["tokens"]))
-    idx = perm[:cfg.minibatch_size]  # the first minibatch ppo_update will draw under the same seed
+    idx = perm[:cfg.minibatch_size]  # the first minibatch ppo.update will draw under the same seed
     mb = {k: v[idx] for k, v in b.items()}
     _, _, stats = ppo.minibatch_loss(policy, value_model, mb, P, None, cfg)
     assert stats["ratio"].item() == 1.0 and stats["approx_kl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
@@ -90,7 +89,7 @@ def test_kl_zero_when_policy_is_reference(ckpts):
     assert torch.equal(b["logprobs"], b["ref_logprobs"])
     for kind in ("k1", "k3"):
         rewards, kl, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                                b["response_mask"], 0.1, kind)
+                                          b["response_mask"], 0.1, kind)
         assert torch.count_nonzero(kl) == 0
         assert torch.count_nonzero(rewards) <= len(rewards)  # only the final token of each response is rewarded
 
@@ -103,7 +102,7 @@ def test_rewards_hand_case():
     ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-0.7, 3.0, 3.0, 3.0], [-2.0, -1.0, -1.0, -3.0]])
     scores, finished = torch.tensor([0.7, -0.3, 2.0]), torch.tensor([True, True, False])
     rewards, kl, final = rlhf.ppo_rewards(scores, finished, logprobs, ref_logprobs, mask, kl_coef=0.1,
-                                                   missing_eos_penalty=1.5)
+                                          missing_eos_penalty=1.5)
     expected = torch.tensor([[-0.05, 0.1, 0.0 + 0.7, 0.0],
                              [-0.05 - 0.3, 0.0, 0.0, 0.0],
                              [-0.1, 0.0, 0.0, -0.2 + 2.0 - 1.5]])  # row 3 never ended: its RM score 2.0 minus 1.5
@@ -120,9 +119,9 @@ def test_not_finishing_never_pays(penalty):
     mask = torch.ones(21, 3, dtype=torch.bool)
     zeros = torch.zeros(21, 3)
     ended = rlhf.ppo_rewards(scores, torch.ones(21, dtype=torch.bool), zeros, zeros, mask, 0.1,
-                                      missing_eos_penalty=penalty)[0].sum(1)
+                             missing_eos_penalty=penalty)[0].sum(1)
     unended = rlhf.ppo_rewards(scores, torch.zeros(21, dtype=torch.bool), zeros, zeros, mask, 0.1,
-                                        missing_eos_penalty=penalty)[0].sum(1)
+                               missing_eos_penalty=penalty)[0].sum(1)
     assert (unended <= ended).all()
     torch.testing.assert_close(ended - unended, torch.full((21,), penalty))
     assert (unended.diff() > 0).all()  # a better RM score is still better without EOS
@@ -215,9 +214,10 @@ def test_bf16_rollout_scores_in_float32_and_compiled_gae_takes_them(ckpts):
         models, b, P = rollout_batch(cfg)
     assert b["values"].dtype == b["scores"].dtype == b["logprobs"].dtype == torch.float32
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                           b["response_mask"], cfg.kl_coef)
-    eager = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95, compiled=False)
-    fused = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95, compiled=True)
+                                     b["response_mask"], cfg.kl_coef)
+    eager = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
+    with kernels.compiling():
+        fused = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     for a, c in zip(eager, fused):
         torch.testing.assert_close(a * b["response_mask"], c * b["response_mask"], atol=1e-5, rtol=1e-5)
 
@@ -229,7 +229,7 @@ def test_whitening_in_script_ignores_padding():
     rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
     garbage = torch.full((4, 7), 1e6)
     adv, ret = ppo.gae_advantages(torch.where(mask, rewards, garbage), torch.where(mask, values, -garbage),
-                                            mask, 1.0, 0.95)
+                                  mask, 1.0, 0.95)
     raw = []  # GAE per row over its real tokens only (γ = 1, λ = 0.95), V after the last token = 0
     for i, n in enumerate(lengths):
         a, row = 0.0, []
@@ -278,15 +278,16 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     eager_cfg, compiled_cfg = make_cfg(ckpts, compile=False, ptx_coef=0.5), make_cfg(ckpts, compile=True, ptx_coef=0.5)
     eager = train_ppo.load_models(eager_cfg, "cpu")
     tok = eager[4]
-    compiled = [kernels.compile_model(m) for m in copy.deepcopy(eager[:4])]
+    with kernels.compiling():
+        compiled = [kernels.compile_model(m) for m in copy.deepcopy(eager[:4])]
     gen = generate(eager[0], [tok.format_prompt(p) for p in PROMPTS], 12, tok.eos_id, tok.pad_id)
     batches = []
     for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg)):
-        b = ppo.score(*models[:2], models[3], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0,
-                            cfg.compile)
-        texts = [tok.decode_response(row) for row in gen.tokens[:, gen.prompt_len:].tolist()]
-        b["scores"] = score_texts(models[2], tok, PROMPTS, texts, b["finished"].tolist(), "cpu")
-        batches.append(add_advantages(b, cfg))
+        with kernels.compiling(cfg.compile):
+            b = ppo.score(*models[:2], models[3], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0)
+            texts = [tok.decode_response(row) for row in gen.tokens[:, gen.prompt_len:].tolist()]
+            b["scores"] = score_texts(models[2], tok, PROMPTS, texts, b["finished"].tolist(), "cpu")
+            batches.append(add_advantages(b, cfg))
     for key, value in batches[0].items():
         torch.testing.assert_close(batches[1][key], value, atol=1e-5, rtol=1e-5)
 
@@ -294,7 +295,8 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     grads = []
     for models, cfg, b in ((eager, eager_cfg, batches[0]), (compiled, compiled_cfg, batches[1])):
         policy, value_model = models[0], models[3]
-        loss = ppo.minibatch_loss(policy, value_model, b, gen.prompt_len, ptx_ids, cfg)[0]
+        with kernels.compiling(cfg.compile):
+            loss = ppo.minibatch_loss(policy, value_model, b, gen.prompt_len, ptx_ids, cfg)[0]
         grads.append(torch.autograd.grad(loss, [*policy.parameters(), *value_model.parameters()]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
@@ -306,7 +308,8 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     for models, cfg, b, opts in ((eager, eager_cfg, batches[0], optimizers[0]),
                                  (compiled, compiled_cfg, batches[1], optimizers[1])):
         torch.manual_seed(1)  # the minibatch order and the ptx batches
-        stats.append(ppo.update(models[0], models[3], opts, b, gen.prompt_len, cfg, 0, stream))
+        with kernels.compiling(cfg.compile):
+            stats.append(ppo.update(models[0], models[3], opts, b, gen.prompt_len, cfg, 0, stream))
         params.append([p.detach().clone() for m in (models[0], models[3]) for p in m.parameters()])
     for key, value in stats[0].items():
         assert stats[1][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
@@ -314,10 +317,10 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
 
     for step in range(2):  # the first batch compiles the decode step, the second must reuse everything
-        with torch._dynamo.config.patch(error_on_recompile=step == 1):
+        with torch._dynamo.config.patch(error_on_recompile=step == 1), kernels.compiling():
             b, P, _ = train_ppo.rollout(*compiled, tok, PROMPTS, compiled_cfg)
-            ppo.update(compiled[0], compiled[3], optimizers[1], add_advantages(b, compiled_cfg), P,
-                                 compiled_cfg, step, stream)
+            ppo.update(compiled[0], compiled[3], optimizers[1], add_advantages(b, compiled_cfg), P, compiled_cfg, step,
+                       stream)
 
 
 def test_nan_guard_names_step_and_term(ckpts):

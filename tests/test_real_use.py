@@ -234,15 +234,15 @@ def ppo_batch(cfg):
     for i in range(4):
         b["response_mask"][i, 2 + i:] = False
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                           b["response_mask"], cfg.kl_coef)
+                                     b["response_mask"], cfg.kl_coef)
     b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     return models, b, P
 
 
 def test_ppo_grad_accum_gives_the_same_update(tiny_ckpts):
     cfg = ppo.PPOConfig(init=tiny_ckpts["lm"], reward_model=tiny_ckpts["scalar"], max_new_tokens=8,
-                              batch_size=8, minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False,
-                              ptx_coef=0.0)
+                        batch_size=8, minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False,
+                        ptx_coef=0.0)
     weights = []
     for n in (1, 2):
         (policy, _, _, value_model, _), b, P = ppo_batch(cfg)
