@@ -4,8 +4,8 @@ W1, the CPU PPO workload: a GPT-2-style model of 4 layers, d_model 128, 4 heads,
 initialized as policy, frozen reference, reward model and value model. One PPO batch = 64 prompts of 32 tokens →
 32 new tokens each (temperature 1, full softmax, no early stop: the EOS id is one that is never sampled) → score
 (reference and old log-probs, RM score, values) → 4 PPO epochs × 4 minibatches of 16, updating policy and value.
-It runs train_ppo's own functions (generate → ppo.score → rlhf.ppo_rewards / ppo.gae_advantages → ppo.update), so it
-measures the real code. Time = wall seconds per batch after one warm-up batch (which also pays for compiling);
+It runs the functions train_ppo runs (generate → ppo.score → rlhf.ppo_rewards / ppo.gae_advantages → ppo.update),
+so it measures the real code. Time = wall seconds per batch after one warm-up batch (which also pays for compiling);
 the eager and the compiled run take turns batch by batch. Compiled = train_ppo --compile (kernels.enable): the
 compiled transformer (kernels.compile_model), decode step, log-probs, PPO loss and GAE, and fused Adam.
 

@@ -175,7 +175,7 @@ def update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None, em
                     loss, terms, stats = minibatch_loss(policy, value_model, mb, P, ptx_ids, cfg, kl_coef)
                 for name, term in terms.items():
                     check_finite(term, step + 1, f"{name} loss", state_path)
-                (loss * share * world).backward()
+                (loss * share * world).backward()  # a mean over the global minibatch's tokens (micro_batches)
                 for k, v in {**{f"{k}_loss": t for k, t in terms.items()}, **stats}.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float()
                 n += 1
