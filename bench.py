@@ -10,11 +10,11 @@ W2, the GPU PPO workload: the same batch on GPT-2 124M-shaped models (12 layers,
 50257, context 1024): 64 prompts of 128 tokens → 128 new tokens; 4 PPO epochs × 4 minibatches of 16. bf16
 autocast on CUDA (train_ppo's default there), fp32 on CPU.
 
-Both run train_ppo's own functions (generate → score → compute_rewards / compute_advantages → ppo_update), so they
-measure the real code. Time = wall seconds per batch after one warm-up batch (which also pays for compiling),
+Both run the functions train_ppo runs (generate → ppo.score → rlhf.ppo_rewards / ppo.gae_advantages →
+ppo.update), so they measure the real code. Time = wall seconds per batch after one warm-up batch (which also pays for compiling),
 split into generation / scoring / update; the eager and the compiled run (and with --peer the peer) take turns
-batch by batch. Compiled = train_ppo --compile: the compiled transformer (kernels.compile_model), decode step,
-log-probs, PPO loss and GAE, fused Adam, and inverse-CDF sampling. The peer is TRL 0.24.0's PPOTrainer on the
+batch by batch. Compiled = train_ppo --compile (kernels.enable): the compiled transformer (kernels.compile_model),
+decode step, log-probs, PPO loss and GAE, and fused Adam. The peer is TRL 0.24.0's PPOTrainer on the
 same workload (bench_peer.py, an optional dependency: requirements-peer.txt), in fp32 unless the workload is bf16;
 bench.py prints peer seconds ÷ nanorlhf seconds per batch, with the goals: W1 on CPU, eager ≥ 1.5× and compiled
 ≥ 2×; W2 on CUDA, compiled ≥ 2×.
@@ -39,8 +39,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import train_ppo
-from nanorlhf import dist, kernels
+from nanorlhf import dist, kernels, ppo, rlhf
 from nanorlhf.common import get_device, lm_loss, peak_flops
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
@@ -104,28 +103,25 @@ def ppo_models(w, device, seed=0):
 
 
 def ppo_batch(w, models, optimizers, prompts, cfg, step, device):
-    """One PPO batch through train_ppo's functions; returns seconds of (generation, scoring, update)."""
+    """One PPO batch through the library functions train_ppo runs; returns seconds of (generation, scoring, update)."""
     policy, ref_policy, reward_model, value_model = models
     never = -1  # an EOS id no sampled token can equal: every response has exactly max_new_tokens tokens
     sync(device)
     t0 = time.perf_counter()
     with dist.autocast(device, cfg.dtype):
-        gen = generate(policy, prompts, cfg.max_new_tokens, never, 0, temperature=cfg.temperature,
-                       compiled=cfg.compile)
+        gen = generate(policy, prompts, cfg.max_new_tokens, never, 0, temperature=cfg.temperature)
         sync(device)
         t1 = time.perf_counter()
         P = gen.prompt_len
-        b = train_ppo.score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never,
-                            cfg.temperature, compiled=cfg.compile)
+        b = ppo.score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never, cfg.temperature)
         # no tokenizer (random ids), so the RM reads the sampled ids; every row is P + N real tokens
         b["scores"] = reward_model(gen.tokens).float()[:, -1]  # (B,)
     sync(device)
     t2 = time.perf_counter()
-    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                           b["response_mask"], cfg.kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
-    b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"],
-                                                                 cfg.gamma, cfg.lam, cfg.compile)
-    train_ppo.ppo_update(policy, value_model, optimizers, b, P, cfg, step, dtype=cfg.dtype)
+    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                     b["response_mask"], cfg.kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
+    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], cfg.gamma, cfg.lam)
+    ppo.update(policy, value_model, optimizers, b, P, cfg, step, dtype=cfg.dtype)
     sync(device)
     t3 = time.perf_counter()
     assert gen.response_mask.all() and gen.tokens.shape == (w.prompts, w.prompt_len + w.new_tokens), "early stop"
@@ -135,18 +131,19 @@ def ppo_batch(w, models, optimizers, prompts, cfg, step, device):
 def ppo_setup(w, device, compiled):
     """A step function of one nanorlhf run (eager or compiled) of workload w, set up as train_ppo sets it up."""
     models = ppo_models(w, device)
-    cfg = train_ppo.PPOConfig(batch_size=w.prompts, minibatch_size=w.minibatch, ppo_epochs=w.ppo_epochs,
-                              max_new_tokens=w.new_tokens, temperature=1.0, device=device.type, compile=compiled,
-                              dtype=dist.resolve_dtype(w.dtype, device))
-    if compiled:
+    cfg = ppo.PPOConfig(batch_size=w.prompts, minibatch_size=w.minibatch, ppo_epochs=w.ppo_epochs,
+                        max_new_tokens=w.new_tokens, temperature=1.0, device=device.type, compile=compiled,
+                        dtype=dist.resolve_dtype(w.dtype, device))
+    with kernels.compiling(compiled):
         for m in models:
             kernels.compile_model(m)
-    optimizers = train_ppo.make_optimizers(models[0], models[3], cfg)
+    optimizers = ppo.make_optimizers(models[0], models[3], cfg)
     g = torch.Generator().manual_seed(1)
 
     def step(i):
         prompts = torch.randint(0, w.vocab_size, (w.prompts, w.prompt_len), generator=g).tolist()
-        return ppo_batch(w, models, optimizers, prompts, cfg, i, device)
+        with kernels.compiling(compiled):
+            return ppo_batch(w, models, optimizers, prompts, cfg, i, device)
     return step
 
 
@@ -209,10 +206,10 @@ def report_ppo(w, device, batches, peer=False, threads=2):
     print(f"{w.name}: {w.n_layer} layers, d {w.n_embd}, {w.n_head} heads, vocab {w.vocab_size}; {w.prompts} prompts "
           f"× {w.prompt_len} tokens → {w.new_tokens} new; {w.ppo_epochs} epochs × {w.prompts // w.minibatch} "
           f"minibatches of {w.minibatch}; {dist.resolve_dtype(w.dtype, device)}")
-    print(f"{w.name} FLOPs per batch:" + train_ppo.batch_flops.__doc__.split(":", 1)[1].rstrip("."))
+    print(f"{w.name} FLOPs per batch:" + ppo.batch_flops.__doc__.split(":", 1)[1].rstrip("."))
     print(f"matmul peak (measured now, {'fp32' if device.type == 'cpu' else 'bf16'}): {peak / 1e9:,.0f} GFLOP/s")
     models = ppo_models(w, device)
-    flops = train_ppo.batch_flops(models[0], models[3], w.prompts, T, w.prompt_len, w.ppo_epochs)
+    flops = ppo.batch_flops(models[0], models[3], w.prompts, T, w.prompt_len, w.ppo_epochs)
     total = sum(flops.values())
     del models
     medians, per_batch = {}, {}
@@ -256,7 +253,8 @@ def logprob_step(kind, hidden, weight, targets, compiled=False):
     if kind == "naive":
         logp = kernels.token_logprobs_eager(hidden, weight, targets)  # (N, V) log_softmax, then gather
     else:
-        logp = kernels.token_logprobs(hidden, weight, targets, compiled=compiled)  # chunked from hidden states
+        with kernels.compiling(compiled):
+            logp = kernels.token_logprobs(hidden, weight, targets)  # chunked from hidden states
     logp.sum().backward()
 
 
@@ -325,11 +323,12 @@ def report_decode(device, B=32, P=32, N=224, repeats=3):
     prompts = torch.randint(0, model.config.vocab_size, (B, P)).tolist()
     rates = {}
     for compiled in (False, True):
-        generate(model, prompts, N, -1, 0, compiled=compiled)  # warm-up (compiles)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            generate(model, prompts, N, -1, 0, compiled=compiled)
+        with kernels.compiling(compiled):
+            generate(model, prompts, N, -1, 0)  # warm-up (compiles)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                generate(model, prompts, N, -1, 0)
         sync(device)
         rates[compiled] = repeats * B * N / (time.perf_counter() - t0)
     print(f"decode GPT-2 124M bf16, {B} × ({P} + {N}) tokens: eager {rates[False]:,.0f} tokens/s | compiled "
@@ -348,7 +347,7 @@ def report_train_mfu(device, batch_sizes=(8,), T=1024, steps=10, config=None):
         for compiled in (False, True):
             torch.manual_seed(0)
             model = GPT(config).to(device)
-            if compiled:
+            with kernels.compiling(compiled):
                 kernels.compile_model(model)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             ids = torch.randint(0, config.vocab_size, (B, T + 1), device=device)
@@ -359,8 +358,8 @@ def report_train_mfu(device, batch_sizes=(8,), T=1024, steps=10, config=None):
                 if i == 3:
                     sync(device)
                     t0 = time.perf_counter()
-                with dist.autocast(device, dtype):
-                    loss = lm_loss(model, ids, mask, compiled)
+                with dist.autocast(device, dtype), kernels.compiling(compiled):
+                    loss = lm_loss(model, ids, mask)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -21,9 +21,10 @@ import torch
 
 from nanorlhf.common import check_room, load_model, setup
 from nanorlhf.config import CommonConfig, arg, parse_config
+from nanorlhf.evaluation import sample_sets
+from nanorlhf.reward import score_records
 from nanorlhf.rlhf import best_of_n_kl
 from nanorlhf.world import gold_from_components, make_world
-from train_rm import sample_sets, score_records
 
 
 @dataclass
@@ -56,8 +57,8 @@ def main(argv=None):
     policy, tok, _ = load_model(os.path.join(cfg.run, "sft", "ckpt.pt"), "lm", device)
     check_room(tok, prompts, cfg.max_new_tokens, policy.config.block_size)
     reward_model, _, _ = load_model(os.path.join(cfg.run, "rm", "ckpt.pt"), "scalar", device)
-    sets = sample_sets(policy, tok, prompts, [cfg.draws * n_max] * len(prompts), cfg,
-                       torch.Generator(device).manual_seed(cfg.seed))
+    sets = sample_sets(policy, tok, prompts, [cfg.draws * n_max] * len(prompts), cfg.max_new_tokens, cfg.temperature,
+                       cfg.gen_batch_size, torch.Generator(device).manual_seed(cfg.seed))
     records = [{"prompt": p, "responses": ys, "finished": fs} for p, (ys, fs) in zip(prompts, sets)]
     rm = score_records(reward_model, tok, records, device)  # normalized RM score of every sample
     comps = [[world.gold_components(p, y, f) for y, f in zip(ys, fs)] for p, (ys, fs) in zip(prompts, sets)]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanorlhf import kernels
 from nanorlhf.config import arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.common import get_device, load_model
@@ -43,6 +44,7 @@ def reply(model, tok, prompt, cfg, generator):
 def main(argv=None):
     cfg = parse_config(ChatConfig, argv)
     device = get_device(cfg.device)
+    kernels.enable(None, device)  # the compiled decode step on CUDA, as every script
     try:
         model, tok, _ = load_model(cfg.ckpt, "lm", device)
     except (FileNotFoundError, ValueError) as e:  # a bad checkpoint file already exits in load_model

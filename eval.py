@@ -24,12 +24,12 @@ import torch
 from nanorlhf.checkpoint import load_checkpoint
 from nanorlhf.common import check_room, load_model, pad, sequence_logprobs, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
-from nanorlhf.evaluation import fit_gao, gold_report, sample_responses, seed_win_rate, win_rate
 from nanorlhf.engine import generate
+from nanorlhf.evaluation import fit_gao, gold_eval, seed_win_rate, sigmoid, win_rate
+from nanorlhf.ppo import response_logprobs
 from nanorlhf.reward import score_texts
+from nanorlhf.rlhf import ranked_pairs
 from nanorlhf.world import KIND_COMPONENTS, make_world
-from train_ppo import response_logprobs
-from train_rm import n_pairs, sigmoid
 
 POLICIES = ["base", "sft", "ppo", "ppo_ptx"]
 METHODS = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
@@ -110,10 +110,8 @@ def evaluate(cfg, device):
             continue
         model, tok, _ = load_model(path, "lm", device)
         check_room(tok, prompts, cfg.max_new_tokens, model.config.block_size)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same sampling noise for every model
         reps = [p for p in prompts for _ in range(cfg.samples)]
-        responses = sample_responses(model, tok, reps, cfg.max_new_tokens, cfg.temperature, generator=gen)
-        rep = gold_report(world, reps, responses)
+        rep = gold_eval(model, tok, world, reps, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)  # same noise
         per_prompt[name] = [statistics.mean(rep["scores"][i * cfg.samples:(i + 1) * cfg.samples])
                             for i in range(len(prompts))]
         results["gold_score"][name] = rep["gold"]
@@ -121,11 +119,10 @@ def evaluate(cfg, device):
         results["gold_by_category"][name] = rep["by_category"]
         results["eos_fraction"][name] = rep["eos_fraction"]
         results["examples"][name] = [{"prompt": p, "response": y, "gold": s}
-                                     for p, (y, _), s in list(zip(reps, responses, rep["scores"]))[:12:cfg.samples]]
+                                     for p, y, s in list(zip(reps, rep["responses"], rep["scores"]))[:12:cfg.samples]]
         if rm is not None:
             with torch.no_grad():
-                rm_scores = score_texts(rm.eval(), rm_tok, reps, [y for y, _ in responses], [f for _, f in responses],
-                                        device)
+                rm_scores = score_texts(rm.eval(), rm_tok, reps, rep["responses"], rep["finished"], device)
             results.setdefault("rm_on_samples", {})[name] = rm_sample_accuracy(rep["scores"], rm_scores.tolist(),
                                                                                cfg.samples)
         stream = token_stream(tok, val_docs)
@@ -255,7 +252,8 @@ def _rm_extra(run, name):
 def _pairs(run, rm):
     """Pairwise comparisons an RM trained on (all rounds so far), from the comparisons.jsonl train_rm.py wrote."""
     path = os.path.join(run, rm, "comparisons.jsonl")
-    return sum(n_pairs(json.loads(line)["ranking"]) for line in open(path)) if os.path.exists(path) else None
+    return (sum(len(ranked_pairs(json.loads(line)["ranking"])) for line in open(path)) if os.path.exists(path)
+            else None)
 
 
 def round_table(run, results):

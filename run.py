@@ -10,27 +10,23 @@
     python run.py --no-study        # skip the over-optimization study (PPO twice as long at β = 0.01 and 0.3)
 
 A stage whose checkpoint exists is skipped (--force redoes everything); an interrupted stage resumes from its
-state.pt. Each stage is its own script (train_base.py, train_sft.py, train_rm.py, train_ppo.py, eval.py),
-called here with the flags printed before it starts, so any stage can be rerun by hand.
+state.pt. Each stage is its own script (train_base.py, train_sft.py, train_rm.py, train_ppo.py, eval.py), run here
+as a process of its own with the command line printed before it starts, so any stage can be rerun by hand.
 """
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-import bestofn
-import eval as evaluate_run
-import train_base
-import train_dpo
-import train_ppo
-import train_rm
-import train_sft
 from nanorlhf.common import get_device
 from nanorlhf.config import arg, parse_config, print_config
 from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.ppo import PPOConfig, batch_flops
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.world import make_world
 
@@ -56,14 +52,15 @@ class RunConfig:
     study: bool = arg(True, "over-optimization study: PPO twice as long at β = 0.01 and β = 0.3 (--no-study skips)")
 
 
-# flags of each stage: (cpu preset, --quick). Everything else is the stage's own default.
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# each stage's script and flags: (script, default preset, quick preset). Everything else is the stage's own default.
 STAGES = {
-    "base": (train_base, [], ["--steps", "60", "--eval_every", "60", "--n_layer", "2", "--n_head", "4", "--n_embd",
-                              "64"]),
-    "sft": (train_sft, [], ["--epochs", "2"]),
-    "rm": (train_rm, [], ["--n_prompts", "60", "--n_calibrate", "30", "--n_norm", "50"]),
-    "ppo": (train_ppo, [], ["--batches", "3", "--batch_size", "16", "--minibatch_size", "8"]),
-    "ppo_ptx": (train_ppo, ["--ptx_coef", "0.5"], ["--ptx_coef", "0.5", "--batches", "3", "--batch_size", "16",
+    "base": ("train_base.py", [], ["--steps", "60", "--eval_every", "60", "--n_layer", "2", "--n_head", "4",
+                                       "--n_embd", "64"]),
+    "sft": ("train_sft.py", [], ["--epochs", "2"]),
+    "rm": ("train_rm.py", [], ["--n_prompts", "60", "--n_calibrate", "30", "--n_norm", "50"]),
+    "ppo": ("train_ppo.py", [], ["--batches", "3", "--batch_size", "16", "--minibatch_size", "8"]),
+    "ppo_ptx": ("train_ppo.py", ["--ptx_coef", "0.5"], ["--ptx_coef", "0.5", "--batches", "3", "--batch_size", "16",
                                                    "--minibatch_size", "8"]),
 }
 # --baselines: train_ppo.py with another estimator or reward, on the same rollouts, budget and β as PPO
@@ -76,10 +73,12 @@ METHODS = {"grpo": ["--estimator", "grpo", "--group_size", "4"], "rloo": ["--est
 # FLOP estimate run.py prints (gpu_estimate) for ≤ 15 minutes on one H100; not yet measured on a GPU.
 GPU_WORLD_SCALE = "0.2"
 GPU_STAGES = {
-    "base": ["--n_layer", "6", "--n_head", "6", "--n_embd", "384", "--dropout", "0.1", "--steps", "2000",
-             "--warmup", "100", "--lr", "1e-3", "--eval_every", "500", "--log_every", "100"],
-    "sft": ["--lr", "3e-4"],
-    "rm": ["--n_prompts", "1500", "--lr", "3e-4"],  # of 1973: iterated rounds need fresh prompts
+    "base": ["--n_layer", "6", "--n_head", "6", "--n_embd", "384", "--block_size", "128", "--dropout", "0.1",
+             "--steps", "2000", "--batch_size", "32", "--warmup", "100", "--lr", "1e-3", "--eval_every", "500",
+             "--log_every", "100"],
+    "sft": ["--lr", "3e-4", "--epochs", "10"],
+    # 1,500 of the 1,973 RM prompts: iterated rounds need fresh ones
+    "rm": ["--n_prompts", "1500", "--lr", "3e-4", "--k_min", "4", "--k_max", "9", "--max_new_tokens", "48"],
     "ppo": ["--batches", "60", "--batch_size", "128", "--minibatch_size", "32"],
     "ppo_ptx": ["--ptx_coef", "0.5", "--batches", "60", "--batch_size", "128", "--minibatch_size", "32"],
 }
@@ -105,38 +104,40 @@ def stage_flags(cfg, name):
     return flags + quick if cfg.quick else flags
 
 
-def flag(flags, name, default):
-    """The value a stage reads for `name` from these flags (the last one given), else its default."""
+def flag(flags, name):
+    """The value a stage reads for `name` from these flags (the last one given); the gpu preset states every size
+    its estimate reads."""
     values = [v for k, v in zip(flags, flags[1:]) if k == name]
-    return type(default)(values[-1]) if values else default
+    if not values:
+        raise ValueError(f"the preset's flags do not state {name}")
+    return float(values[-1])
 
 
 def gpu_estimate(cfg):
     """FLOPs of the main stages with the preset's flags (the study and --baselines not counted), by the models'
     formulas: training 6N + 12·L·C·T per token (GPT.flops_per_token), sampling a third of that, PPO by
-    train_ppo.batch_flops; token counts from the world's prompts and demonstrations, responses at their longest
+    ppo.batch_flops; token counts from the world's prompts and demonstrations, responses at their longest
     (48 tokens). The time assumes 100 TFLOP/s (≈10% of an H100's bf16 peak: small models, much of it decoding),
     an estimate until the preset is measured on a GPU. Returns {stage: FLOPs}."""
     world = make_world(cfg.world_seed, float(world_scale(cfg)))
     tok = Tokenizer.load("tiny")
-    base = parse_config(train_base.BaseConfig, stage_flags(cfg, "base"))
+    base, sft, rm = (stage_flags(cfg, name) for name in ("base", "sft", "rm"))
+    T = int(flag(base, "--block_size"))
     with torch.device("meta"):
-        lm = GPT(GPTConfig(block_size=base.block_size, vocab_size=(tok.vocab_size + 63) // 64 * 64,
-                           n_layer=base.n_layer, n_head=base.n_head, n_embd=base.n_embd))
-    demos = [len(tok.format_chat(train_sft.chat(p, y))[0]) for p, y in world.sft_demos("sft")]
+        lm = GPT(GPTConfig(block_size=T, vocab_size=(tok.vocab_size + 63) // 64 * 64,
+                           n_layer=int(flag(base, "--n_layer")), n_head=int(flag(base, "--n_head")),
+                           n_embd=int(flag(base, "--n_embd"))))
+    demos = [len(tok.format_example(p, y)[0]) for p, y in world.sft_demos("sft")]
     P = round(sum(len(tok.format_prompt(p)) for p in world.prompts("ppo")) / len(world.prompts("ppo")))
-    N = train_ppo.PPOConfig.max_new_tokens
-    sft = parse_config(train_sft.SFTConfig, stage_flags(cfg, "sft"))
-    rm = parse_config(train_rm.RMConfig, stage_flags(cfg, "rm"))
-    n_rm = len(world.prompts("rm")) if rm.n_prompts < 0 else min(rm.n_prompts, len(world.prompts("rm")))
-    rm_tokens = n_rm * (rm.k_min + rm.k_max) / 2 * (P + rm.max_new_tokens)  # ranked responses, each with its prompt
-    flops = {"base": base.steps * base.batch_size * base.block_size * lm.flops_per_token(base.block_size),
-             "sft": sft.epochs * sum(demos) * lm.flops_per_token(max(demos)),
-             "rm": rm_tokens * (1 + 1 / 3) * lm.flops_per_token(P + rm.max_new_tokens)}  # sampling + training
+    N, rm_new = PPOConfig.max_new_tokens, int(flag(rm, "--max_new_tokens"))
+    n_rm = min(int(flag(rm, "--n_prompts")), len(world.prompts("rm")))
+    rm_tokens = n_rm * (flag(rm, "--k_min") + flag(rm, "--k_max")) / 2 * (P + rm_new)  # ranked responses + prompts
+    flops = {"base": flag(base, "--steps") * flag(base, "--batch_size") * T * lm.flops_per_token(T),
+             "sft": flag(sft, "--epochs") * sum(demos) * lm.flops_per_token(max(demos)),
+             "rm": rm_tokens * (1 + 1 / 3) * lm.flops_per_token(P + rm_new)}  # sampling + training
     for name in ("ppo", "ppo_ptx"):
-        ppo = parse_config(train_ppo.PPOConfig, stage_flags(cfg, name))
-        flops[name] = ppo.batches * sum(train_ppo.batch_flops(lm, lm, ppo.batch_size, P + N, P, ppo.ppo_epochs)
-                                        .values())
+        ppo = parse_config(PPOConfig, stage_flags(cfg, name))
+        flops[name] = ppo.batches * sum(batch_flops(lm, lm, ppo.batch_size, P + N, P, ppo.ppo_epochs).values())
     total = sum(flops.values())
     print(f"--preset {preset(cfg)}: {lm.num_params() / 1e6:.1f}M-parameter models; estimated " + ", ".join(
         f"{k} {v / 1e15:.2f}" for k, v in flops.items()) + f" PFLOP; {total / 1e15:.1f} PFLOP in all ≈ "
@@ -171,51 +172,52 @@ def write_rft_data(comparisons, path):
 
 
 def beyond_stages(cfg):
-    """The opt-in stages beyond the paper: name → (module, expected seconds, args). `args` is a function, called
+    """The opt-in stages beyond the paper: name → (script, expected seconds, args). `args` is a function, called
     when the stage starts: later rounds read the labeler temperature the first RM calibrated."""
     def ckpt(name):
         return os.path.join(cfg.out, name, "ckpt.pt")
+
+    def metrics(name):  # a finished stage's results: later stages size themselves by what it did
+        return json.load(open(os.path.join(cfg.out, name, "metrics.json")))
     rm_flags, ppo_flags = stage_flags(cfg, "rm"), stage_flags(cfg, "ppo")
     stages = {}
     if cfg.baselines:
         world = ["--device", cfg.device, "--seed", str(cfg.seed), "--world_seed", str(cfg.world_seed),
                  "--world_scale", world_scale(cfg)]
-        stages["bestofn"] = (bestofn, 240, lambda: ["--run", cfg.out, "--ns", "1", "2", "4", "8", "16", "32", "64"]
-                             + world)
+        stages["bestofn"] = ("bestofn.py", 240, lambda: ["--run", cfg.out, "--ns", "1", "2", "4", "8", "16", "32",
+                                                         "64"] + world)
         ppo_extra = ppo_flags
         for j in range(cfg.seeds):  # every method with the same budget (PPO's batches and episodes) and β
             suffix, seed = ("", []) if j == 0 else (f"_s{j + 1}", ["--seed", str(cfg.seed + j)])
             rl = ["--init", ckpt("sft"), "--reward_model", ckpt("rm")] + ppo_extra + seed
             if j > 0:  # seed 1 of PPO and PPO-ptx is the pipeline's own run
-                stages[f"ppo{suffix}"] = (train_ppo, 60, lambda s=suffix, a=rl: stage_args(cfg, f"ppo{s}", a))
-                stages[f"ppo_ptx{suffix}"] = (train_ppo, 80, lambda s=suffix, a=rl: stage_args(
+                stages[f"ppo{suffix}"] = ("train_ppo.py", 60, lambda s=suffix, a=rl: stage_args(cfg, f"ppo{s}", a))
+                stages[f"ppo_ptx{suffix}"] = ("train_ppo.py", 80, lambda s=suffix, a=rl: stage_args(
                     cfg, f"ppo_ptx{s}", a + ["--ptx_coef", "0.5"]))
             for name, flags in METHODS.items():
-                stages[f"{name}{suffix}"] = (train_ppo, 60, lambda n=name, s=suffix, a=rl, f=flags: stage_args(
+                stages[f"{name}{suffix}"] = ("train_ppo.py", 60, lambda n=name, s=suffix, a=rl, f=flags: stage_args(
                     cfg, f"{n}{s}", a + f))
-            stages[f"dpo{suffix}"] = (train_dpo, 90, lambda s=suffix, a=seed: stage_args(cfg, f"dpo{s}", [
+            stages[f"dpo{suffix}"] = ("train_dpo.py", 90, lambda s=suffix, a=seed: stage_args(cfg, f"dpo{s}", [
                 "--init", ckpt("sft"), "--comparisons", os.path.join(cfg.out, "rm", "comparisons.jsonl")] + a))
-            stages[f"rft{suffix}"] = (train_sft, 60, lambda s=suffix, a=seed: stage_args(cfg, f"rft{s}", [
+            stages[f"rft{suffix}"] = ("train_sft.py", 60, lambda s=suffix, a=seed: stage_args(cfg, f"rft{s}", [
                 "--init", ckpt("sft"), "--data", os.path.join(cfg.out, "rft", "best_ranked.jsonl"),
                 "--epochs", "2" if cfg.quick else "3", "--lr", "3e-4", "--warmup", "5"] + a))
-    n_prompts = flag(rm_flags, "--n_prompts", train_rm.RMConfig.n_prompts)
     for k in range(2, cfg.rounds + 1):
         prev_rm, prev_ppo = ("rm", "ppo") if k == 2 else (f"rm_r{k - 1}", f"ppo_r{k - 1}")
-        stages[f"rm_r{k}"] = (train_rm, 150, lambda k=k, prev_rm=prev_rm, prev_ppo=prev_ppo: stage_args(
+        stages[f"rm_r{k}"] = ("train_rm.py", 150, lambda k=k, prev_rm=prev_rm, prev_ppo=prev_ppo: stage_args(
             cfg, f"rm_r{k}", ["--init", ckpt("sft"), "--policy", ckpt(prev_ppo), "--seed", str(cfg.seed + k - 1),
-                              "--prompt_offset", str((k - 1) * n_prompts), "--previous_rm", ckpt(prev_rm),
+                              "--prompt_offset", str((k - 1) * metrics("rm")["train_prompts"]),
+                              "--previous_rm", ckpt(prev_rm),
                               "--extra_comparisons", os.path.join(cfg.out, prev_rm, "comparisons.jsonl"),
-                              "--labeler_tau", str(json.load(open(os.path.join(cfg.out, "rm", "metrics.json")))
-                                                   ["labeler_tau"])] + rm_flags))
-        stages[f"ppo_r{k}"] = (train_ppo, 170, lambda k=k, prev_ppo=prev_ppo: stage_args(
+                              "--labeler_tau", str(metrics("rm")["labeler_tau"])] + rm_flags))
+        stages[f"ppo_r{k}"] = ("train_ppo.py", 170, lambda k=k, prev_ppo=prev_ppo: stage_args(
             cfg, f"ppo_r{k}", ["--init", ckpt(prev_ppo), "--reference", ckpt("sft"), "--seed", str(cfg.seed + k - 1),
                                "--reward_model", ckpt(f"rm_r{k}")] + ppo_flags))
-    if cfg.study:
-        batches = 2 * flag(ppo_flags, "--batches", train_ppo.PPOConfig.batches)
+    if cfg.study:  # twice as many batches as the PPO run
         for beta in ("0.01", "0.3"):
-            stages[f"study_kl{beta}"] = (train_ppo, 340, lambda beta=beta: stage_args(
+            stages[f"study_kl{beta}"] = ("train_ppo.py", 340, lambda beta=beta: stage_args(
                 cfg, f"study_kl{beta}", ["--init", ckpt("sft"), "--reward_model", ckpt("rm")]
-                + ppo_flags + ["--kl_coef", beta, "--batches", str(batches)]))
+                + ppo_flags + ["--kl_coef", beta, "--batches", str(2 * metrics("ppo")["steps"])]))
     return stages
 
 
@@ -244,19 +246,21 @@ def main(argv=None):
         if name == "eval":
             args = ["--run", cfg.out, "--device", cfg.device, "--seed", str(cfg.seed),
                     "--world_seed", str(cfg.world_seed), "--world_scale", world_scale(cfg)]
-            module = evaluate_run
+            script = "eval.py"
         elif name in beyond:
-            module, _, make_args = beyond[name]
+            script, _, make_args = beyond[name]
             if name == "rft":  # the seeds' RFT runs (rft_s2, …) read the same file
                 write_rft_data(os.path.join(cfg.out, "rm", "comparisons.jsonl"),
                                os.path.join(cfg.out, "rft", "best_ranked.jsonl"))
             args = make_args()
         else:
-            module = STAGES[name][0]
+            script = STAGES[name][0]
             args = stage_args(cfg, name, stage_flags(cfg, name))
-        print(f"\n=== [{i + 1}/{len(names)}] {name}: python {module.__name__}.py {' '.join(args)}{eta} ===", flush=True)
+        print(f"\n=== [{i + 1}/{len(names)}] {name}: python {script} {' '.join(args)}{eta} ===", flush=True)
         t0 = time.perf_counter()
-        module.main(args)
+        code = subprocess.call([sys.executable, os.path.join(ROOT, script), *args])  # one process per stage
+        if code:
+            raise SystemExit(f"{name}: python {script} exited with {code}; rerun run.py to resume from its state.pt")
         seconds[name] = time.perf_counter() - t0
         json.dump(seconds, open(seconds_path, "w"), indent=1)
     print(f"\nall stages done in {(time.perf_counter() - t_start) / 60:.1f} min: see {cfg.out}/report.md")

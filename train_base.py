@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, adamw, check_finite, cosine_lr, get_batch, lm_loss, read_checkpoint, setup,
+from nanorlhf.checkpoint import make_checkpoint, save_checkpoint
+from nanorlhf.common import (Progress, adamw, check_finite, cosine_lr, get_batch, lm_loss, resume, setup,
                              token_stream, val_loss, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
@@ -67,14 +67,8 @@ def main(argv=None):
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     print(f"model: {model.num_params() / 1e6:.2f}M parameters")
 
-    step, state_path = 0, os.path.join(cfg.out, "state.pt")
-    if cfg.resume and os.path.exists(state_path):
-        state = read_checkpoint(state_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        print(f"resumed from {state_path} at step {step}")
+    state = resume(cfg, model, opt)
+    step, state_path = state["step"] if state else 0, os.path.join(cfg.out, "state.pt")
 
     total = cfg.steps if cfg.max_steps < 0 else min(cfg.steps, cfg.max_steps)
     progress = Progress(total, cfg.log_every, model.flops_per_token(cfg.block_size), device, start=step)

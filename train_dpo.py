@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanorlhf.checkpoint import make_checkpoint, set_rng_state
-from nanorlhf.common import (Progress, check_finite, cosine_lr, epoch_batch, load_model, pad, read_checkpoint,
+from nanorlhf.checkpoint import make_checkpoint
+from nanorlhf.common import (Progress, check_finite, cosine_lr, epoch_batch, load_model, pad, resume,
                              sequence_logprobs, setup, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths
-from nanorlhf.rlhf import dpo_loss
+from nanorlhf.rlhf import dpo_loss, ranked_pairs
 
 
 @dataclass
@@ -39,11 +39,6 @@ class DPOConfig(CommonConfig):
     grad_clip: float = arg(1.0, "clip the gradient norm to this", positive=True)
     log_every: int = arg(10, "progress line every N steps", low=1)
     save_every: int = arg(50, "write state.pt every N steps", low=1)
-
-
-def preference_pairs(ranking):
-    """(chosen, rejected) index pairs of one ranking (0 = best); tied responses form no pair."""
-    return [(i, j) for i in range(len(ranking)) for j in range(len(ranking)) if ranking[i] < ranking[j]]
 
 
 def response_logps(model, examples, pad_id, device):
@@ -62,7 +57,7 @@ def batch_logps(policy, reference, records, pad_id, device):
     for r in records:
         base = len(examples)
         examples += r["examples"]
-        pairs = preference_pairs(r["ranking"])
+        pairs = ranked_pairs(r["ranking"])
         for i, j in pairs:
             chosen.append(base + i)
             rejected.append(base + j)
@@ -83,7 +78,7 @@ def main(argv=None):
     policy.eval()
     reference = copy.deepcopy(policy).requires_grad_(False)
     records = [json.loads(line) for line in open(cfg.comparisons) if line.strip()]
-    records = [r for r in records if preference_pairs(r["ranking"])]
+    records = [r for r in records if ranked_pairs(r["ranking"])]
     for r in records:
         r["examples"] = [tok.format_example(r["prompt"], y, f) for y, f in zip(r["responses"], r["finished"])]
     try:
@@ -92,18 +87,12 @@ def main(argv=None):
     except DataError as e:
         print(e)
         raise SystemExit(2)
-    n_pairs = sum(len(preference_pairs(r["ranking"])) for r in records)
+    n_pairs = sum(len(ranked_pairs(r["ranking"])) for r in records)
     print(f"{len(records)} ranked prompts, {n_pairs} pairs | policy {policy.num_params() / 1e6:.2f}M parameters")
 
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    step, state_path = 0, os.path.join(cfg.out, "state.pt")
-    if cfg.resume and os.path.exists(state_path):
-        state = read_checkpoint(state_path, map_location=device)
-        policy.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        print(f"resumed from {state_path} at step {step}")
+    state = resume(cfg, policy, opt, map_location=device)
+    step, state_path = state["step"] if state else 0, os.path.join(cfg.out, "state.pt")
     schedule = cfg.epochs * -(-len(records) // cfg.batch_size)  # epochs of ceil(N / batch_size) steps
     total = schedule if cfg.max_steps < 0 else min(schedule, cfg.max_steps)
     avg_len = sum(len(e[0]) for r in records for e in r["examples"]) / sum(len(r["examples"]) for r in records)

@@ -9,7 +9,6 @@ training, the head's bias is shifted so that the labelers' demonstrations score 
     python train_rm.py --data rankings.jsonl --init gpt2 --out runs/mine/rm     # your own rankings, HH or chat pairs
 """
 import json
-import math
 import os
 import random
 import statistics
@@ -19,14 +18,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanorlhf import dist, kernels
-from nanorlhf.checkpoint import make_checkpoint, set_rng_state
+from nanorlhf.checkpoint import make_checkpoint
 from nanorlhf.common import (Progress, adamw, check_finite, check_room, checkpoint_or_compile, cosine_lr, epoch_batch,
-                             load_model, pad, read_checkpoint, setup, write_results, write_state)
+                             load_model, pad, resume, setup, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
-from nanorlhf.evaluation import sample_responses
-from nanorlhf.reward import rm_input, score
-from nanorlhf.rlhf import ranking_loss
+from nanorlhf.evaluation import expected_agreement, pair_accuracy, sample_sets
+from nanorlhf.reward import rm_input, score_groups, score_records
+from nanorlhf.rlhf import ranked_pairs
 from nanorlhf.world import calibrate_tau, make_world
 
 
@@ -66,90 +65,6 @@ class RMConfig(CommonConfig):
     previous_rm: str = arg("", "a reward model to evaluate on the same held-out rankings (the last round's)")
 
 
-def group_scores(model, tok, groups, device):
-    """Scores (B, K) of a batch of ranking records, K ragged: one forward pass over all B·K responses."""
-    seqs, K = [], max(len(g["responses"]) for g in groups)
-    for g in groups:
-        seqs += [rm_input(tok, g["prompt"], y, f, model.config.block_size)
-                 for y, f in zip(g["responses"], g["finished"])]
-    ids, mask = pad(seqs, tok.pad_id, device=device)  # (N, T) right-padded
-    flat = score(model, ids, mask)  # (N,)
-    rewards = torch.zeros(len(groups), K, device=device)  # (B, K)
-    valid = torch.zeros(len(groups), K, dtype=torch.bool, device=device)  # (B, K) 1 = a real response
-    i = 0
-    for b, g in enumerate(groups):
-        k = len(g["responses"])
-        rewards[b, :k], valid[b, :k] = flat[i:i + k], True
-        i += k
-    return rewards, valid, ids.numel()
-
-
-@torch.no_grad()
-def score_records(model, tok, records, device, batch_size=64):
-    """Scores of every response of every record, as lists (eval mode)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(records), batch_size):
-        rewards, valid, _ = group_scores(model, tok, records[i:i + batch_size], device)
-        out += [r[v].tolist() for r, v in zip(rewards, valid)]
-    model.train(was_training)
-    return out
-
-
-def pair_accuracy(scores, ranks):
-    """Fraction of the pairs ranked apart (ranks[i] != ranks[j], 0 = best) that `scores` order the same way;
-    a tie in scores counts one half (identical responses get identical scores)."""
-    hits = total = 0
-    for s, r in zip(scores, ranks):
-        for i in range(len(r)):
-            for j in range(i + 1, len(r)):
-                if r[i] != r[j]:
-                    total += 1
-                    hits += 0.5 if s[i] == s[j] else float((s[i] > s[j]) == (r[i] < r[j]))
-    return hits / max(total, 1)
-
-
-def n_pairs(ranking):
-    """The comparisons a ranking implies: pairs of responses ranked apart (the labels the RM trains on)."""
-    return sum(a != b for i, a in enumerate(ranking) for b in ranking[i + 1:])
-
-
-def sigmoid(x):
-    """σ(x) = 1 / (1 + e^−x) for any float x: exp only ever sees −|x| ≤ 0, so it may underflow to 0 but never
-    overflows (math.exp(−x) raises once −x > 709.78: a utility gap of 0.1 at τ = 1e-4 is x = ±1000)."""
-    e = math.exp(-abs(x))
-    return 1 / (1 + e) if x >= 0 else e / (1 + e)  # σ(x) = e^x / (1 + e^x) for x < 0
-
-
-def expected_agreement(scores, utilities, tau):
-    """Accuracy and ceiling without the labelers' sampling noise. A Plackett-Luce labeler puts i above j with
-    probability p = σ((u_i − u_j)/τ), so a scorer agrees with it w.p. p or 1 − p (½ on a tie in scores) and two
-    independent labelers agree w.p. p² + (1 − p)². Averaged over all pairs: (expected accuracy, ceiling)."""
-    acc = ceiling = total = 0
-    for s, u in zip(scores, utilities):
-        for i in range(len(u)):
-            for j in range(i + 1, len(u)):
-                p = sigmoid((u[i] - u[j]) / tau)
-                acc += 0.5 if s[i] == s[j] else p if s[i] > s[j] else 1 - p
-                ceiling += p * p + (1 - p) * (1 - p)
-                total += 1
-    return acc / max(total, 1), ceiling / max(total, 1)
-
-
-def sample_sets(policy, tok, prompts, ks, cfg, generator):
-    """K_i responses from the policy for prompt i: a list of (responses, finished) per prompt. All prompts'
-    samples go through the sampler together (generation dominates the stage's time)."""
-    flat = [p for p, k in zip(prompts, ks) for _ in range(k)]
-    out = sample_responses(policy, tok, flat, cfg.max_new_tokens, cfg.temperature, batch_size=cfg.gen_batch_size,
-                           generator=generator)
-    sets, i = [], 0
-    for k in ks:
-        sets.append(([y for y, _ in out[i:i + k]], [f for _, f in out[i:i + k]]))
-        i += k
-    return sets
-
-
 def round_prompts(world, offset, n):
     """The RM prompts one round ranks: n of the world's distinct RM prompts (-1 = all) from `offset` on, so rounds
     with offsets 0, n, 2n, … never rank a prompt twice."""
@@ -172,7 +87,8 @@ def world_rankings(cfg, world, tok, device):
     sets = []
     for i, prompts in enumerate((eval_prompts, train_prompts)):
         ks = [rng.randint(cfg.k_min, cfg.k_max) for _ in prompts]
-        sets.append(sample_sets(policy, tok, prompts, ks, cfg, torch.Generator(device).manual_seed(cfg.seed + i)))
+        sets.append(sample_sets(policy, tok, prompts, ks, cfg.max_new_tokens, cfg.temperature, cfg.gen_batch_size,
+                                torch.Generator(device).manual_seed(cfg.seed + i)))
     eval_sets, train_sets = sets
     flat = [f for ys, fs in train_sets + eval_sets for f in fs]
     print(f"sampled {len(flat):,} responses to {len(train_prompts) + len(eval_prompts):,} prompts in "
@@ -215,28 +131,27 @@ def check_file_lengths(cfg, records, tok, block_size):
     check_lengths(lengths, block_size, "example (prompt + longest response)")
 
 
-def accumulate_gradients(model, tok, batch, grad_accum, dtype, device, compiled=False):
+def accumulate_gradients(model, tok, batch, grad_accum, dtype, device):
     """Gradient of the global batch's ranking loss (a mean over its prompts with at least one pair) from this
     rank's shard, in `grad_accum` micro-batches, each weighted by its share of those prompts: any split into
-    micro-batches and ranks gives the same gradient. Returns (global loss, this rank's scores, tokens seen)."""
-    n_global = sum(len(set(r["ranking"])) > 1 for r in batch)  # prompts with a pair, over all ranks
+    micro-batches and ranks gives the same gradient. Returns (global loss, this rank's scores, responses scored)."""
+    n_global = sum(bool(ranked_pairs(r["ranking"])) for r in batch)  # prompts with a pair, over all ranks
     mine = dist.shard(batch)
     size = max(1, -(-len(mine) // grad_accum))  # ceil: micro-batch size (a short last batch can leave a rank none)
-    loss, scores, n_tokens = torch.zeros((), device=device), [], 0
+    loss, scores, n_responses = torch.zeros((), device=device), [], 0
     for k in range(0, len(mine), size):
         micro = mine[k:k + size]
         with dist.autocast(device, dtype):
-            rewards, valid, n = group_scores(model, tok, micro, device)  # (b, K), (b, K)
+            rewards, valid = score_groups(model, tok, micro, device)  # (b, K), (b, K)
         ranks = pad([r["ranking"] for r in micro], 0, device=device)[0]  # (b, K), padding masked by `valid`
-        weight = sum(len(set(r["ranking"])) > 1 for r in micro) / max(n_global, 1)
-        loss_fn = kernels.ranking_loss_compiled if compiled else ranking_loss  # compiled twin, or eager
-        micro_loss = loss_fn(rewards.float(), ranks, valid) * weight
+        weight = sum(bool(ranked_pairs(r["ranking"])) for r in micro) / max(n_global, 1)
+        micro_loss = kernels.ranking_loss(rewards.float(), ranks, valid) * weight  # eq. (1)
         (micro_loss * dist.world_size()).backward()  # average_gradients divides by the number of ranks
         loss += micro_loss.detach()
         scores += rewards.detach().float().tolist()
-        n_tokens += n
+        n_responses += int(valid.sum())
     dist.average_gradients(model)
-    return dist.all_reduce_sum(loss), scores, n_tokens * dist.world_size()
+    return dist.all_reduce_sum(loss), scores, n_responses * dist.world_size()
 
 
 def evaluate(model, tok, held, tau, device):
@@ -260,56 +175,43 @@ def main(argv=None):
     device = setup(cfg)
     if cfg.k_min > cfg.k_max:
         raise SystemExit(f"--k_min {cfg.k_min} is larger than --k_max {cfg.k_max}")
-    cfg.compile = kernels.use_compile(device) if cfg.compile is None else cfg.compile  # resolved, saved in state.pt
+    cfg.compile = kernels.enable(cfg.compile, device)  # the one switch; resolved, saved in state.pt
     dtype = dist.resolve_dtype(cfg.dtype, device)
     t_start = time.perf_counter()
-    state_path = os.path.join(cfg.out, "state.pt")
-    resume = cfg.resume and os.path.exists(state_path)
-    if cfg.data and not resume:
-        try:
-            file_records = read_jsonl(cfg.data, "rm")
-        except DataError as e:
-            print(e)
-            raise SystemExit(2)
+
+    # model: the SFT trunk with a fresh scalar head instead of the unembedding (its tokenizer reads the data)
+    model, tok, _ = load_model(cfg.init, head="scalar", device=device)
+    print(f"reward model: {model.num_params() / 1e6:.2f}M parameters")
+    checkpoint_or_compile(model, cfg.activation_checkpointing)
+    opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
+    state = resume(cfg, model, opt)
 
     # data: rankings of the SFT policy's samples (tiny world) or of --data; kept in state.pt for --resume
-    model, tok, _ = load_model(cfg.init, head="scalar", device=device)
-    if cfg.data and not resume:
+    if state is not None:
+        data = state["extra"]["data"]
+    elif cfg.data:
         try:
-            check_file_lengths(cfg, file_records, tok, model.config.block_size)
+            records = read_jsonl(cfg.data, "rm")
+            check_file_lengths(cfg, records, tok, model.config.block_size)
         except DataError as e:
             print(e)
             raise SystemExit(2)
-    if resume:
-        state = read_checkpoint(state_path)
-        data = state["extra"]["data"]
-        print(f"resumed from {state_path} at step {state['step']}")
-    elif cfg.data:
-        train, held, norm = file_rankings(cfg, file_records)
+        train, held, norm = file_rankings(cfg, records)
         data = {"train": train, "eval": held, "norm": norm, "tau": None}
     else:
         world = make_world(cfg.world_seed, cfg.world_scale)
         train, held, norm = world_rankings(cfg, world, tok, device)
         data = {"train": train, "eval": held, "norm": norm, "tau": world.tau}
-    if not resume:  # earlier rounds' comparisons (iterated RLHF): trained on together with this round's
+    if state is None:  # earlier rounds' comparisons (iterated RLHF): trained on together with this round's
         data["train"] = [json.loads(line) for path in cfg.extra_comparisons for line in open(path)] + data["train"]
     train, held = data["train"], data["eval"]
     data_seconds = time.perf_counter() - t_start
     print(f"rankings: {len(train):,} training prompts, {sum(len(r['responses']) for r in train):,} responses, "
           f"{len(held):,} held-out prompts")
 
-    # model: the SFT trunk with a fresh scalar head (load_model replaced the unembedding)
-    print(f"reward model: {model.num_params() / 1e6:.2f}M parameters")
-    checkpoint_or_compile(model, cfg.activation_checkpointing, cfg.compile)
-    opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
-    step = 0
-    if resume:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-
     # loop: each step a batch of prompts, each with all its K responses (K forward passes, C(K,2) pairs)
+    step = state["step"] if state else 0
+    state_path = os.path.join(cfg.out, "state.pt")
     schedule = cfg.epochs * -(-len(train) // cfg.batch_size)  # epochs of ceil(N / batch_size) steps
     total = schedule if cfg.max_steps < 0 else min(schedule, cfg.max_steps)
     avg_len = statistics.mean(len(rm_input(tok, r["prompt"], y, True, model.config.block_size))
@@ -322,13 +224,13 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss, scores, n_tokens = accumulate_gradients(model, tok, batch, cfg.grad_accum, dtype, device,
-                                                              cfg.compile)
+        loss, scores, n_responses = accumulate_gradients(model, tok, batch, cfg.grad_accum, dtype, device)
         check_finite(loss, step + 1, "ranking loss", state_path)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         check_finite(grad_norm, step + 1, "ranking loss gradient norm", state_path)
         opt.step()
         acc = pair_accuracy(scores, [r["ranking"] for r in dist.shard(batch)])  # this rank's; zip drops padding
+        n_tokens = round(n_responses * avg_len)  # ≈ responses × their mean length
         progress.step(step, n_tokens, loss=loss.item(), acc=acc, lr=lr)
         step += 1
         if (step % cfg.save_every == 0 or step == total) and dist.is_main():
@@ -342,6 +244,8 @@ def main(argv=None):
     with torch.no_grad():
         model.score.bias += shift
     normed = [s[0] for s in score_records(model, tok, demos, device)]
+
+    # save: the normalized RM, its held-out accuracy, and the comparisons it trained on
     previous = {}
     if cfg.previous_rm:  # how well the last round's RM judges this round's (new policy's) samples
         old, _, _ = load_model(cfg.previous_rm, head="scalar", device=device)
@@ -350,7 +254,7 @@ def main(argv=None):
                "demo_reward_mean": statistics.mean(normed), "demo_reward_std": statistics.pstdev(normed),
                "labeler_tau": data["tau"], "steps": step, "train_prompts": len(train),
                "data_seconds": data_seconds, "seconds": time.perf_counter() - t_start,
-               "pairs": sum(n_pairs(r["ranking"]) for r in train), **previous}
+               "pairs": sum(len(ranked_pairs(r["ranking"])) for r in train), **previous}
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}
     print("reward model: " + " | ".join(f"{k} {v}" for k, v in shown.items()))
     if dist.is_main():

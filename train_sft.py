@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanorlhf import dist, kernels
-from nanorlhf.checkpoint import make_checkpoint, save_checkpoint, set_rng_state
+from nanorlhf import dist, evaluation, kernels
+from nanorlhf.checkpoint import make_checkpoint, save_checkpoint
 from nanorlhf.common import (Progress, adamw, check_finite, check_room, checkpoint_or_compile, cosine_lr, lm_loss,
-                             load_model, pad, read_checkpoint, setup, write_state)
+                             load_model, pad, resume, setup, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
-from nanorlhf.evaluation import gold_report, sample_responses
 from nanorlhf.world import make_world
 
 
@@ -91,7 +90,7 @@ def set_dropout(model, p):
         block.mlp.dropout.p = p
 
 
-def accumulate_gradients(model, examples, batch, pad_id, grad_accum, dtype, device, compiled=False):
+def accumulate_gradients(model, examples, batch, pad_id, grad_accum, dtype, device):
     """Gradient of the global batch's loss, the mean over all its target tokens, from this rank's shard of
     `batch` in `grad_accum` micro-batches. Each micro-batch's mean is weighted by its share of the batch's target
     tokens, so every split into micro-batches and ranks gives the same gradient (a plain 1/N per micro-batch
@@ -105,7 +104,7 @@ def accumulate_gradients(model, examples, batch, pad_id, grad_accum, dtype, devi
         ids, loss_mask = make_batch(examples, micro, pad_id, device)
         weight = sum(sum(examples[j][1][1:]) for j in micro) / n_global
         with dist.autocast(device, dtype):
-            micro_loss = lm_loss(model, ids, loss_mask, compiled) * weight  # mean over the micro-batch's response + EOS
+            micro_loss = lm_loss(model, ids, loss_mask) * weight  # mean over the micro-batch's response + EOS
         (micro_loss * dist.world_size()).backward()  # average_gradients divides by the number of ranks
         loss += micro_loss.detach()
         n_tokens += ids.numel()
@@ -127,14 +126,11 @@ def validation_loss(model, examples, pad_id, device, batch_size=64):
     return total / count
 
 
-def gold_eval(model, tok, world, prompts, cfg, device):
-    """Mean gold score of greedy and sampled (T=1) responses. The sampler gets a fresh generator with the same
-    seed every call, so epochs (and base vs SFT) are compared on the same random stream and the training RNG
-    is left untouched."""
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    sampled = sample_responses(model, tok, prompts, cfg.max_new_tokens, temperature=1.0, generator=gen)
-    greedy = sample_responses(model, tok, prompts, cfg.max_new_tokens, greedy=True)
-    s, g = gold_report(world, prompts, sampled), gold_report(world, prompts, greedy)
+def gold_eval(model, tok, world, prompts, cfg):
+    """Mean gold score of greedy and sampled (T=1) responses, the samples on the same seeded stream every call
+    (evaluation.gold_eval), so epochs (and base vs SFT) are compared on the same random draws."""
+    s = evaluation.gold_eval(model, tok, world, prompts, cfg.max_new_tokens, seed=cfg.seed)
+    g = evaluation.gold_eval(model, tok, world, prompts, cfg.max_new_tokens, greedy=True)
     return {"gold_sampled": s["gold"], "gold_greedy": g["gold"], "eos_fraction_sampled": s["eos_fraction"],
             "by_category_sampled": s["by_category"]}
 
@@ -143,7 +139,7 @@ def main(argv=None):
     cfg = parse_config(SFTConfig, argv)
     dist.init(cfg.device)  # under torchrun: one process per device, each a shard of every batch
     device = setup(cfg)
-    cfg.compile = kernels.use_compile(device) if cfg.compile is None else cfg.compile  # resolved, saved in state.pt
+    cfg.compile = kernels.enable(cfg.compile, device)  # the one switch; resolved, saved in state.pt
     dtype = dist.resolve_dtype(cfg.dtype, device)
     world = None if cfg.data else make_world(cfg.world_seed, cfg.world_scale)
     try:
@@ -166,7 +162,7 @@ def main(argv=None):
     print(f"demonstrations: {len(train)} train ({n_tok:,} tokens), {len(val)} validation | "
           f"model: {model.num_params() / 1e6:.2f}M parameters from {cfg.init}")
     set_dropout(model, cfg.dropout)
-    checkpoint_or_compile(model, cfg.activation_checkpointing, cfg.compile)
+    checkpoint_or_compile(model, cfg.activation_checkpointing)
     opt = adamw(model, cfg.lr, cfg.weight_decay, fused=cfg.compile)
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -177,13 +173,10 @@ def main(argv=None):
 
     step, perm, history, best = 0, None, [], None  # best: {"epoch", "score", "model"} of the chosen epoch
     state_path = os.path.join(cfg.out, "state.pt")
-    state = read_checkpoint(state_path, map_location=device) if cfg.resume and os.path.exists(state_path) else None
+    state = resume(cfg, model, opt, map_location=device)  # the data order and dropout streams continue too
     if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
         step = state["step"]
         perm, history, best = state["extra"]["perm"], state["extra"]["history"], state["extra"]["best"]
-        print(f"resumed from {state_path} at step {step}")
 
     def save_state():
         if not dist.is_main():
@@ -196,7 +189,7 @@ def main(argv=None):
         nonlocal best
         metrics = {"epoch": epoch, "step": step, "val_loss": validation_loss(model, val, tok.pad_id, device)}
         if by_gold:
-            metrics.update(gold_eval(model, tok, world, world.prompts("val"), cfg, device))
+            metrics.update(gold_eval(model, tok, world, world.prompts("val"), cfg))
         score = metrics["gold_sampled"] if by_gold else -metrics["val_loss"]
         if best is None or score > best["score"]:
             best = {"epoch": epoch, "score": score, "model": {k: v.clone() for k, v in model.state_dict().items()}}
@@ -206,8 +199,6 @@ def main(argv=None):
 
     mean_len = n_tok / len(train)
     progress = Progress(stop, cfg.log_every, model.flops_per_token(round(mean_len)), device, start=step, name="sft ")
-    if state is not None:
-        set_rng_state(state["rng"])  # the data order and dropout streams continue where they stopped
     t0 = time.perf_counter()
     model.train()
     while step < stop:
@@ -219,8 +210,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss, n_tokens = accumulate_gradients(model, train, batch, tok.pad_id, cfg.grad_accum, dtype, device,
-                                               cfg.compile)
+        loss, n_tokens = accumulate_gradients(model, train, batch, tok.pad_id, cfg.grad_accum, dtype, device)
         check_finite(loss, step + 1, "SFT loss", state_path)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         check_finite(grad_norm, step + 1, "SFT grad norm", state_path)
@@ -242,8 +232,8 @@ def main(argv=None):
     if by_gold:  # held-out test prompts: the SFT model vs the base model with the same template and sampling
         test = world.prompts("test")
         base, _, _ = load_model(cfg.init, "lm", device)
-        results["test"] = {"sft": gold_eval(model, tok, world, test, cfg, device),
-                           "base": gold_eval(base, tok, world, test, cfg, device)}
+        results["test"] = {"sft": gold_eval(model, tok, world, test, cfg),
+                           "base": gold_eval(base, tok, world, test, cfg)}
         for name in ("base", "sft"):
             m = results["test"][name]
             print(f"test gold ({len(test)} prompts) {name:4s}: sampled {m['gold_sampled']:.4f} | "

@@ -7,17 +7,19 @@ import time
 import torch
 
 from nanorlhf import dist, kernels
-from nanorlhf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything
+from nanorlhf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, seed_everything, set_rng_state
 from nanorlhf.config import print_config
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
 
 
 def setup(cfg):
-    """Print the config and seed, seed every RNG, and return the torch device (clear error if unavailable)."""
+    """Print the config and seed, seed every RNG, set kernels' switch to the device's default (compiled on CUDA; a
+    script's --compile sets it after), and return the torch device (clear error if unavailable)."""
     print_config(cfg)
     device = get_device(cfg.device)
     seed_everything(cfg.seed)
+    kernels.enable(None, device)
     return device
 
 
@@ -57,10 +59,25 @@ def first_nonfinite(x, name=""):
 
 
 def check_finite(value, step, what, state_path):
-    """The NaN guard before an update: a non-finite loss or gradient norm stops the run, naming the step (from 1),
-    the quantity and its value, with the last good state.pt left as it was."""
-    if not torch.isfinite(value):
-        raise SystemExit(f"step {step}: non-finite {what} {value.item()}; last good state in {state_path}")
+    """The NaN guard: a non-finite loss, gradient norm or reward (any element of a tensor) stops the run, naming
+    the step (from 1), the quantity and its value, with the last good state.pt left as it was."""
+    if not torch.isfinite(value).all():
+        shown = f" {value.item()}" if value.numel() == 1 else ""
+        raise SystemExit(f"step {step}: non-finite {what}{shown}; last good state in {state_path}")
+
+
+def resume(cfg, model, optimizer, map_location="cpu"):
+    """--resume: restore model, optimizer and every RNG from cfg.out/state.pt, so the run continues the same
+    random streams; returns the state (its "step" and "extra" are the script's), or None for a fresh start."""
+    path = os.path.join(cfg.out, "state.pt")
+    if not (cfg.resume and os.path.exists(path)):
+        return None
+    state = read_checkpoint(path, map_location)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    print(f"resumed from {path} at step {state['step']}")
+    return state
 
 
 def write_state(path, ckpt):
@@ -97,14 +114,12 @@ def load_model(path, head="lm", device="cpu"):
     return model.to(device), tok, ckpt
 
 
-def checkpoint_or_compile(model, activation_checkpointing, compiled):
-    """A trained model's --activation_checkpointing (dist.checkpoint_blocks) or else --compile
-    (kernels.compile_model): dynamo cannot trace checkpointed blocks, so with both the model stays eager."""
+def checkpoint_or_compile(model, activation_checkpointing):
+    """A trained model's --activation_checkpointing (dist.checkpoint_blocks) or else kernels.compile_model (a no-op
+    without --compile): dynamo cannot trace checkpointed blocks, so with both the model stays eager."""
     if activation_checkpointing:
-        dist.checkpoint_blocks(model)
-    elif compiled:
-        kernels.compile_model(model)
-    return model
+        return dist.checkpoint_blocks(model)
+    return kernels.compile_model(model)
 
 
 def pad(seqs, pad_id, left=False, device="cpu"):
@@ -121,7 +136,7 @@ def pad(seqs, pad_id, left=False, device="cpu"):
 
 def adamw(model, lr, weight_decay, fused=False):
     """AdamW with weight decay on the matrices only (not on biases, LayerNorm gains), betas as GPT-3/nanoGPT.
-    fused: one kernel for the whole step (the compiled runs' choice; same math, last bits differ)."""
+    fused: one kernel for the whole step (--compile's choice; same math, last bits differ)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -137,11 +152,11 @@ def cosine_lr(step, total, lr, warmup, final_ratio=0.1):
     return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def sequence_logprobs(model, ids, mask=None, temperature=1.0, compiled=None):
+def sequence_logprobs(model, ids, mask=None, temperature=1.0):
     """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1). logits[:, t] predict token t+1, so hidden
     state t scores token t+1; computed chunk-wise from hidden states (no (B, T, V) logits tensor)."""
     h = model.hidden_states(ids[:, :-1], attention_mask=None if mask is None else mask[:, :-1])  # (B, T-1, C)
-    return kernels.token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature, compiled=compiled)  # (B, T-1)
+    return kernels.token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature)  # (B, T-1)
 
 
 def check_room(tok, prompts, max_new_tokens, block_size):
@@ -153,10 +168,10 @@ def check_room(tok, prompts, max_new_tokens, block_size):
                          f"model's context is {block_size}, so at most {block_size - longest} new tokens fit")
 
 
-def lm_loss(model, ids, loss_mask, compiled=None):
+def lm_loss(model, ids, loss_mask):
     """Next-token cross-entropy, averaged over the tokens where loss_mask (B, T) is 1 (targets, not inputs).
     Right padding only: a real token never attends to a pad after it."""
-    logp = sequence_logprobs(model, ids, compiled=compiled)  # (B, T-1)
+    logp = sequence_logprobs(model, ids)  # (B, T-1)
     target_mask = loss_mask[:, 1:].to(logp.dtype)  # (B, T-1)
     return -(logp * target_mask).sum() / target_mask.sum().clamp(min=1)
 
@@ -169,11 +184,11 @@ def token_stream(tok, docs):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def epoch_batch(items, step, batch_size, seed):
-    """The items of optimizer step `step`, in epochs of ceil(len(items) / batch_size) steps. Each epoch's order comes
-    from a generator seeded with seed + epoch, so the batches are a function of (seed, step): a resumed run sees
-    the same ones."""
-    epoch, i = divmod(step, -(-len(items) // batch_size))
+def epoch_batch(items, step, batch_size, seed, drop_last=False):
+    """The items of step `step`, in epochs of ceil(len(items) / batch_size) steps (drop_last: floor, a tail shorter
+    than a batch is skipped). Each epoch's order comes from a generator seeded with seed + epoch, so the batches are
+    a function of (seed, step): a resumed run sees the same ones."""
+    epoch, i = divmod(step, len(items) // batch_size if drop_last else -(-len(items) // batch_size))
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return [items[j] for j in order[i * batch_size:(i + 1) * batch_size]]
 

@@ -18,7 +18,6 @@ import torch
 import torch.distributed as td
 from torch.utils.checkpoint import checkpoint
 
-from nanorlhf import rlhf
 
 
 def init(device):
@@ -118,16 +117,3 @@ def mean(x):
     if world_size() == 1:
         return x.mean()
     return all_reduce_sum(x.sum()) / all_reduce_sum(torch.tensor(float(x.numel()), device=x.device))
-
-
-def masked_whiten(x, mask):
-    """rlhf.masked_whiten over the global batch: mean and unbiased variance of the real tokens of all ranks, from
-    all-reduced sums and counts (whitening each rank's shard alone would give each rank its own scale)."""
-    if world_size() == 1:
-        return rlhf.masked_whiten(x, mask)
-    mask = mask.bool()
-    x = torch.where(mask, x, 0.0)
-    n = all_reduce_sum(mask.sum().to(x.dtype))
-    mu = all_reduce_sum(x.sum()) / n
-    var = all_reduce_sum(torch.where(mask, (x - mu) ** 2, 0.0).sum()) / (n - 1)
-    return torch.where(mask, (x - mu) * torch.rsqrt(var + 1e-8), 0.0)

@@ -1,11 +1,11 @@
 """Sampling engine: a static KV cache and `generate`, kept apart from the model's math.
 
 `generate` prefills a left-padded prompt batch once, then calls `decode_step` (one token) until every row has
-emitted EOS or `max_new_tokens` is reached. Eager, finished rows are dropped from the decode batch (they cost
-nothing from then on); compiled, the batch and the cache keep fixed shapes (finished rows decode pads that are
-masked out) and `decode_step` runs through torch.compile, with CUDA graphs on CUDA (gpt-fast's recipe).
-It returns the log-probs of the sampled tokens under the sampling distribution, which PPO needs as pi_old
-(Ouyang et al. 2022, sec. 3.5).
+emitted EOS or `max_new_tokens` is reached. Finished rows are dropped from the decode batch (they cost nothing from
+then on), unless kernels' compilation is on: a compiled decode step wants fixed shapes, so the batch and the cache
+keep theirs (finished rows decode pads that are masked out). Either way only the unfinished rows draw a token, so
+a seed gives the same tokens. It returns the log-probs of the sampled tokens under the sampling distribution,
+which PPO needs as pi_old (Ouyang et al. 2022, sec. 3.5).
 """
 
 import functools
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanorlhf.kernels import use_compile
+from nanorlhf import kernels
 
 
 class KVCache:
     """Preallocated keys/values, one (B, nh, Tmax, hs) tensor per layer, the key validity mask and the write position.
     One tensor per layer, not one (n_layer, ...) tensor: a compiled in-place write to a view of a larger input
-    becomes a copy of the whole input (measured: a compiled decode step 6-17x slower than eager on CPU)."""
+    becomes a copy of the whole input (README, Performance)."""
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=torch.float32):
         shape = (batch_size, n_head, max_len, head_dim)
@@ -60,12 +60,10 @@ class KVCache:
 
 @functools.lru_cache(maxsize=4)
 def static_kv_cache(n_layer, batch_size, n_head, max_len, head_dim, device, dtype):
-    """The compiled decode step reuses one cache per shape, its tensors marked as static addresses: every call
-    then sees the same inputs, so nothing recompiles and, on CUDA, the recorded graph is replayed (a new cache
-    per call would be new graph inputs, and CUDA graphs do not accept in-place writes to those)."""
+    """Fixed shapes reuse one cache per shape, its tensors at fixed addresses: every call of the decode step then
+    sees the same inputs (kernels.mark_static: a compiled step does not recompile, a CUDA graph replays)."""
     cache = KVCache(n_layer, batch_size, n_head, max_len, head_dim, device=device, dtype=dtype)
-    for t in (*cache.k, *cache.v, cache.key_mask, cache.pos):
-        torch._dynamo.mark_static_address(t)
+    kernels.mark_static([*cache.k, *cache.v, cache.key_mask, cache.pos])
     return cache
 
 
@@ -83,20 +81,14 @@ def decode_step(model, token, kv_cache):
     return model(token[:, None], kv_cache=kv_cache)[:, -1]  # (B, vocab)
 
 
-@functools.cache
-def compiled_decode_step(device_type):
-    """decode_step through torch.compile with static shapes; on CUDA as CUDA graphs (mode="reduce-overhead")."""
-    return torch.compile(decode_step, mode="reduce-overhead" if device_type == "cuda" else None, dynamic=False)
-
-
-def cache_length(P, max_new_tokens, block_size, compiled):
-    """Key slots of the cache. Compiled, rounded up to a power of two (≤ block_size): every prompt length in a
-    bucket reuses one compiled decode step (and one CUDA graph) instead of recompiling."""
+def cache_length(P, max_new_tokens, block_size, fixed_shapes):
+    """Key slots of the cache. Fixed shapes: rounded up to a power of two (≤ block_size), so every prompt length in
+    a bucket reuses one compiled decode step (and one CUDA graph) instead of recompiling."""
     n = P + max_new_tokens
-    return min(block_size, 1 << (n - 1).bit_length()) if compiled else n
+    return min(block_size, 1 << (n - 1).bit_length()) if fixed_shapes else n
 
 
-def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None, compiled=False):
+def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
     """logits (B, V) -> (token (B,), logprob (B,)).
 
     The log-prob is from the full softmax of logits / temperature (temperature 1 when greedy), before any
@@ -122,26 +114,17 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, genera
             sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # first always kept
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = logits.softmax(dim=-1)  # (B, V)
-        if compiled:
-            # inverse CDF: the first token whose cumulative probability exceeds U·total, U ~ Uniform[0, 1), one U per
-            # row (8× faster than a race on CPU; float64 sums, so no rounding drift over V; a token of probability 0
-            # has an empty interval and is never drawn)
-            cdf = probs.double().cumsum(dim=-1)  # (B, V)
-            u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-            token = torch.searchsorted(cdf, u, side="right").squeeze(1).clamp(max=cdf.size(-1) - 1)  # (B,)
-        else:
-            # the exponential race: argmax of p / E with E ~ Exp(1) i.i.d. (same law as torch.multinomial, several
-            # times faster on CPU)
-            token = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)  # (B,)
+        # the exponential race: argmax of p / E with E ~ Exp(1) i.i.d. (the law of torch.multinomial, faster on CPU;
+        # a token of probability 0 never wins)
+        token = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)  # (B,)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=None, top_p=None,
-             greedy=False, generator=None, compiled=None) -> Generation:
+             greedy=False, generator=None) -> Generation:
     """Sample a response for each prompt (lists of token ids). N <= max_new_tokens: the loop stops early once
-    every row has emitted EOS. The model runs in eval() mode (no dropout); its previous mode is restored.
-    compiled: decode with the compiled fixed-shape step (default: kernels.use_compile, i.e. on CUDA)."""
+    every row has emitted EOS. The model runs in eval() mode (no dropout); its previous mode is restored."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     config = model.config
@@ -149,7 +132,7 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     if P + max_new_tokens > config.block_size:
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds block_size {config.block_size}")
     device = model.transformer.wte.weight.device
-    compiled = use_compile(device) if compiled is None else compiled
+    fixed_shapes = kernels.enabled()  # a compiled decode step: one graph per shape
     prompt = torch.full((B, P), pad_id, dtype=torch.long, device=device)  # (B, P) left-padded
     prompt_mask = torch.zeros(B, P, dtype=torch.bool, device=device)  # (B, P)
     for i, p in enumerate(prompts):
@@ -159,39 +142,40 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     was_training = model.training
     model.eval()
     try:
-        shape = (config.n_layer, B, config.n_head, cache_length(P, max_new_tokens, config.block_size, compiled),
+        shape = (config.n_layer, B, config.n_head, cache_length(P, max_new_tokens, config.block_size, fixed_shapes),
                  config.n_embd // config.n_head)
         # the dtype keys and values come in: the autocast dtype inside autocast (bf16 rollouts), else the weights'
         autocast = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else model.transformer.wte.weight.dtype
-        if compiled:
+        if fixed_shapes:
             kv_cache = static_kv_cache(*shape, device, dtype)
             kv_cache.reset()
         else:
             kv_cache = KVCache(*shape, device=device, dtype=dtype)
-        step = compiled_decode_step(device.type) if compiled else decode_step
+        step = kernels.compile_decode(decode_step, device)  # decode_step itself unless compiling
         h = model.hidden_states(prompt, attention_mask=prompt_mask, kv_cache=kv_cache)[:, -1]  # (B, C) prefill
         logits = model.lm_head(h)  # (B, vocab): only the last position samples
         response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
         response_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)  # (B, N)
         logprobs = torch.zeros(B, max_new_tokens, device=device)  # (B, N)
-        rows = torch.arange(B, device=device)  # (b,) the rows in the decode batch (eager drops finished ones)
-        done = torch.zeros(B, dtype=torch.bool, device=device)  # (b,) rows past their EOS (compiled only)
+        rows = torch.arange(B, device=device)  # (b,) the rows in the decode batch (finished ones leave it)
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # (b,) rows past their EOS (fixed shapes only)
         N = 0
         for t in range(max_new_tokens):
-            token, logprob = sample(logits, temperature, top_k, top_p, greedy, generator, compiled)  # (b,), (b,)
-            token = token.masked_fill(done, pad_id)
-            response[rows, t], logprobs[rows, t], response_mask[rows, t] = token, logprob.masked_fill(done, 0.0), ~done
+            # only the unfinished rows draw, so a seed gives the same tokens with fixed shapes or without
+            going = ~done  # (b,)
+            drawn, drawn_logprob = sample(logits[going], temperature, top_k, top_p, greedy, generator)
+            token = torch.full_like(rows, pad_id).masked_scatter(going, drawn)  # (b,) pad after EOS
+            logprob = torch.zeros(len(rows), device=device).masked_scatter(going, drawn_logprob)  # (b,)
+            response[rows, t], logprobs[rows, t], response_mask[rows, t] = token, logprob, going
             N = t + 1
             done = done | (token == eos_id)  # (b,)
             if done.all():
                 break
-            if not compiled and done.any():  # shrink the batch: finished rows cost nothing from here on
+            if not fixed_shapes and done.any():  # shrink the batch: finished rows cost nothing from here on
                 going = ~done
                 rows, token, done = rows[going], token[going], done[going]
                 kv_cache.keep_rows(going)
-            if compiled and device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
             logits = step(model, token, kv_cache)  # (b, vocab)
     finally:
         model.train(was_training)

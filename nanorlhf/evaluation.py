@@ -1,10 +1,13 @@
-"""Sampling responses to prompts and judging them with the tiny world's gold judge (shared by every stage)."""
+"""Sampling responses to prompts and judging them: the tiny world's gold judge, win rates, and how well scores
+agree with rankings (shared by every stage)."""
+import math
 import statistics
 
 import numpy as np
 import torch
 
 from nanorlhf.engine import generate
+from nanorlhf.rlhf import ranked_pairs
 
 
 @torch.no_grad()
@@ -25,8 +28,29 @@ def sample_responses(model, tok, prompts, max_new_tokens=48, temperature=1.0, gr
     return out
 
 
+def sample_sets(policy, tok, prompts, ks, max_new_tokens, temperature, batch_size, generator):
+    """k_i responses from the policy to prompt i: a list of (responses, finished) per prompt. All prompts' samples
+    go through the sampler together (generation dominates the time of the stages that rank or rerank them)."""
+    flat = [p for p, k in zip(prompts, ks) for _ in range(k)]
+    out = sample_responses(policy, tok, flat, max_new_tokens, temperature, batch_size=batch_size, generator=generator)
+    sets, i = [], 0
+    for k in ks:
+        sets.append(([y for y, _ in out[i:i + k]], [f for _, f in out[i:i + k]]))
+        i += k
+    return sets
+
+
+def gold_eval(model, tok, world, prompts, max_new_tokens, temperature=1.0, greedy=False, seed=0):
+    """gold_report of the model's responses to prompts, sampled with a fresh generator seeded `seed`: every model
+    (and every epoch) compared is judged on the same random stream, and the training RNG is left untouched."""
+    g = torch.Generator(device=model.transformer.wte.weight.device).manual_seed(seed)
+    responses = sample_responses(model, tok, prompts, max_new_tokens, temperature, greedy=greedy, generator=g)
+    return gold_report(world, prompts, responses)
+
+
 def gold_report(world, prompts, responses):
-    """Mean gold score, its components, and per-category means for (text, finished) responses."""
+    """Mean gold score, its components, per-category means and EOS fraction of (text, finished) responses, and
+    each one's gold score, text and whether it ended."""
     comps = [world.gold_components(p, y, f) for p, (y, f) in zip(prompts, responses)]
     scores = [world.gold_score(p, y, f) for p, (y, f) in zip(prompts, responses)]
     by_cat = {}
@@ -38,6 +62,8 @@ def gold_report(world, prompts, responses):
         "by_category": {c: statistics.mean(v) for c, v in sorted(by_cat.items())},
         "eos_fraction": statistics.mean(f for _, f in responses),
         "scores": scores,
+        "responses": [y for y, _ in responses],
+        "finished": [f for _, f in responses],
     }
 
 
@@ -65,3 +91,36 @@ def fit_gao(d, gain, form):
     second = d * d if form == "bon" else d * np.log(d)
     (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -second], 1), gain, rcond=None)
     return float(alpha), float(beta)
+
+
+def pair_accuracy(scores, ranks):
+    """Fraction of the pairs ranked apart (rlhf.ranked_pairs, 0 = best) that `scores` order the same way; a tie in
+    scores counts one half (identical responses get identical scores)."""
+    hits = total = 0
+    for s, r in zip(scores, ranks):
+        for w, l in ranked_pairs(r):
+            total += 1
+            hits += 0.5 if s[w] == s[l] else float(s[w] > s[l])
+    return hits / max(total, 1)
+
+
+def sigmoid(x):
+    """σ(x) = 1 / (1 + e^−x) for any float x: exp only ever sees −|x| ≤ 0, so it may underflow to 0 but never
+    overflows (math.exp(−x) raises once −x > 709.78: a utility gap of 0.1 at τ = 1e-4 is x = ±1000)."""
+    e = math.exp(-abs(x))
+    return 1 / (1 + e) if x >= 0 else e / (1 + e)  # σ(x) = e^x / (1 + e^x) for x < 0
+
+
+def expected_agreement(scores, utilities, tau):
+    """Accuracy and ceiling without the labelers' sampling noise. A Plackett-Luce labeler puts i above j with
+    probability p = σ((u_i − u_j)/τ), so a scorer agrees with it w.p. p or 1 − p (½ on a tie in scores) and two
+    independent labelers agree w.p. p² + (1 − p)². Averaged over all pairs: (expected accuracy, ceiling)."""
+    acc = ceiling = total = 0
+    for s, u in zip(scores, utilities):
+        for i in range(len(u)):
+            for j in range(i + 1, len(u)):
+                p = sigmoid((u[i] - u[j]) / tau)
+                acc += 0.5 if s[i] == s[j] else p if s[i] > s[j] else 1 - p
+                ceiling += p * p + (1 - p) * (1 - p)
+                total += 1
+    return acc / max(total, 1), ceiling / max(total, 1)

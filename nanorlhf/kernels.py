@@ -1,54 +1,123 @@
-"""Fused hot-path kernels, each beside its eager twin.
+"""Compilation as one layer over the eager code, and the fused hot-path kernels beside their eager twins.
 
-compile_model runs the transformer blocks and the final LayerNorm through torch.compile (its eager twin: the model
-as written); on CPU the traced model takes the plain attention and GELU as x·σ(2u) (model.py), the forms inductor
-fuses best.
-token_logprobs goes from hidden states to log p(target) chunk by chunk over rows (LM-head matmul + logsumexp +
-gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (by
-default 2^23 logits on CPU, 2^25 on a GPU, whatever V), and the backward recomputes each chunk's logits instead of
-saving them (all rows in one chunk: that chunk's softmax is kept for the backward, no more memory and one matmul
-fewer). The per-chunk math, the PPO losses, the ranking loss and GAE can run through torch.compile; compile is on
-by default on CUDA, off on CPU (see use_compile), and happens lazily on first use. Python scalars go in as tensors
-and sizes that vary (chunk rows, batch, response length) are marked dynamic, so none of them recompiles.
+One switch, `enable(on)` (the scripts' --compile: on for CUDA, off for CPU by default). Off, every function here
+runs the plain eager code it names; on, the hot path runs through torch.compile and computes the same function:
+- compile_model(model): the transformer blocks and the final LayerNorm (GPT.blocks) of a model, forward and backward
+- compile_decode(step): engine's one-token decode step, static shapes, CUDA graphs on CUDA (gpt-fast's recipe)
+- token_logprobs(_and_entropy): log-probs straight from hidden states, chunk by chunk (LM-head matmul + logsumexp +
+  gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (by
+  default 2^23 logits on CPU, 2^25 on a GPU, whatever V), and the backward recomputes each chunk's logits instead
+  of saving them (all rows in one chunk: that chunk's softmax is kept for the backward, no more memory and one
+  matmul fewer). Compiled or not, the same chunked function.
+- ppo_loss, ranking_loss, gae: rlhf.py's math as one compiled graph each (GAE as a matmul with a discount matrix).
+Compiling happens lazily on first use. Python scalars go in as tensors and sizes that vary (chunk rows, batch,
+response length) are marked dynamic, so none of them recompiles.
 """
 
+import contextlib
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
 from nanorlhf import rlhf
 
+_enabled = False
+
 
 def use_compile(device):
-    """The default for every `compiled` flag here: compile on CUDA, run eager on CPU."""
+    """The default of --compile: compile on CUDA, run eager on CPU."""
     return torch.device(device).type == "cuda"
 
 
+def enable(on, device="cpu"):
+    """The switch: compile the hot path from here on (on None: use_compile(device)). Returns the resolved choice."""
+    global _enabled
+    _enabled = use_compile(device) if on is None else bool(on)
+    return _enabled
+
+
+def enabled():
+    return _enabled
+
+
+@contextlib.contextmanager
+def compiling(on=True):
+    """enable(on) within a block, the previous choice restored after it (bench and tests run both paths)."""
+    before = _enabled
+    enable(on)
+    try:
+        yield
+    finally:
+        enable(before)
+
+
 @functools.cache
-def _compiled(fn):
-    return torch.compile(fn)
+def _compiled(fn, **options):
+    return torch.compile(fn, **options)
 
 
 def compile_model(model):
-    """torch.compile `model.blocks` (every block and the final LayerNorm) in place, forward and backward: LayerNorm,
-    the attention's scale, mask and softmax, GELU and the residual adds are fused between the matmuls. Sizes are
-    dynamic, so a new batch or sequence length reuses the graph, and every model of the same shape shares it
-    (weights are graph inputs). The mask, positions and embeddings stay eager: handed in as a tensor, the mask is
-    read by the softmax kernels instead of rebuilt (causal, padding, diagonal) in each of them, and on CPU the
-    embeddings' backward in aten is ~20× faster than inductor's (atomic adds): W1 −5% for both. Not for
-    checkpointed blocks (dist.checkpoint_blocks): dynamo cannot trace them, so the scripts leave such a model eager."""
-    eager = model.blocks
-    model.blocks = functools.partial(_compiled_unless_cached, eager, torch.compile(eager, dynamic=True))
+    """With the switch on, route `model.blocks` (every block and the final LayerNorm) through torch.compile of its
+    twin `_blocks`, forward and backward: LayerNorm, the attention's scale, mask and softmax, GELU and the residual
+    adds are fused between the matmuls. Sizes are dynamic, so a new batch or sequence length reuses the graph, and
+    every model of the same shape shares it (weights are graph inputs). The mask, positions and embeddings stay
+    eager: handed in as a tensor, the mask is read by the softmax kernels instead of rebuilt (causal, padding,
+    diagonal) in each of them, and on CPU aten's embedding backward is faster than inductor's (atomic adds). On CPU
+    the model takes its plain attention (use_sdpa False: a masked softmax between two batched matmuls, which
+    inductor fuses; SDPA's CPU kernel is slower at small heads), the same function. Not for checkpointed blocks
+    (dist.checkpoint_blocks): dynamo cannot trace them, so the scripts leave such a model eager."""
+    if not _enabled:
+        return model
+    if next(model.parameters()).device.type == "cpu":
+        model.use_sdpa = False
+    model.blocks = functools.partial(_compiled_unless_cached, model.blocks, _compiled(_blocks, dynamic=True), model)
     return model
 
 
-def _compiled_unless_cached(eager, compiled, x, mask=None, kv_cache=None, start=0):
+def _blocks(model, x, mask=None, start=0):
+    """GPT.blocks without a KV cache, GELU written as x·σ(2u): the same function as GPT-2's ½·x·(1 + tanh u)
+    (½·(1 + tanh u) = σ(2u)), which inductor computes several times faster on CPU (its tanh is slow)."""
+    blocks = model.transformer.h
+    for i, block in enumerate(blocks):
+        s = start if i == len(blocks) - 1 else 0  # the last block computes positions start.. only (GPT.blocks)
+        x = x[:, s:] + block.attn(block.ln_1(x), mask, start=s)
+        h = block.mlp.c_fc(block.ln_2(x))  # (B, T, 4C)
+        h = h * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))
+        x = x + block.mlp.dropout(block.mlp.c_proj(h))
+    return model.transformer.ln_f(x)
+
+
+def _compiled_unless_cached(eager, compiled, model, x, mask=None, kv_cache=None, start=0):
     """Training and scoring run compiled; a KV-cached prefill stays eager (compiled, its in-place cache writes would
     specialize on each layer). The compiled decode step traces this eager path into its own graph."""
     if kv_cache is None:
-        return compiled(x, mask, start=start)
+        return compiled(model, x, mask, start=start)
     return eager(x, mask, kv_cache, start)
+
+
+def compile_decode(step, device):
+    """engine's decode step, compiled with static shapes when the switch is on (one graph per cache length); on
+    CUDA as CUDA graphs (mode="reduce-overhead"), each call first marking the previous step's outputs consumed."""
+    if not _enabled:
+        return step
+    device = torch.device(device)
+    compiled = _compiled(step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+    if device.type != "cuda":
+        return compiled
+
+    def replay(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args)
+    return replay
+
+
+def mark_static(tensors):
+    """Tensors that every call of a compiled decode step reads and writes in place (the KV cache): at fixed
+    addresses, nothing recompiles and, on CUDA, the recorded graph is replayed."""
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,7 +145,7 @@ def _chunk_forward_keep(h, y, weight, inv_temp):
 
 
 def _chunk_forward(h, y, weight, inv_temp):
-    """_chunk_forward_keep without the softmax, for chunks whose backward recomputes it (compiled, never stored)."""
+    """_chunk_forward_keep without the softmax, for chunks whose backward recomputes it (compiled: never built)."""
     return _chunk_forward_keep(h, y, weight, inv_temp)[:3]
 
 
@@ -150,19 +219,17 @@ class _TokenLogprobs(torch.autograd.Function):
 
 def default_chunk_size(vocab_size, device):
     """Rows per log-prob chunk: a fixed number of logits whatever the vocabulary, 2^23 (32 MiB in fp32) on CPU and
-    2^25 (128 MiB) on a GPU, where fewer, larger matmuls fill the device (GPT-2 124M training step 98 → 75 ms on
-    an H100, log-prob peak memory still 0.19× the naive path's at vocab 50257: README, Performance)."""
+    2^25 (128 MiB) on a GPU, where fewer, larger matmuls fill the device (measured: README, Performance)."""
     return max(1, (2**25 if device.type == "cuda" else 2**23) // vocab_size)
 
 
-def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_size=None, compiled=None):
+def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_size=None):
     """log p(targets) and entropy under softmax(hidden @ weight.T / temperature), without the full logits.
 
     hidden: (..., C), weight: (V, C) (the tied LM head), targets: (...) int. Returns (logprobs, entropy), each
     shaped like targets; logprobs carry gradients to hidden and weight, entropy carries none. chunk_size: rows
     per chunk (default: default_chunk_size, so a chunk's transient logits have a fixed size).
     """
-    compiled = use_compile(hidden.device) if compiled is None else compiled
     chunk_size = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
     lead = targets.shape
     dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -170,20 +237,20 @@ def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_s
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, C)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     keep_probs = needs_grad and len(hidden) <= chunk_size  # one chunk: keep its softmax for the backward
-    logp, entropy = _TokenLogprobs.apply(hidden, weight, targets.reshape(-1), inv_temp, chunk_size, compiled, keep_probs)
+    logp, entropy = _TokenLogprobs.apply(hidden, weight, targets.reshape(-1), inv_temp, chunk_size, _enabled,
+                                         keep_probs)
     return logp.reshape(lead), entropy.reshape(lead)
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, compiled=None):
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None):
     """log p(targets), shaped like targets; see token_logprobs_and_entropy."""
-    return token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size, compiled)[0]
+    return token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# compiled twins of the rlhf math
+# rlhf's math, compiled
 
-def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps, value_clip):
-    """Eager twin of ppo_loss_fused: (policy loss, value loss, policy stats) from rlhf."""
+def _ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps, value_clip):
     pg_loss, stats = rlhf.policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
     v_loss = rlhf.value_loss(values, old_values, returns, mask, value_clip)
     return pg_loss, v_loss, stats
@@ -197,17 +264,24 @@ def _dynamic(*tensors):
     return tensors
 
 
-def ppo_loss_fused(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps=0.2,
-                   value_clip=0.2):
-    """Policy loss + value loss + masked means + stats in one compiled graph; all inputs (B, T)."""
-    clip_eps = torch.tensor(clip_eps, dtype=logprobs.dtype, device=logprobs.device)  # tensors: no recompile per value
-    value_clip = torch.tensor(value_clip, dtype=logprobs.dtype, device=logprobs.device)
+def _scalars(like, *values):
+    """Python floats as 0-dim tensors: a graph input each, so a new value does not recompile."""
+    return [torch.tensor(v, dtype=like.dtype, device=like.device) for v in values]
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps=0.2, value_clip=0.2):
+    """(policy loss, value loss, policy stats): rlhf.policy_loss and rlhf.value_loss, all inputs (B, T); compiled,
+    both losses, their masked means and the stats in one graph."""
+    if not _enabled:
+        return _ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps, value_clip)
     tensors = _dynamic(logprobs, old_logprobs, advantages, values, old_values, returns, mask)
-    return _compiled(ppo_loss)(*tensors, clip_eps, value_clip)
+    return _compiled(_ppo_loss)(*tensors, *_scalars(logprobs, clip_eps, value_clip))
 
 
-def ranking_loss_compiled(rewards, ranks, mask):
-    """torch.compile of rlhf.ranking_loss."""
+def ranking_loss(rewards, ranks, mask):
+    """rlhf.ranking_loss (eq. (1)), compiled when the switch is on."""
+    if not _enabled:
+        return rlhf.ranking_loss(rewards, ranks, mask)
     return _compiled(rlhf.ranking_loss)(*_dynamic(rewards, ranks, mask))
 
 
@@ -226,8 +300,9 @@ def _gae_scan(rewards, values, mask, gamma, lam):
     return advantages, advantages + values
 
 
-def gae_scan(rewards, values, mask, gamma=1.0, lam=0.95):
-    """Compiled GAE for right-padded rows (eager twin: rlhf.gae); returns (advantages, returns), each (B, T)."""
-    gamma = torch.tensor(gamma, dtype=values.dtype, device=values.device)
-    lam = torch.tensor(lam, dtype=values.dtype, device=values.device)
-    return _compiled(_gae_scan)(*_dynamic(rewards, values, mask), gamma, lam)
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """rlhf.gae for right-padded rows: (advantages, returns), each (B, T); compiled, the reverse scan as one matmul
+    with a discount matrix (the same sums, in another order)."""
+    if not _enabled:
+        return rlhf.gae(rewards, values, mask, gamma, lam)
+    return _compiled(_gae_scan)(*_dynamic(rewards, values, mask), *_scalars(values, gamma, lam))

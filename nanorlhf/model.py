@@ -12,7 +12,7 @@ KV cache (see nanorlhf/engine.py `KVCache`): a cached forward call
   2. layer i calls `k, v = kv_cache.update(i, k, v)`, which writes the new keys/values at slots pos..pos+T-1 and
      returns the whole static cache (B, nh, Tmax, hs),
   3. `kv_cache.advance(T)` moves the write position `kv_cache.pos` (a 0-dim long tensor) forward.
-Every shape in a one-token decode step is fixed (Tmax key slots, positions as tensors), so it compiles once.
+Every shape in a one-token decode step is fixed (Tmax key slots, positions as tensors): each step is like the last.
 """
 
 import json
@@ -46,7 +46,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
-        self.use_sdpa = True  # False: the plain masked-softmax twin below (tests compare the two)
+        self.use_sdpa = True  # False: the plain masked-softmax twin below, the same function
 
     def forward(self, x, mask=None, kv_cache=None, layer_idx=0, start=0):
         """x (B, Tk, C); mask None (plain causal) or additive (B, 1, Tk, keys): 0 = may attend, −inf = may not.
@@ -60,9 +60,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # (B, nh, Tmax, hs)
         mask = mask if mask is None else mask[:, :, start:].to(q.dtype)  # bf16 under autocast
-        # Compiled on CPU, the plain twin: inductor fuses its scale, mask and softmax (and their backward) between two
-        # batched matmuls, faster than SDPA's CPU kernel at small heads (head size 32: W1 5% faster as a whole).
-        if self.use_sdpa and not (torch.compiler.is_compiling() and x.device.type == "cpu"):
+        if self.use_sdpa:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
             )  # (B, nh, T, hs)
@@ -89,11 +87,7 @@ class MLP(nn.Module):
 
 
 def gelu(x):
-    """GPT-2's GELU ("gelu_new"), the tanh approximation: ½·x·(1 + tanh(u)), u = √(2/π)·(x + 0.044715·x³).
-    Compiled, written as x·σ(2u), the same function (½·(1 + tanh(u)) = σ(2u)): inductor's sigmoid is about twice
-    as fast as its tanh on CPU (forward and backward), while eager PyTorch's own tanh GELU is the fastest eager."""
-    if torch.compiler.is_compiling():
-        return x * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))
+    """GPT-2's GELU ("gelu_new"), the tanh approximation: ½·x·(1 + tanh(u)), u = √(2/π)·(x + 0.044715·x³)."""
     return F.gelu(x, approximate="tanh")
 
 
@@ -186,15 +180,13 @@ class GPT(nn.Module):
             if position_ids is None:
                 position_ids = torch.arange(T, device=device)[None]  # (1, T)
         if mask is not None:
-            # additive, built once for every layer: compiled, the softmax kernels read it (forward) or need nothing
-            # (backward) instead of rebuilding causal, padding and diagonal from their parts (W1 −2.5%)
-            mask = torch.where(mask, 0.0, float("-inf"))  # (B, 1, T, Tk): 0 = may attend
+            mask = torch.where(mask, 0.0, float("-inf"))  # (B, 1, T, Tk) additive, built once for every layer
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
         return self.blocks(x, mask, kv_cache, start)  # (B, T − start, C)
 
     def blocks(self, x, mask=None, kv_cache=None, start=0):
         """The transformer blocks and the final LayerNorm: x (B, T, C) embeddings -> (B, T − start, C) activations;
-        mask as CausalSelfAttention takes it. kernels.compile_model compiles this part."""
+        mask as CausalSelfAttention takes it. kernels.compile_model puts a compiled twin of it on a model instance."""
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, kv_cache, i, start if i == len(self.transformer.h) - 1 else 0)
         if kv_cache is not None:

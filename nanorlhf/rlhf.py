@@ -33,15 +33,16 @@ def masked_var(x, mask, unbiased=True):
     return var
 
 
-def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the real tokens only; padded positions come out 0 (PPO advantage whitening)."""
+def masked_whiten(x, mask, total=lambda t: t):
+    """(x - mean) / std over the real tokens only, unbiased variance; padded positions come out 0 (PPO advantage
+    whitening). total sums a tensor over processes (dist.all_reduce_sum: the global batch's statistics, not each
+    rank's shard's); the default, one process."""
     mask = mask.bool()
     x = torch.where(mask, x, 0.0)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask, whitened, 0.0)
+    n = total(mask.sum())  # real tokens
+    mean = total(x.sum()) / n
+    var = total(torch.where(mask, (x - mean) ** 2, 0.0).sum()) / n * n / (n - 1)  # as masked_var, to the last bit
+    return torch.where(mask, (x - mean) * torch.rsqrt(var + 1e-8), 0.0)
 
 
 def explained_variance(values, returns, mask):
@@ -51,6 +52,12 @@ def explained_variance(values, returns, mask):
 
 # ----------------------------------------------------------------------------------------------------------------
 # reward model (InstructGPT §3.5 "Reward modeling (RM)", eq. (1))
+
+def ranked_pairs(ranking):
+    """The comparisons a ranking implies (0 = best): (better, worse) index pairs of responses ranked apart; tied
+    responses form no pair. C(K,2) pairs for K responses without ties: the labels an RM (eq. (1)) or DPO trains on."""
+    return [(i, j) for i in range(len(ranking)) for j in range(len(ranking)) if ranking[i] < ranking[j]]
+
 
 def ranking_loss(rewards, ranks, mask):
     """Pairwise ranking loss over all C(K,2) comparisons of a prompt, as one batch element (eq. (1)).
@@ -114,6 +121,27 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1"):
     raise ValueError(f"unknown KL estimator {kind!r}")
 
 
+def ppo_rewards(scores, finished, logprobs, ref_logprobs, response_mask, kl_coef, kl_kind="k1",
+                missing_eos_penalty=1.0):
+    """Per-token rewards of InstructGPT's objective, eq. (2) (§3.5):
+
+        objective(φ) = E_(x,y)~π_φ^RL [ r_θ(x, y) − β·log(π_φ^RL(y|x) / π^SFT(y|x)) ] + γ·E_x~D_pretrain [ log π_φ^RL(x) ]
+
+    The first expectation is the RL episode's return: log(π^RL(y|x) / π^SFT(y|x)) = Σ_t log(π^RL(y_t) / π^SFT(y_t)),
+    so each response token t gets −β·KL_t (kl_penalty's estimator, k1 in the paper) and the last real token (the
+    EOS) also gets the RM score r_θ(x, y), lowered by missing_eos_penalty for a response that never emitted EOS (at
+    any RM score, not finishing earns less than finishing). PPO maximizes it with GAE advantages and the clipped
+    policy_loss; the γ term, PPO-ptx, is a next-token loss on pretraining text added to the same update
+    (train_ppo.py). scores, finished: (B,); the rest (B, N). Returns (rewards, kl, final): (B, N) rewards, (B, N) KL_t
+    (0 on padding), and the (B,) reward added at the last token."""
+    kl = torch.where(response_mask, kl_penalty(logprobs, ref_logprobs, kl_kind), 0.0)  # (B, N)
+    rewards = -kl_coef * kl
+    last = response_mask.sum(1) - 1  # (B,) position of the last real response token
+    final = scores - missing_eos_penalty * (~finished).float()  # (B,)
+    rewards[torch.arange(len(rewards), device=rewards.device), last] += final
+    return rewards, kl, final
+
+
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     """Generalized Advantage Estimation (Schulman et al. 2016); rewards, values, mask: (B, T), right-padded.
 
@@ -152,7 +180,7 @@ def rloo_advantages(sequence_rewards, mask, k):
 def grpo_advantages(scores, mask, k, eps=1e-6):
     """GRPO (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision): k samples per prompt, consecutive in the
     batch; advantage = (r − mean) / (std + eps) over the prompt's group, on every token (a group whose rewards are
-    all equal gives 0). KL: not in the reward; a k3 term β·KL(π_θ || π_ref) in the loss (train_ppo.ppo_losses)."""
+    all equal gives 0). KL: not in the reward; a k3 term β·KL(π_θ || π_ref) in the loss (ppo.minibatch_loss)."""
     r = scores.view(-1, k)  # (B/k, k)
     a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)  # unbiased std, as the paper's code
     return torch.where(mask.bool(), a.view(-1, 1), 0.0)

@@ -19,10 +19,10 @@ import run
 from bestofn import best_of_n
 from nanorlhf.evaluation import win_rate
 from nanorlhf.model import GPT, GPTConfig
-from nanorlhf.rlhf import dpo_loss
+from nanorlhf.rlhf import dpo_loss, ranked_pairs
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.world import make_world
-from train_dpo import batch_logps, preference_pairs
+from train_dpo import batch_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,9 +54,9 @@ def test_one_estimand_best_of_1_from_the_sft_samples_is_exactly_even():
             assert rate > 0.6  # picking by a noisy RM still beats plain sampling on gold
 
 
-def test_preference_pairs_by_hand():
-    assert sorted(preference_pairs([2, 0, 1])) == [(1, 0), (1, 2), (2, 0)]  # (chosen, rejected)
-    assert preference_pairs([0, 0]) == []  # a tie is no comparison
+def test_ranked_pairs_by_hand():
+    assert sorted(ranked_pairs([2, 0, 1])) == [(1, 0), (1, 2), (2, 0)]  # (chosen, rejected)
+    assert ranked_pairs([0, 0]) == []  # a tie is no comparison
 
 
 def test_dpo_logps_align_pairs_and_mask_the_prompt():
@@ -78,7 +78,7 @@ def test_dpo_logps_align_pairs_and_mask_the_prompt():
         return sum(logp[t - 1, ids[t]].item() for t in range(prompt_len, len(ids)))
 
     pc, pr, rc, rr, _ = batch_logps(policy, reference, [record], tok.pad_id, "cpu")  # (3,) each, one per pair
-    pairs = preference_pairs(record["ranking"])
+    pairs = ranked_pairs(record["ranking"])
     assert sorted(pairs) == [(1, 0), (1, 2), (2, 0)]  # response 1 is best, then 2, then 0
     for k, (c, r) in enumerate(pairs):
         assert pc[k].item() == pytest.approx(brute(policy, c), abs=1e-4)

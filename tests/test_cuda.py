@@ -32,7 +32,8 @@ def test_token_logprobs_compiled_on_cuda_matches_float64_reference(chunk_size):
     grad_out = torch.randn(5, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     want = torch.autograd.grad((expected * grad_out).sum(), (hidden, weight))
     h, w = (x.detach().float().cuda().requires_grad_() for x in (hidden, weight))
-    logp, entropy = kernels.token_logprobs_and_entropy(h, w, targets.cuda(), 0.8, chunk_size, compiled=True)
+    with kernels.compiling():
+        logp, entropy = kernels.token_logprobs_and_entropy(h, w, targets.cuda(), 0.8, chunk_size)
     torch.testing.assert_close(logp.double().cpu(), expected, atol=1e-4, rtol=0)
     got = torch.autograd.grad((logp * grad_out.float().cuda()).sum(), (h, w))
     for a, b in zip(got, want):
@@ -48,13 +49,15 @@ def test_ppo_loss_and_gae_compiled_on_cuda_match_cpu_float64():
     lengths = torch.tensor([11, 1, 5, 8, 0, 3])
     mask = torch.arange(T)[None] < lengths[:, None]  # ragged, one empty row
     want = kernels.ppo_loss(*x, mask, 0.2, 0.2)
-    got = kernels.ppo_loss_fused(*(t.float().cuda() for t in x), mask.cuda(), 0.2, 0.2)
+    with kernels.compiling():
+        got = kernels.ppo_loss(*(t.float().cuda() for t in x), mask.cuda(), 0.2, 0.2)
     torch.testing.assert_close(got[0].double().cpu(), want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1].double().cpu(), want[1], atol=1e-5, rtol=1e-5)
     for k in want[2]:
         torch.testing.assert_close(got[2][k].double().cpu(), want[2][k], atol=1e-5, rtol=1e-5)
     rewards, values = x[0], x[1]
-    adv, ret = kernels.gae_scan(rewards.float().cuda(), values.float().cuda(), mask.cuda(), 1.0, 0.95)
+    with kernels.compiling():
+        adv, ret = kernels.gae(rewards.float().cuda(), values.float().cuda(), mask.cuda(), 1.0, 0.95)
     adv_want, ret_want = rlhf.gae(rewards, values, mask, 1.0, 0.95)
     torch.testing.assert_close(adv.double().cpu() * mask, adv_want * mask, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ret.double().cpu() * mask, ret_want * mask, atol=1e-4, rtol=1e-4)

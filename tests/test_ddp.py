@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 import train_ppo
 import train_sft
-from nanorlhf import dist, rlhf
+from nanorlhf import dist, ppo, rlhf
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
@@ -46,21 +46,21 @@ def sft_step(grad_accum=1):
 
 def ppo_step(paths):
     """The whole rollout batch is made on every rank (same seed); each rank keeps its rows and updates on them."""
-    cfg = train_ppo.PPOConfig(init=paths["lm"], reward_model=paths["scalar"], max_new_tokens=8, batch_size=8,
-                              minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False)
+    cfg = ppo.PPOConfig(init=paths["lm"], reward_model=paths["scalar"], max_new_tokens=8, batch_size=8,
+                        minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False)
     torch.manual_seed(0)
     policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
     b, P, _ = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS, cfg)
     for i in range(4):
         b["response_mask"][i, 2 + i:] = False  # ragged: ranks hold different numbers of response tokens
-    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                           b["response_mask"], cfg.kl_coef)
+    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                     b["response_mask"], cfg.kl_coef)
     mine = slice(dist.rank(), None, dist.world_size())  # dist.shard's rows
     b = {k: v[mine] for k, v in b.items()}
-    b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards[mine], b["values"], b["response_mask"],
-                                                               1.0, 0.95)
+    b["advantages"], b["returns"] = ppo.gae_advantages(rewards[mine], b["values"], b["response_mask"],
+                                                       1.0, 0.95)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-5) for m in (policy, value_model)]
-    stats = train_ppo.ppo_update(policy, value_model, opts, b, P, cfg, step=0)
+    stats = ppo.update(policy, value_model, opts, b, P, cfg, step=0)
     return stats, b["advantages"], [p.detach().clone() for m in (policy, value_model) for p in m.parameters()]
 
 
@@ -71,8 +71,8 @@ def worker(rank, port, folder, paths):
     dist.init("cpu")
     x = torch.tensor([1.0, 2.0, 3.0]) if rank == 0 else torch.tensor([10.0])
     mask = torch.tensor([[True, True, False]]) if rank == 0 else torch.tensor([[True, False, False]])
-    whitened = dist.masked_whiten(torch.tensor([[1.0, 2.0, 7.0]]) if rank == 0 else torch.tensor([[4.0, 9.0, 9.0]]),
-                                  mask)
+    whitened = rlhf.masked_whiten(torch.tensor([[1.0, 2.0, 7.0]]) if rank == 0 else torch.tensor([[4.0, 9.0, 9.0]]),
+                                  mask, dist.all_reduce_sum)
     result = {"mean": dist.mean(x).item(), "whitened": whitened, "sft": sft_step(), "ppo": ppo_step(paths)}
     torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
     dist.close()

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanorlhf import kernels
 from nanorlhf.engine import KVCache, cache_length, decode_step, generate, sample
 from nanorlhf.model import GPT, GPTConfig
 
@@ -170,37 +171,45 @@ def test_decode_step_traces_once_with_fixed_shapes():
             step(model, torch.full((B,), t + 1), cache)
 
 
-def test_cache_length_buckets_only_when_compiled():
-    assert cache_length(5, 12, 64, compiled=False) == 17
-    assert [cache_length(P, 12, 64, compiled=True) for P in (4, 5, 20, 21, 52)] == [16, 32, 32, 64, 64]
-    assert cache_length(60, 4, 64, compiled=True) == 64
+def test_cache_length_buckets_only_with_fixed_shapes():
+    assert cache_length(5, 12, 64, fixed_shapes=False) == 17
+    assert [cache_length(P, 12, 64, fixed_shapes=True) for P in (4, 5, 20, 21, 52)] == [16, 32, 32, 64, 64]
+    assert cache_length(60, 4, 64, fixed_shapes=True) == 64
 
 
 @pytest.mark.slow
 def test_compiled_generation_matches_eager_and_does_not_recompile():
-    """Compiled: fixed batch (finished rows decode masked pads), static cache, compiled decode step. Greedy
-    tokens, masks and log-probs equal the eager path's, which drops finished rows instead."""
-    eager = check_compiled_generation(tiny(eos_bias=2.0))  # rows finish at different steps
-    lengths = eager.response_mask.sum(1)
-    assert lengths.min() < lengths.max() < 20  # the fixed batch really carried finished rows
+    """Compiled: fixed batch (finished rows decode masked pads), static cache, compiled decode step. Greedy and
+    seeded sampled tokens, masks and log-probs equal the eager path's, which drops finished rows instead."""
+    check_compiled_generation(tiny(eos_bias=2.0))  # rows finish at different steps
 
 
 def check_compiled_generation(model):
-    """Greedy compiled generation == eager (tokens, masks, log-probs), and a second prompt length in the same cache
-    bucket runs without recompiling; returns the eager generation."""
+    """Compiled generation == eager, greedy and sampled with one seed (tokens, masks, log-probs), and a second prompt
+    length in the same cache bucket runs without recompiling; returns the eager greedy generation."""
     import torch._dynamo
 
-    eager = generate(model, PROMPTS, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=False)
-    compiled = generate(model, PROMPTS, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=True)
-    assert torch.equal(compiled.tokens, eager.tokens)
-    assert torch.equal(compiled.response_mask, eager.response_mask)
-    torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
+    def both(prompts, **kw):
+        device = model.transformer.wte.weight.device
+        out = []
+        for on in (False, True):
+            with kernels.compiling(on):
+                out.append(generate(model, prompts, 20, eos_id=EOS, pad_id=EOS,
+                                    generator=torch.Generator(device).manual_seed(0), **kw))
+        return out
+
+    for kw in ({"greedy": True}, {"temperature": 1.0}):  # one sampler: the same seed draws the same tokens
+        eager, compiled = both(PROMPTS, **kw)
+        assert torch.equal(compiled.tokens, eager.tokens), kw
+        assert torch.equal(compiled.response_mask, eager.response_mask)
+        torch.testing.assert_close(compiled.logprobs, eager.logprobs, atol=1e-5, rtol=1e-5)
+        lengths = eager.response_mask.sum(1)
+        assert lengths.min() < lengths.max() < 20  # the fixed batch really carried finished rows
     shorter = [p[:2] for p in PROMPTS]  # another prompt length in the same cache bucket: the same graph
     with torch._dynamo.config.patch(error_on_recompile=True):
-        again = generate(model, shorter, 20, eos_id=EOS, pad_id=EOS, greedy=True, compiled=True)
-    assert torch.equal(again.tokens, generate(model, shorter, 20, eos_id=EOS, pad_id=EOS, greedy=True,
-                                              compiled=False).tokens)
-    return eager
+        eager, again = both(shorter, greedy=True)
+    assert torch.equal(again.tokens, eager.tokens)
+    return both(PROMPTS, greedy=True)[0]
 
 
 def test_generation_under_bf16_autocast_matches_its_own_full_forward():
@@ -215,11 +224,9 @@ def test_generation_under_bf16_autocast_matches_its_own_full_forward():
     assert gen.tokens[0].tolist() == idx[0].tolist()
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_sampler_draws_from_the_tempered_softmax(compiled):
-    """Both samplers (eager: the exponential race, compiled: the inverse CDF) draw from softmax(logits / T), and with
-    top_k the renormalized top k: 200,000 seeded draws, every frequency within 4.5 standard errors of its
-    probability (a truncated token, probability 0, never drawn)."""
+def test_sampler_draws_from_the_tempered_softmax():
+    """The sampler draws from softmax(logits / T), and with top_k the renormalized top k: 200,000 seeded draws,
+    every frequency within 4.5 standard errors of its probability (a truncated token, probability 0, never drawn)."""
     logits = torch.tensor([2.0, 0.5, -1.0, 1.5, 0.0, -3.0])
     n = 200_000
     for temperature, top_k in [(0.7, None), (1.3, 3)]:
@@ -228,7 +235,7 @@ def test_sampler_draws_from_the_tempered_softmax(compiled):
             p = torch.where(p >= p.topk(top_k).values[-1], p, 0.0)
             p = p / p.sum()
         g = torch.Generator().manual_seed(0)
-        token, logprob = sample(logits.expand(n, -1), temperature, top_k=top_k, generator=g, compiled=compiled)
+        token, logprob = sample(logits.expand(n, -1), temperature, top_k=top_k, generator=g)
         freq = torch.bincount(token, minlength=len(logits)).double() / n
         stderr = (p * (1 - p) / n).sqrt().double()
         assert ((freq - p.double()).abs() <= 4.5 * stderr + 1e-12).all(), (freq, p)

@@ -21,7 +21,7 @@ def test_each_iterated_round_ranks_prompts_no_earlier_round_ranked(tmp_path):
     """run.py --rounds 4 --quick: the prompts each round's RM stage ranks (round 1: the rm stage) are disjoint."""
     cfg = parse_config(run.RunConfig, ["--quick", "--rounds", "4", "--out", str(tmp_path)])
     os.makedirs(tmp_path / "rm")
-    json.dump({"labeler_tau": 0.1}, open(tmp_path / "rm" / "metrics.json", "w"))
+    json.dump({"labeler_tau": 0.1, "train_prompts": 60}, open(tmp_path / "rm" / "metrics.json", "w"))  # as rm wrote
     argvs = [run.stage_args(cfg, "rm", run.STAGES["rm"][2])]
     argvs += [args() for name, (_, _, args) in run.beyond_stages(cfg).items() if name.startswith("rm_r")]
     assert len(argvs) == 4

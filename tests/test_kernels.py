@@ -29,7 +29,7 @@ def reference_logprobs(hidden, weight, targets, temperature):
 @pytest.mark.parametrize("chunk_size", [1, 7, 64])
 def test_token_logprobs_chunked_matches_log_softmax_with_gradients(chunk_size):
     hidden, weight, targets = lm_head_case(N=None, C=8, V=19, dtype=torch.float64, lead=(3, 10))  # N = 30
-    logp, entropy = kernels.token_logprobs_and_entropy(hidden, weight, targets, 0.7, chunk_size, compiled=False)
+    logp, entropy = kernels.token_logprobs_and_entropy(hidden, weight, targets, 0.7, chunk_size)
     expected = reference_logprobs(hidden, weight, targets, 0.7)
     assert logp.shape == entropy.shape == (3, 10)
     torch.testing.assert_close(logp, expected, atol=1e-6, rtol=0)
@@ -49,7 +49,7 @@ def test_token_logprobs_chunked_matches_log_softmax_with_gradients(chunk_size):
 def test_token_logprobs_gradcheck():
     hidden, weight, targets = lm_head_case(N=5, C=4, V=7, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda h, w: kernels.token_logprobs(h, w, targets, temperature=0.7, chunk_size=2, compiled=False),
+        lambda h, w: kernels.token_logprobs(h, w, targets, temperature=0.7, chunk_size=2),
         (hidden, weight),
     )
 
@@ -57,7 +57,7 @@ def test_token_logprobs_gradcheck():
 def test_token_logprobs_frozen_weight():
     hidden, weight, targets = lm_head_case(N=6, C=4, V=9, dtype=torch.float64)
     weight = weight.detach()  # a frozen LM head: only the hidden states get a gradient
-    logp = kernels.token_logprobs(hidden, weight, targets, chunk_size=4, compiled=False)
+    logp = kernels.token_logprobs(hidden, weight, targets, chunk_size=4)
     (got,) = torch.autograd.grad(logp.sum(), hidden)
     (want,) = torch.autograd.grad(reference_logprobs(hidden, weight, targets, 1.0).sum(), hidden)
     torch.testing.assert_close(got, want)
@@ -79,7 +79,7 @@ def saved_numels(fn):
 def test_token_logprobs_saves_no_logits_at_gpt2_vocab():
     N, C, V = 64, 16, 50257  # GPT-2 vocabulary
     hidden, weight, targets = lm_head_case(N, C, V, dtype=torch.float32)
-    chunked = saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=16, compiled=False))
+    chunked = saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=16))
     assert sorted(chunked) == sorted([N * C, V * C, N, N, 1])  # hidden, weight, targets, logsumexp, 1/T
     eager = saved_numels(lambda: kernels.token_logprobs_eager(hidden, weight, targets))
     assert max(eager) >= N * V  # the eager twin keeps the (N, V) logits: the check can tell them apart
@@ -96,12 +96,12 @@ def test_default_chunk_holds_a_fixed_number_of_logits_larger_on_a_gpu():
 def test_token_logprobs_one_chunk_keeps_its_softmax_for_the_backward():
     N, C, V = 12, 4, 50
     hidden, weight, targets = lm_head_case(N, C, V, dtype=torch.float64)
-    one_chunk = saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=N, compiled=False))
+    one_chunk = saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=N))
     assert sorted(one_chunk) == sorted([N * C, V * C, N, N, 1, N * V])  # ... and the (N, V) softmax
     with torch.no_grad():  # no backward to come: nothing kept
         assert saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=N)) == []
-    two_chunks = kernels.token_logprobs(hidden, weight, targets, chunk_size=N - 1, compiled=False)
-    kept = kernels.token_logprobs(hidden, weight, targets, chunk_size=N, compiled=False)
+    two_chunks = kernels.token_logprobs(hidden, weight, targets, chunk_size=N - 1)
+    kept = kernels.token_logprobs(hidden, weight, targets, chunk_size=N)
     grad_out = torch.randn(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for a, b in zip(torch.autograd.grad((kept * grad_out).sum(), (hidden, weight)),
                     torch.autograd.grad((two_chunks * grad_out).sum(), (hidden, weight))):
@@ -120,22 +120,55 @@ def test_gae_scan_math_matches_gae():
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def test_use_compile_default():
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_blocks_twin_math_matches_the_model(sdpa):
+    """compile_model's twin of GPT.blocks (GELU as x·σ(2u)), run eagerly: the model's own blocks' function, from
+    position 0 and from a later start, padded or plain causal, with gradients (float64, no compile)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16)).double()
+    model.use_sdpa = sdpa
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 9, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    real = ragged_mask([9, 4, 6], 9)
+    padded = torch.where((torch.ones(9, 9, dtype=torch.bool).tril() & real[:, None, :]) | torch.eye(9, dtype=torch.bool),
+                         0.0, float("-inf"))[:, None].double()  # (B, 1, T, T) additive, as hidden_states builds it
+    inputs = [x, *model.transformer.h.parameters(), *model.transformer.ln_f.parameters()]
+    for mask, start in [(None, 0), (padded, 0), (padded, 5)]:
+        got, want = kernels._blocks(model, x, mask, start=start), model.blocks(x, mask, start=start)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        for a, b in zip(torch.autograd.grad(got.square().sum(), inputs), torch.autograd.grad(want.square().sum(), inputs)):
+            torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+
+
+def test_one_switch():
+    """use_compile is the default (CUDA on, CPU off); enable sets the switch, compiling sets it for a block; off,
+    compile_model leaves a model as it was."""
     assert not kernels.use_compile("cpu") and kernels.use_compile("cuda:0")
+    assert kernels.enable(None, "cpu") is False and not kernels.enabled()
+    with kernels.compiling():
+        assert kernels.enabled()
+        with kernels.compiling(False):
+            assert not kernels.enabled()
+        assert kernels.enabled()
+    assert not kernels.enabled()
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    assert kernels.compile_model(model).blocks.__func__ is GPT.blocks and model.use_sdpa
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # compiled == eager
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
-@pytest.mark.parametrize("chunk_size", [8, 64])  # N = 18 = 8 + 8 + 2 rows; or one chunk, whose softmax is kept
+# N = 18 = 8 + 8 + 2 rows (each chunk's logits recomputed in the backward), or one chunk whose softmax is kept: each
+# path's graphs compiled once, in one dtype (float32 is also covered by test_ppo's compiled run, one chunk)
+@pytest.mark.parametrize("dtype,atol,chunk_size", [(torch.float32, 1e-4, 8), (torch.float64, 1e-10, 64)])
 def test_token_logprobs_compiled_matches_eager(dtype, atol, chunk_size):
     graphs = []
     for temperature, lead in [(0.7, (2, 9)), (1.3, (2, 9)), (1.0, (3, 5))]:
         hidden, weight, targets = lm_head_case(N=None, C=16, V=37, dtype=dtype, lead=lead)
-        got = kernels.token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size, compiled=True)
-        want = kernels.token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size, compiled=False)
+        with kernels.compiling():
+            got = kernels.token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size)
+        want = kernels.token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=atol, rtol=0)
         grads_got = torch.autograd.grad(got[0].sum(), (hidden, weight))
@@ -151,8 +184,8 @@ def ragged_mask(lengths, T):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ppo_loss_fused_matches_eager(dtype):
+@pytest.mark.parametrize("dtype", [torch.float64])  # float32: test_ppo's compiled run
+def test_ppo_loss_compiled_matches_eager(dtype):
     g = torch.Generator().manual_seed(3)
     for B, T, lengths in [(4, 6, [6, 2, 5, 1]), (3, 9, [9, 0, 4])]:  # a new shape and an empty row
         mask = ragged_mask(lengths, T)
@@ -161,8 +194,10 @@ def test_ppo_loss_fused_matches_eager(dtype):
         values = (old_values + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)).requires_grad_()
         logprobs.data[~mask] = 30.0  # garbage on padding (ratio e^30): the masked means must not see it
         args = (logprobs, old_logprobs, advantages, values, old_values, returns, mask)
-        got = kernels.ppo_loss_fused(*args, clip_eps=0.2, value_clip=0.2)
-        want = kernels.ppo_loss(*args, clip_eps=0.2, value_clip=0.2)
+        with kernels.compiling():
+            got = kernels.ppo_loss(*args, clip_eps=0.2, value_clip=0.2)
+        pg_loss, stats = rlhf.policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)  # eager, from rlhf
+        want = (pg_loss, rlhf.value_loss(values, old_values, returns, mask, 0.2), stats)
         assert got[0].dtype == dtype and torch.isfinite(got[0])
         for a, b in zip(got[:2], want[:2]):
             torch.testing.assert_close(a, b)
@@ -176,13 +211,15 @@ def test_ppo_loss_fused_matches_eager(dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32])  # compiled once; float64: test_gae_scan_math_matches_gae
 def test_ranking_loss_and_gae_compiled_match_eager(dtype):
     g = torch.Generator().manual_seed(4)
     rewards = torch.randn(3, 4, generator=g, dtype=dtype, requires_grad=True)
     ranks = torch.tensor([[0, 1, 1, 2], [2, 0, 1, 3], [0, 0, 1, 1]])
     mask = ragged_mask([4, 3, 2], 4)
-    got, want = kernels.ranking_loss_compiled(rewards, ranks, mask), rlhf.ranking_loss(rewards, ranks, mask)
+    with kernels.compiling():
+        got = kernels.ranking_loss(rewards, ranks, mask)
+    want = rlhf.ranking_loss(rewards, ranks, mask)
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, rewards), torch.autograd.grad(want, rewards)):
         torch.testing.assert_close(a, b)
@@ -190,7 +227,8 @@ def test_ranking_loss_and_gae_compiled_match_eager(dtype):
         token_mask = ragged_mask(lengths, T)
         token_rewards, values = torch.randn(2, B, T, generator=g, dtype=dtype)
         for gamma, lam in [(1.0, 0.95), (0.9, 0.5)]:
-            got = kernels.gae_scan(token_rewards, values, token_mask, gamma, lam)
+            with kernels.compiling():
+                got = kernels.gae(token_rewards, values, token_mask, gamma, lam)
             for a, b in zip(got, rlhf.gae(token_rewards, values, token_mask, gamma, lam)):
                 torch.testing.assert_close(a, b)
 
@@ -205,7 +243,8 @@ def test_compiled_model_matches_eager_with_padding_and_does_not_recompile():
     dtype, atol = torch.float64, 1e-10
     torch.manual_seed(0)
     eager = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16)).to(dtype)
-    compiled = kernels.compile_model(copy.deepcopy(eager))
+    with kernels.compiling():
+        compiled = kernels.compile_model(copy.deepcopy(eager))
     g = torch.Generator().manual_seed(1)
 
     def check(B, T, pad_side, start=0):

@@ -233,16 +233,11 @@ def test_forward_flops_matches_torch_flop_counter():
     assert model.forward_flops(32, 8, 16, n_out=8) == want
 
 
-def test_compiled_gelu_is_the_tanh_gelu():
-    """Traced by torch.compile, gelu takes its x·σ(2u) form: the same function and gradient as GPT-2's tanh GELU,
-    checked against the formula written out (float64)."""
+def test_gelu_is_the_tanh_gelu():
+    """gelu is GPT-2's tanh GELU, checked against the formula written out (float64), value and gradient."""
     x = torch.linspace(-8, 8, 2001, dtype=torch.float64, requires_grad=True)
     by_hand = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    grad_by_hand = torch.autograd.grad(by_hand.sum(), x)[0]
-    traced = torch.compile(gelu, backend="eager", fullgraph=True)  # dynamo traces (is_compiling), runs eagerly
-    for y in (gelu(x), traced(x)):
-        torch.testing.assert_close(y, by_hand, atol=1e-12, rtol=0)
-        torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], grad_by_hand, atol=1e-12, rtol=0)
-    graph_ops = []
-    torch.compile(gelu, backend=lambda gm, _: graph_ops.extend(str(n.target) for n in gm.graph.nodes) or gm)(x)
-    assert any("sigmoid" in op for op in graph_ops) and not any("gelu" in op for op in graph_ops)
+    y = gelu(x)
+    torch.testing.assert_close(y, by_hand, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(by_hand.sum(), x)[0],
+                               atol=1e-12, rtol=0)

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import train_ppo
-from nanorlhf import kernels
+from nanorlhf import kernels, ppo, rlhf
 from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from nanorlhf.common import token_stream
+from nanorlhf.common import epoch_batch, token_stream
+from nanorlhf.reward import score_texts
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
@@ -43,7 +44,7 @@ def ckpts(tmp_path_factory):
 
 def make_cfg(paths, **kw):
     kw = {"max_new_tokens": 12, "batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, **kw}
-    return train_ppo.PPOConfig(init=paths["lm"], reward_model=paths["scalar"], **kw)
+    return ppo.PPOConfig(init=paths["lm"], reward_model=paths["scalar"], **kw)
 
 
 def rollout_batch(cfg, seed=0):
@@ -55,10 +56,9 @@ def rollout_batch(cfg, seed=0):
 
 def add_advantages(b, cfg):
     """Per-token rewards, then GAE advantages and returns (γ 1, λ 0.95) into the rollout batch b, as in train_ppo."""
-    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                           b["response_mask"], cfg.kl_coef)
-    b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95,
-                                                                 cfg.compile)
+    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                     b["response_mask"], cfg.kl_coef)
+    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     return b
 
 
@@ -72,14 +72,14 @@ def test_lr0_first_minibatch_ratio_one_even_with_dropout_in_config(tmp_path):
     opts = [torch.optim.Adam(m.parameters(), lr=0.0) for m in (policy, value_model)]
     torch.manual_seed(1)
     perm = torch.randperm(len(b["tokens"]))
-    idx = perm[:cfg.minibatch_size]  # the first minibatch ppo_update will draw under the same seed
+    idx = perm[:cfg.minibatch_size]  # the first minibatch ppo.update will draw under the same seed
     mb = {k: v[idx] for k, v in b.items()}
-    _, _, stats = train_ppo.ppo_losses(policy, value_model, mb, P, None, cfg)
+    _, _, stats = ppo.minibatch_loss(policy, value_model, mb, P, None, cfg)
     assert stats["ratio"].item() == 1.0 and stats["approx_kl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
-    logprobs, _ = train_ppo.response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature)
+    logprobs, _ = ppo.response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature)
     assert torch.equal(logprobs, b["logprobs"][idx])  # token by token, bitwise
     torch.manual_seed(1)
-    stats = train_ppo.ppo_update(policy, value_model, opts, b, P, cfg, step=0)
+    stats = ppo.update(policy, value_model, opts, b, P, cfg, step=0)
     assert stats["ratio"] == 1.0 and stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
 
 
@@ -88,8 +88,8 @@ def test_kl_zero_when_policy_is_reference(ckpts):
     _, b, _ = rollout_batch(cfg)
     assert torch.equal(b["logprobs"], b["ref_logprobs"])
     for kind in ("k1", "k3"):
-        rewards, kl, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                                b["response_mask"], 0.1, kind)
+        rewards, kl, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                          b["response_mask"], 0.1, kind)
         assert torch.count_nonzero(kl) == 0
         assert torch.count_nonzero(rewards) <= len(rewards)  # only the final token of each response is rewarded
 
@@ -101,8 +101,8 @@ def test_rewards_hand_case():
     logprobs = torch.tensor([[-1.0, -2.0, -0.5, 7.0], [-0.2, 9.0, 9.0, 9.0], [-1.0, -1.0, -1.0, -1.0]])
     ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-0.7, 3.0, 3.0, 3.0], [-2.0, -1.0, -1.0, -3.0]])
     scores, finished = torch.tensor([0.7, -0.3, 2.0]), torch.tensor([True, True, False])
-    rewards, kl, final = train_ppo.compute_rewards(scores, finished, logprobs, ref_logprobs, mask, kl_coef=0.1,
-                                                   missing_eos_penalty=1.5)
+    rewards, kl, final = rlhf.ppo_rewards(scores, finished, logprobs, ref_logprobs, mask, kl_coef=0.1,
+                                          missing_eos_penalty=1.5)
     expected = torch.tensor([[-0.05, 0.1, 0.0 + 0.7, 0.0],
                              [-0.05 - 0.3, 0.0, 0.0, 0.0],
                              [-0.1, 0.0, 0.0, -0.2 + 2.0 - 1.5]])  # row 3 never ended: its RM score 2.0 minus 1.5
@@ -118,10 +118,10 @@ def test_not_finishing_never_pays(penalty):
     scores = torch.linspace(-5.0, 5.0, 21)
     mask = torch.ones(21, 3, dtype=torch.bool)
     zeros = torch.zeros(21, 3)
-    ended = train_ppo.compute_rewards(scores, torch.ones(21, dtype=torch.bool), zeros, zeros, mask, 0.1,
-                                      missing_eos_penalty=penalty)[0].sum(1)
-    unended = train_ppo.compute_rewards(scores, torch.zeros(21, dtype=torch.bool), zeros, zeros, mask, 0.1,
-                                        missing_eos_penalty=penalty)[0].sum(1)
+    ended = rlhf.ppo_rewards(scores, torch.ones(21, dtype=torch.bool), zeros, zeros, mask, 0.1,
+                             missing_eos_penalty=penalty)[0].sum(1)
+    unended = rlhf.ppo_rewards(scores, torch.zeros(21, dtype=torch.bool), zeros, zeros, mask, 0.1,
+                               missing_eos_penalty=penalty)[0].sum(1)
     assert (unended <= ended).all()
     torch.testing.assert_close(ended - unended, torch.full((21,), penalty))
     assert (unended.diff() > 0).all()  # a better RM score is still better without EOS
@@ -146,7 +146,7 @@ def test_rm_scores_the_text_as_it_was_trained_on_it(ckpts):
     with torch.no_grad():
         want = reward_model(canonical)[0, -1].item()
         raw = reward_model(torch.tensor([tok.format_prompt(PROMPTS[0]) + odd]))[0, -1].item()
-        got = train_ppo.score_texts(reward_model, tok, [PROMPTS[0]], [tok.decode_response(odd)], [True], "cpu")
+        got = score_texts(reward_model, tok, [PROMPTS[0]], [tok.decode_response(odd)], [True], "cpu")
     assert got.item() == pytest.approx(want, abs=1e-6) and abs(raw - want) > 1e-4
 
 
@@ -190,7 +190,7 @@ def test_score_aligns_logprobs_values(ckpts, temperature):
     for i, (x, y) in enumerate(rows):
         tokens[i, P - len(x):P], mask[i, P - len(x):P] = torch.tensor(x), True
         tokens[i, P:P + len(y)], mask[i, P:P + len(y)] = torch.tensor(y), True
-    b = train_ppo.score(policy, ref_policy, value_model, tokens, mask, P, eos, temperature)
+    b = ppo.score(policy, ref_policy, value_model, tokens, mask, P, eos, temperature)
     assert b["finished"].tolist() == [True, False, True]
     assert b["response_mask"].sum(1).tolist() == [3, 4, 1]
     with torch.no_grad():
@@ -213,10 +213,11 @@ def test_bf16_rollout_scores_in_float32_and_compiled_gae_takes_them(ckpts):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         models, b, P = rollout_batch(cfg)
     assert b["values"].dtype == b["scores"].dtype == b["logprobs"].dtype == torch.float32
-    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                           b["response_mask"], cfg.kl_coef)
-    eager = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95, compiled=False)
-    fused = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95, compiled=True)
+    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                     b["response_mask"], cfg.kl_coef)
+    eager = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
+    with kernels.compiling():
+        fused = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     for a, c in zip(eager, fused):
         torch.testing.assert_close(a * b["response_mask"], c * b["response_mask"], atol=1e-5, rtol=1e-5)
 
@@ -227,8 +228,8 @@ def test_whitening_in_script_ignores_padding():
     mask = torch.arange(7)[None] < torch.tensor(lengths)[:, None]
     rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
     garbage = torch.full((4, 7), 1e6)
-    adv, ret = train_ppo.compute_advantages(torch.where(mask, rewards, garbage), torch.where(mask, values, -garbage),
-                                            mask, 1.0, 0.95)
+    adv, ret = ppo.gae_advantages(torch.where(mask, rewards, garbage), torch.where(mask, values, -garbage),
+                                  mask, 1.0, 0.95)
     raw = []  # GAE per row over its real tokens only (γ = 1, λ = 0.95), V after the last token = 0
     for i, n in enumerate(lengths):
         a, row = 0.0, []
@@ -260,8 +261,8 @@ def test_ptx_gradient_is_gamma_times_lm_gradient_added(ckpts):
         loss.backward()
         return [p.grad.clone() for p in policy.parameters()]
 
-    combined = grads(train_ppo.ppo_losses(policy, value_model, b, P, ptx_ids, cfg)[0])
-    ppo_only = grads(train_ppo.ppo_losses(policy, value_model, b, P, None, cfg)[0])
+    combined = grads(ppo.minibatch_loss(policy, value_model, b, P, ptx_ids, cfg)[0])
+    ppo_only = grads(ppo.minibatch_loss(policy, value_model, b, P, None, cfg)[0])
     logp = F.log_softmax(policy(ptx_ids)[:, :-1], dim=-1).gather(-1, ptx_ids[:, 1:, None])  # independent LM loss
     lm = grads(-logp.mean())
     for c, p, l in zip(combined, ppo_only, lm):
@@ -277,15 +278,16 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     eager_cfg, compiled_cfg = make_cfg(ckpts, compile=False, ptx_coef=0.5), make_cfg(ckpts, compile=True, ptx_coef=0.5)
     eager = train_ppo.load_models(eager_cfg, "cpu")
     tok = eager[4]
-    compiled = [kernels.compile_model(m) for m in copy.deepcopy(eager[:4])]
+    with kernels.compiling():
+        compiled = [kernels.compile_model(m) for m in copy.deepcopy(eager[:4])]
     gen = generate(eager[0], [tok.format_prompt(p) for p in PROMPTS], 12, tok.eos_id, tok.pad_id)
     batches = []
     for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg)):
-        b = train_ppo.score(*models[:2], models[3], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0,
-                            cfg.compile)
-        texts = [tok.decode_response(row) for row in gen.tokens[:, gen.prompt_len:].tolist()]
-        b["scores"] = train_ppo.score_texts(models[2], tok, PROMPTS, texts, b["finished"].tolist(), "cpu")
-        batches.append(add_advantages(b, cfg))
+        with kernels.compiling(cfg.compile):
+            b = ppo.score(*models[:2], models[3], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0)
+            texts = [tok.decode_response(row) for row in gen.tokens[:, gen.prompt_len:].tolist()]
+            b["scores"] = score_texts(models[2], tok, PROMPTS, texts, b["finished"].tolist(), "cpu")
+            batches.append(add_advantages(b, cfg))
     for key, value in batches[0].items():
         torch.testing.assert_close(batches[1][key], value, atol=1e-5, rtol=1e-5)
 
@@ -293,19 +295,21 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     grads = []
     for models, cfg, b in ((eager, eager_cfg, batches[0]), (compiled, compiled_cfg, batches[1])):
         policy, value_model = models[0], models[3]
-        loss = train_ppo.ppo_losses(policy, value_model, b, gen.prompt_len, ptx_ids, cfg)[0]
+        with kernels.compiling(cfg.compile):
+            loss = ppo.minibatch_loss(policy, value_model, b, gen.prompt_len, ptx_ids, cfg)[0]
         grads.append(torch.autograd.grad(loss, [*policy.parameters(), *value_model.parameters()]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
     stream = token_stream(tok, ["the fox is red. the lemon is sour."] * 20)  # ptx text
-    optimizers = [train_ppo.make_optimizers(models[0], models[3], cfg)
+    optimizers = [ppo.make_optimizers(models[0], models[3], cfg)
                   for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg))]
     stats, params = [], []
     for models, cfg, b, opts in ((eager, eager_cfg, batches[0], optimizers[0]),
                                  (compiled, compiled_cfg, batches[1], optimizers[1])):
         torch.manual_seed(1)  # the minibatch order and the ptx batches
-        stats.append(train_ppo.ppo_update(models[0], models[3], opts, b, gen.prompt_len, cfg, 0, stream))
+        with kernels.compiling(cfg.compile):
+            stats.append(ppo.update(models[0], models[3], opts, b, gen.prompt_len, cfg, 0, stream))
         params.append([p.detach().clone() for m in (models[0], models[3]) for p in m.parameters()])
     for key, value in stats[0].items():
         assert stats[1][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
@@ -313,10 +317,10 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
 
     for step in range(2):  # the first batch compiles the decode step, the second must reuse everything
-        with torch._dynamo.config.patch(error_on_recompile=step == 1):
+        with torch._dynamo.config.patch(error_on_recompile=step == 1), kernels.compiling():
             b, P, _ = train_ppo.rollout(*compiled, tok, PROMPTS, compiled_cfg)
-            train_ppo.ppo_update(compiled[0], compiled[3], optimizers[1], add_advantages(b, compiled_cfg), P,
-                                 compiled_cfg, step, stream)
+            ppo.update(compiled[0], compiled[3], optimizers[1], add_advantages(b, compiled_cfg), P, compiled_cfg, step,
+                       stream)
 
 
 def test_nan_guard_names_step_and_term(ckpts):
@@ -325,15 +329,15 @@ def test_nan_guard_names_step_and_term(ckpts):
     b["advantages"][0, 0] = float("nan")
     opts = [torch.optim.Adam(m.parameters()) for m in (policy, value_model)]
     with pytest.raises(SystemExit, match="step 8: non-finite policy loss"):
-        train_ppo.ppo_update(policy, value_model, opts, b, P, cfg, step=7)
+        ppo.update(policy, value_model, opts, b, P, cfg, step=7)
 
 
-def test_batch_prompts_cover_a_pass_then_reshuffle():
-    prompts = [f"p{i}" for i in range(10)]
-    first = [p for s in range(3) for p in train_ppo.batch_prompts(prompts, s, 3, seed=1)]  # 3 batches of 3 per pass
+def test_ppo_batches_cover_a_pass_then_reshuffle():
+    prompts = [f"p{i}" for i in range(10)]  # train_ppo's batches: the tail shorter than a batch is skipped
+    first = [p for s in range(3) for p in epoch_batch(prompts, s, 3, seed=1, drop_last=True)]  # 3 batches per pass
     assert len(set(first)) == 9
-    assert train_ppo.batch_prompts(prompts, 3, 3, 1) != train_ppo.batch_prompts(prompts, 0, 3, 1)
-    assert train_ppo.batch_prompts(prompts, 4, 3, 1) == train_ppo.batch_prompts(prompts, 4, 3, 1)
+    assert epoch_batch(prompts, 3, 3, 1, drop_last=True) != epoch_batch(prompts, 0, 3, 1, drop_last=True)
+    assert epoch_batch(prompts, 4, 3, 1, drop_last=True) == epoch_batch(prompts, 4, 3, 1, drop_last=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,10 +412,10 @@ def test_reference_is_a_separate_frozen_model(ckpts):
     assert not any(p.requires_grad for p in ref_policy.parameters())
     before = [p.clone() for p in ref_policy.parameters()]
     policy_before = [p.clone() for p in policy.parameters()]
-    train_ppo.ppo_update(policy, value_model, train_ppo.make_optimizers(policy, value_model, cfg), b, P, cfg, step=0)
+    ppo.update(policy, value_model, ppo.make_optimizers(policy, value_model, cfg), b, P, cfg, step=0)
     assert all(torch.equal(a, p) for a, p in zip(before, ref_policy.parameters()))
     assert not all(torch.equal(a, p) for a, p in zip(policy_before, policy.parameters()))
-    after = train_ppo.score(policy, ref_policy, value_model, b["tokens"], b["mask"], P, tok.eos_id, 1.0)
+    after = ppo.score(policy, ref_policy, value_model, b["tokens"], b["mask"], P, tok.eos_id, 1.0)
     assert torch.equal(after["ref_logprobs"], b["ref_logprobs"]) and not torch.equal(after["logprobs"], b["logprobs"])
 
 
@@ -466,13 +470,13 @@ def test_critic_free_estimators_run_end_to_end_on_groups_of_one_prompt(ckpts, tm
 def test_oracle_reward_is_the_gold_judge(ckpts, tmp_path, monkeypatch):
     """--reward gold: the reward added at the last token is gold_scale × the gold judge's score of the response."""
     captured = {}
-    real = train_ppo.compute_rewards
+    real = rlhf.ppo_rewards
 
     def spy(scores, finished, *args, **kwargs):
         captured["scores"], captured["finished"] = scores.clone(), finished.clone()
         return real(scores, finished, *args, **kwargs)
 
-    monkeypatch.setattr(train_ppo, "compute_rewards", spy)
+    monkeypatch.setattr(rlhf, "ppo_rewards", spy)
     real_rollout = train_ppo.rollout
 
     def keep(*args):

@@ -2,6 +2,7 @@
 pipeline, the study, --baselines and --rounds); its FLOP estimate; and the gpu preset shrunk by --quick runs end to
 end on CPU (the device is all it skips)."""
 import json
+import os
 
 import pytest
 
@@ -13,21 +14,25 @@ import train_sft
 from conftest import run_py
 from nanorlhf.config import parse_config
 
-CONFIG_OF = {"train_base": train_base.BaseConfig, "train_sft": train_sft.SFTConfig, "train_rm": train_rm.RMConfig,
-             "train_ppo": train_ppo.PPOConfig}
+CONFIG_OF = {"train_base.py": train_base.BaseConfig, "train_sft.py": train_sft.SFTConfig,
+             "train_rm.py": train_rm.RMConfig, "train_ppo.py": train_ppo.PPOConfig}
 
 
-def gpu_cfg(*args):
-    return parse_config(run.RunConfig, ["--preset", "gpu", "--out", "/tmp/unused", *args])
+def gpu_cfg(*args, out="/tmp/unused"):
+    return parse_config(run.RunConfig, ["--preset", "gpu", "--out", str(out), *args])
 
 
 def stage_configs(cfg):
-    """name → the config each stage would parse from the argv run.py builds for it (nothing runs)."""
-    out = {name: parse_config(CONFIG_OF[module.__name__], run.stage_args(cfg, name, run.stage_flags(cfg, name)))
-           for name, (module, _, _) in run.STAGES.items()}
-    for name, (module, _, make_args) in run.beyond_stages(cfg).items():
-        if module.__name__ in CONFIG_OF and not name.startswith("rm_r"):  # rm_r2 reads the first RM's metrics
-            out[name] = parse_config(CONFIG_OF[module.__name__], make_args())
+    """name → the config each stage would parse from the argv run.py builds for it (nothing runs). The study
+    reads how many steps PPO took from its metrics.json: written here as a finished PPO run would."""
+    os.makedirs(os.path.join(cfg.out, "ppo"), exist_ok=True)
+    with open(os.path.join(cfg.out, "ppo", "metrics.json"), "w") as f:
+        json.dump({"steps": parse_config(train_ppo.PPOConfig, run.stage_flags(cfg, "ppo")).batches}, f)
+    out = {name: parse_config(CONFIG_OF[script], run.stage_args(cfg, name, run.stage_flags(cfg, name)))
+           for name, (script, _, _) in run.STAGES.items()}
+    for name, (script, _, make_args) in run.beyond_stages(cfg).items():
+        if script in CONFIG_OF and not name.startswith("rm_r"):  # rm_r2 reads the first RM's metrics
+            out[name] = parse_config(CONFIG_OF[script], make_args())
     return out
 
 
@@ -39,8 +44,8 @@ def test_preset_auto_is_cpu_on_cpu_and_the_cpu_flags_are_unchanged():
         run.preset(parse_config(run.RunConfig, ["--preset", "tpu"]))
 
 
-def test_gpu_preset_flags_reach_every_stage():
-    configs = stage_configs(gpu_cfg("--baselines", "--seeds", "1"))
+def test_gpu_preset_flags_reach_every_stage(tmp_path):
+    configs = stage_configs(gpu_cfg("--baselines", "--seeds", "1", out=tmp_path))
     assert {c.world_scale for c in configs.values()} == {0.2}
     base = configs["base"]
     assert (base.n_layer, base.n_head, base.n_embd, base.dropout, base.steps) == (6, 6, 384, 0.1, 2000)
@@ -52,8 +57,8 @@ def test_gpu_preset_flags_reach_every_stage():
     assert configs["study_kl0.01"].batches == configs["study_kl0.3"].batches == 120  # twice PPO's
 
 
-def test_quick_shrinks_the_gpu_preset():
-    configs = stage_configs(gpu_cfg("--quick"))
+def test_quick_shrinks_the_gpu_preset(tmp_path):
+    configs = stage_configs(gpu_cfg("--quick", out=tmp_path))
     assert {c.world_scale for c in configs.values()} == {0.01}
     assert (configs["base"].n_layer, configs["base"].n_embd, configs["base"].steps) == (2, 64, 60)
     assert (configs["ppo"].batches, configs["ppo"].batch_size, configs["study_kl0.3"].batches) == (3, 16, 6)

@@ -11,10 +11,11 @@ import torch
 import train_ppo
 import train_rm
 import train_sft
-from nanorlhf import dist
+from nanorlhf import dist, ppo, rlhf
 from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from nanorlhf.common import lm_loss, load_model
 from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.reward import score_groups
 from nanorlhf.rlhf import ranking_loss
 from nanorlhf.tokenizer import Tokenizer
 
@@ -211,7 +212,7 @@ def test_rm_grad_accum_equals_one_full_batch():
              {"prompt": "s", "responses": ["u", "v", "w", "z"], "finished": [True] * 4, "ranking": [2, 0, 1, 3]}]
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32), head="scalar")
-    rewards, valid, _ = train_rm.group_scores(model, tok, batch, "cpu")
+    rewards, valid = score_groups(model, tok, batch, "cpu")
     ranks = torch.tensor([r["ranking"] + [0] * (4 - len(r["ranking"])) for r in batch])
     full = ranking_loss(rewards, ranks, valid)
     full.backward()
@@ -232,22 +233,22 @@ def ppo_batch(cfg):
     b, P, _ = train_ppo.rollout(*models[:4], models[4], prompts, cfg)
     for i in range(4):
         b["response_mask"][i, 2 + i:] = False
-    rewards, _, _ = train_ppo.compute_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                           b["response_mask"], cfg.kl_coef)
-    b["advantages"], b["returns"] = train_ppo.compute_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
+    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                     b["response_mask"], cfg.kl_coef)
+    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     return models, b, P
 
 
 def test_ppo_grad_accum_gives_the_same_update(tiny_ckpts):
-    cfg = train_ppo.PPOConfig(init=tiny_ckpts["lm"], reward_model=tiny_ckpts["scalar"], max_new_tokens=8,
-                              batch_size=8, minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False,
-                              ptx_coef=0.0)
+    cfg = ppo.PPOConfig(init=tiny_ckpts["lm"], reward_model=tiny_ckpts["scalar"], max_new_tokens=8,
+                        batch_size=8, minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False,
+                        ptx_coef=0.0)
     weights = []
     for n in (1, 2):
         (policy, _, _, value_model, _), b, P = ppo_batch(cfg)
         cfg.grad_accum = n
         opts = [torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-5) for m in (policy, value_model)]
-        train_ppo.ppo_update(policy, value_model, opts, b, P, cfg, step=0)
+        ppo.update(policy, value_model, opts, b, P, cfg, step=0)
         weights.append([p.detach().clone() for m in (policy, value_model) for p in m.parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -14,6 +14,7 @@ import torch
 import train_rm
 from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from nanorlhf.common import load_model, pad
+from nanorlhf.evaluation import expected_agreement, pair_accuracy
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.reward import score
 from nanorlhf.world import Labeler, make_world, pairwise_agreement
@@ -74,8 +75,8 @@ def test_score_is_read_at_the_last_real_token():
 
 def test_pair_accuracy_hand_case():
     # pairs of ranking [0, 1, 2]: (0,1) (0,2) (1,2); scores order (0,1) right, (0,2) tied, (1,2) wrong
-    assert train_rm.pair_accuracy([[2.0, 1.0, 2.0]], [[0, 1, 2]]) == pytest.approx((1 + 0.5 + 0) / 3)
-    assert train_rm.pair_accuracy([[0.0, 0.0]], [[0, 0]]) == 0  # a tie in the ranking is no pair
+    assert pair_accuracy([[2.0, 1.0, 2.0]], [[0, 1, 2]]) == pytest.approx((1 + 0.5 + 0) / 3)
+    assert pair_accuracy([[0.0, 0.0]], [[0, 0]]) == 0  # a tie in the ranking is no pair
 
 
 def test_smoke_run_and_normalization(tmp_path, lm_ckpt):
@@ -171,8 +172,8 @@ def test_expected_agreement_matches_simulated_labelers():
     responses = [str(i) for i in range(len(utilities))]
     ranks_a = [a.rank("p", responses) for _ in range(20000)]
     ranks_b = [b.rank("p", responses) for _ in range(20000)]
-    acc, ceiling = train_rm.expected_agreement([scores], [utilities], tau)
-    assert acc == pytest.approx(train_rm.pair_accuracy([scores] * 20000, ranks_a), abs=0.01)
+    acc, ceiling = expected_agreement([scores], [utilities], tau)
+    assert acc == pytest.approx(pair_accuracy([scores] * 20000, ranks_a), abs=0.01)
     assert ceiling == pytest.approx(pairwise_agreement(ranks_a, ranks_b), abs=0.01)
 
 
@@ -185,7 +186,7 @@ def test_expected_agreement_is_finite_at_any_temperature(tau):
         utilities = [0.4 + gap, 0.4]
         x = (utilities[0] - utilities[1]) / tau
         p = (1 + math.tanh(x / 2)) / 2
-        acc, ceiling = train_rm.expected_agreement([[1.0, 0.0]], [utilities], tau)
+        acc, ceiling = expected_agreement([[1.0, 0.0]], [utilities], tau)
         assert 0 <= acc <= 1 and acc == pytest.approx(p, rel=1e-12, abs=1e-15)
         assert ceiling == pytest.approx(p * p + (1 - p) * (1 - p), rel=1e-12, abs=1e-15)
 
