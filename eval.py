@@ -25,7 +25,7 @@ from nanorlhf.checkpoint import load_checkpoint
 from nanorlhf.common import check_room, load_model, pad, sequence_logprobs, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
-from nanorlhf.evaluation import fit_gao, gold_eval, seed_win_rate, sigmoid, win_rate
+from nanorlhf.evaluation import fit_gao, gold_eval, pair_accuracy, seed_win_rate, sigmoid, win_rate
 from nanorlhf.ppo import response_logprobs
 from nanorlhf.reward import score_texts
 from nanorlhf.rlhf import ranked_pairs
@@ -100,6 +100,8 @@ def evaluate(cfg, device):
     per_prompt = {}
     rm_path = os.path.join(cfg.run, "rm", "ckpt.pt")
     rm, rm_tok, _ = load_model(rm_path, "scalar", device) if os.path.exists(rm_path) else (None, None, None)
+    if rm is not None:
+        rm.eval()
     sft_path = os.path.join(cfg.run, "sft", "ckpt.pt")
     sft = load_model(sft_path, "lm", device)[0] if os.path.exists(sft_path) else None
     extra_seeds = [n for key in METHODS for n in seed_runs(cfg.run, key)[1:]]
@@ -122,7 +124,7 @@ def evaluate(cfg, device):
                                      for p, y, s in list(zip(reps, rep["responses"], rep["scores"]))[:12:cfg.samples]]
         if rm is not None:
             with torch.no_grad():
-                rm_scores = score_texts(rm.eval(), rm_tok, reps, rep["responses"], rep["finished"], device)
+                rm_scores = score_texts(rm, rm_tok, reps, rep["responses"], rep["finished"], device)
             results.setdefault("rm_on_samples", {})[name] = rm_sample_accuracy(rep["scores"], rm_scores.tolist(),
                                                                                cfg.samples)
         stream = token_stream(tok, val_docs)
@@ -148,7 +150,7 @@ def evaluate(cfg, device):
         results["rm_accuracy"], results["labeler_agreement"] = m.get("accuracy"), m.get("ceiling")
         results["rm_gold_accuracy"] = m.get("gold_accuracy")
         if m.get("labeler_tau"):  # the tiny world's RM: which kinds of difference does it perceive?
-            results["rm_by_kind"] = rm_by_kind(rm_path, world, m["labeler_tau"], device, sft)
+            results["rm_by_kind"] = rm_by_kind(rm, rm_tok, world, m["labeler_tau"], device, sft)
     studies = sorted(d for d in os.listdir(cfg.run) if d.startswith("study_"))  # run.py --study
     results["overoptimization"] = {n: overoptimization(os.path.join(cfg.run, n, "log.jsonl"))
                                    for n in ["ppo", "ppo_ptx"] + studies + [f"ppo_r{k}" for k in rounds(cfg.run)]}
@@ -184,7 +186,7 @@ def gao_fits(run, results):
 
 
 @torch.no_grad()
-def rm_by_kind(rm_path, world, tau, device, lm=None):
+def rm_by_kind(model, tok, world, tau, device, lm=None):
     """RM accuracy on the test prompts' contrast pairs (world.contrast_pair: two answers that differ in one kind of
     quality alone) — the fraction where the RM scores the gold-better answer higher — beside what labelers at
     temperature tau manage on the same pairs: a labeler's mean probability of ordering a pair as gold does
@@ -192,7 +194,6 @@ def rm_by_kind(rm_path, world, tau, device, lm=None):
     exactly (Δutility > 0; the labelers' biases for "!" and length can flip a pair). With `lm` (the SFT model that
     the RM's trunk starts from): how often its likelihood log π(y | x) is higher for the better answer — whether the
     knowledge the RM needs is in the trunk it starts from."""
-    model, tok, _ = load_model(rm_path, "scalar", device)
     model.eval()
     labeler = world.labeler(0)
     out = {}
@@ -200,9 +201,8 @@ def rm_by_kind(rm_path, world, tau, device, lm=None):
         pairs = world.contrast_pairs("test", kind)
         prompts, better, worse = (list(x) for x in zip(*pairs))
         finished = [True] * len(pairs)
-        with torch.no_grad():
-            s_better = score_texts(model, tok, prompts, better, finished, device)
-            s_worse = score_texts(model, tok, prompts, worse, finished, device)
+        s_better = score_texts(model, tok, prompts, better, finished, device)
+        s_worse = score_texts(model, tok, prompts, worse, finished, device)
         du = [labeler.utility(p, b) - labeler.utility(p, w) for p, b, w in pairs]
         out[kind] = {"pairs": len(pairs), "rm_accuracy": (s_better > s_worse).float().mean().item(),
                      "labeler_accuracy": statistics.mean(sigmoid(d / tau) for d in du),
@@ -225,16 +225,13 @@ def response_likelihood(model, tok, prompts, responses, device):
 
 def rm_sample_accuracy(gold, rm_scores, k):
     """The RM's accuracy on a policy's own samples: over the pairs among each prompt's k draws (consecutive in
-    both lists) whose gold scores differ, the fraction the RM orders as gold does. On PPO's samples it shows
-    whether the RM still tells better from worse where the policy has moved (over-optimization starts there)."""
-    right = pairs = 0
-    for start in range(0, len(gold), k):
-        for i in range(start, start + k):
-            for j in range(i + 1, start + k):
-                if gold[i] != gold[j]:
-                    pairs += 1
-                    right += 0.5 if rm_scores[i] == rm_scores[j] else (gold[i] > gold[j]) == (rm_scores[i] > rm_scores[j])
-    return {"pairs": pairs, "accuracy": right / pairs if pairs else None}
+    both lists) whose gold scores differ, the fraction the RM orders as gold does (evaluation.pair_accuracy, gold
+    as the ranking). On PPO's samples it shows whether the RM still tells better from worse where the policy has
+    moved (over-optimization starts there)."""
+    starts = range(0, len(gold), k)
+    ranks = [[-g for g in gold[i:i + k]] for i in starts]  # a ranking: lower is better, equal gold forms no pair
+    pairs = sum(len(ranked_pairs(r)) for r in ranks)
+    return {"pairs": pairs, "accuracy": pair_accuracy([rm_scores[i:i + k] for i in starts], ranks) if pairs else None}
 
 
 def gold_peak(points, window=3):
@@ -346,8 +343,8 @@ def write_report(results, path, machine=""):
     if results.get("rm_by_kind"):
         lines += ["Accuracy on test-prompt pairs that differ in one kind of quality alone (the gold-better answer "
                   "scored higher), beside a labeler's (its mean probability of ordering the pair as gold does) and "
-                  "an RM that learned the labelers' utility exactly, and the SFT model's own likelihood log π(y | x) (does the trunk "
-                  "the RM starts from know which answer is better?):", "",
+                  "an RM that learned the labelers' utility exactly, and the SFT model's own likelihood log π(y | x) "
+                  "(does the trunk the RM starts from know which answer is better?):", "",
                   "| difference | pairs | RM | a labeler | ideal RM | SFT's likelihood |", "|---|---|---|---|---|---|"]
         lines += [f"| {k} | {v['pairs']} | {_fmt(v['rm_accuracy'], True)} | {_fmt(v['labeler_accuracy'], True)} | "
                   f"{_fmt(v['ideal_rm_accuracy'], True)} | {_fmt(v.get('sft_likelihood_accuracy'), True)} |"
@@ -524,7 +521,8 @@ def rm_table(paths, world, device):
         m = load_checkpoint(path)["extra"]
         if not m.get("labeler_tau"):
             raise SystemExit(f"--rms {path}: not a reward model trained on the tiny world's labels")
-        kinds = rm_by_kind(path, world, m["labeler_tau"], device)
+        model, tok, _ = load_model(path, "scalar", device)
+        kinds = rm_by_kind(model, tok, world, m["labeler_tau"], device)
         lines.append(f"| {path} | {_fmt(m['accuracy'], True)} ({_fmt(m['ceiling'], True)}) | "
                      f"{_fmt(m['gold_accuracy'], True)} | "
                      + " | ".join(_fmt(kinds[k]["rm_accuracy"], True) for k in KIND_COMPONENTS) + " |")

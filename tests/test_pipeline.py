@@ -38,13 +38,13 @@ def test_response_likelihood_is_the_sum_of_the_response_tokens_logprobs():
 
 def test_rm_sample_accuracy_by_hand():
     from eval import rm_sample_accuracy
-    # two prompts, three draws each; prompt 1: gold 1 > 0 > -1, RM agrees on 2 of 3 pairs; prompt 2: gold ties
-    # on (0, 2) (not a pair), RM ties on (0, 1) (half right), and orders (1, 2) against gold
-    gold = [1.0, 0.0, -1.0, 0.5, 0.2, 0.5]
-    rm = [0.3, 0.9, -2.0, 0.1, 0.1, 0.0]
+    # two prompts, three draws each; prompt 1: gold 1 > 0 > -1, RM agrees on 2 of 3 pairs; prompt 2: RM ties on
+    # (0, 1) (half right) and orders (0, 2) and (1, 2) as gold does; equal gold forms no pair (the last line)
+    gold = [1.0, 0.0, -1.0, 0.5, 0.2, 0.6]
+    rm = [0.3, 0.9, -2.0, 0.1, 0.1, 0.4]
     on = rm_sample_accuracy(gold, rm, 3)
-    assert on["pairs"] == 3 + 2
-    assert on["accuracy"] == pytest.approx((2 + 0.5 + 0) / 5)
+    assert on["pairs"] == 3 + 3
+    assert on["accuracy"] == pytest.approx((2 + 0.5 + 1 + 1) / 6)
     assert rm_sample_accuracy([0.0, 0.0], [1.0, 2.0], 2) == {"pairs": 0, "accuracy": None}
 
 
