@@ -28,7 +28,7 @@ from nanorlhf.config import arg, parse_config, print_config
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.ppo import PPOConfig, batch_flops
 from nanorlhf.tokenizer import Tokenizer
-from nanorlhf.world import make_world
+from nanorlhf.world import MAX_SCALE, make_world
 
 
 @dataclass
@@ -71,7 +71,7 @@ METHODS = {"grpo": ["--estimator", "grpo", "--group_size", "4"], "rloo": ["--est
 # models (6 layers, d 384: 12× the CPU's) and 3× the PPO episodes. The pretraining text is the same 453k tokens at any
 # scale, so the base model sees it ≈18 times (the CPU's ≈6), with dropout 0.1 against memorizing it. Sized by the
 # FLOP estimate run.py prints (gpu_estimate) for ≤ 15 minutes on one H100; not yet measured on a GPU.
-GPU_WORLD_SCALE = "0.2"
+GPU_WORLD_SCALE = str(MAX_SCALE)
 GPU_STAGES = {
     "base": ["--n_layer", "6", "--n_head", "6", "--n_embd", "384", "--block_size", "128", "--dropout", "0.1",
              "--steps", "2000", "--batch_size", "32", "--warmup", "100", "--lr", "1e-3", "--eval_every", "500",
@@ -130,7 +130,8 @@ def gpu_estimate(cfg):
     demos = [len(tok.format_example(p, y)[0]) for p, y in world.sft_demos("sft")]
     P = round(sum(len(tok.format_prompt(p)) for p in world.prompts("ppo")) / len(world.prompts("ppo")))
     N, rm_new = PPOConfig.max_new_tokens, int(flag(rm, "--max_new_tokens"))
-    n_rm = min(int(flag(rm, "--n_prompts")), len(world.prompts("rm")))
+    n_rm = int(flag(rm, "--n_prompts"))
+    n_rm = len(world.prompts("rm")) if n_rm < 0 else min(n_rm, len(world.prompts("rm")))  # -1: all
     rm_tokens = n_rm * (flag(rm, "--k_min") + flag(rm, "--k_max")) / 2 * (P + rm_new)  # ranked responses + prompts
     flops = {"base": flag(base, "--steps") * flag(base, "--batch_size") * T * lm.flops_per_token(T),
              "sft": flag(sft, "--epochs") * sum(demos) * lm.flops_per_token(max(demos)),

@@ -19,7 +19,6 @@ import torch.distributed as td
 from torch.utils.checkpoint import checkpoint
 
 
-
 def init(device):
     """Join the process group if launched by torchrun (WORLD_SIZE > 1): nccl on CUDA (each rank on GPU
     LOCAL_RANK, so "cuda" means that GPU), gloo on CPU. Ranks other than 0 print nothing from here on."""
