@@ -15,8 +15,8 @@ ppo.update), so they measure the real code. Time = wall seconds per batch after 
 split into generation / scoring / update; the eager and the compiled run (and with --peer the peer) take turns
 batch by batch. Compiled = train_ppo --compile (kernels.enable): the compiled transformer (kernels.compile_model),
 decode step, log-probs, PPO loss and GAE, and fused Adam. The peer is TRL 0.24.0's PPOTrainer on the
-same workload (bench_peer.py, an optional dependency: requirements-peer.txt), in fp32 unless the workload is bf16;
-bench.py prints peer seconds ÷ nanorlhf seconds per batch, with the goals: W1 on CPU, eager ≥ 1.5× and compiled
+same workload (baselines/bench_peer.py, an optional dependency: requirements-peer.txt), in fp32 unless the workload
+is bf16; bench.py prints peer seconds ÷ nanorlhf seconds per batch, with the goals: W1 on CPU, eager ≥ 1.5× and compiled
 ≥ 2×; W2 on CUDA, compiled ≥ 2×.
 
     python bench.py                         # CPU: W1 eager vs compiled + log-prob peak memory at vocab 50257
@@ -86,7 +86,7 @@ def sync(device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# W1 and W2: one PPO batch, nanorlhf eager and compiled, and the peer (bench_peer.py) in the same run
+# W1 and W2: one PPO batch, nanorlhf eager and compiled, and the peer (baselines/bench_peer.py) in the same run
 
 def ppo_models(w, device, seed=0):
     """(policy, ref_policy, reward_model, value_model), set up as train_ppo.load_models does, random init."""
@@ -149,14 +149,14 @@ def ppo_setup(w, device, compiled):
 
 @contextlib.contextmanager
 def peer_run(w, device, batches, threads):
-    """The peer (bench_peer.py) on workload w in its own process, kept in lockstep: it waits for a line on its stdin
-    before each batch and prints the batch's seconds after it. Yields a step function that runs one batch and
+    """The peer (baselines/bench_peer.py) on workload w in its own process, kept in lockstep: it waits for a line on
+    its stdin before each batch and prints the batch's seconds after it. Yields a step function that runs one batch and
     returns (seconds,)."""
     flags = {"n_layer": w.n_layer, "n_head": w.n_head, "n_embd": w.n_embd, "vocab": w.vocab_size,
              "block_size": w.block_size, "prompts": w.prompts, "prompt_len": w.prompt_len,
              "new_tokens": w.new_tokens, "ppo_epochs": w.ppo_epochs, "minibatches": w.prompts // w.minibatch,
              "batches": batches, "threads": threads, "device": device.type}
-    argv = [sys.executable, os.path.join(ROOT, "bench_peer.py"), "--lockstep"]
+    argv = [sys.executable, os.path.join(ROOT, "baselines", "bench_peer.py"), "--lockstep"]
     argv += [f"--{k}={v}" for k, v in flags.items()]
     if dist.resolve_dtype(w.dtype, device) == "bfloat16":
         argv.append("--bf16")
@@ -170,7 +170,7 @@ def peer_run(w, device, batches, threads):
             if line.startswith("peer batch seconds:"):
                 return (float(line.split(":")[1]),)
         stderr.seek(0)
-        raise RuntimeError("the peer (bench_peer.py) stopped:\n" + stderr.read()[-3000:])
+        raise RuntimeError("the peer (baselines/bench_peer.py) stopped:\n" + stderr.read()[-3000:])
     try:
         yield step
     except BaseException:
@@ -219,7 +219,7 @@ def report_ppo(w, device, batches, peer=False, threads=2):
         line = (f"{w.name} {name}: {sec:.3f} s/batch (median of {batches}: "
                 + ", ".join(f"{t:.3f}" for t in per_batch[name]) + f") | {w.prompts * T / sec:,.0f} tokens/s")
         if name == "peer":  # it runs more FLOPs than nanorlhf's count (logits at every position): no MFU
-            print(line + " | TRL 0.24.0 PPOTrainer (bench_peer.py)")
+            print(line + " | TRL 0.24.0 PPOTrainer (baselines/bench_peer.py)")
         else:
             print(line + f" | {total / 1e9:,.0f} GFLOP | MFU {100 * total / sec / peak:.1f}%")
             for i, (stage, f) in enumerate(flops.items()):
@@ -393,8 +393,8 @@ def main(argv=None):
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="PPO workloads (default: w1 on "
                         "CPU; w1 and w2 on CUDA)")
     parser.add_argument("--peer", action="store_true", help="also run each PPO workload through the peer "
-                        "(bench_peer.py: TRL 0.24.0 PPOTrainer; pip install -r requirements-peer.txt), batch by batch "
-                        "with nanorlhf's runs, and print peer ÷ nanorlhf seconds per batch")
+                        "(baselines/bench_peer.py: TRL 0.24.0 PPOTrainer; pip install -r requirements-peer.txt), "
+                        "batch by batch with nanorlhf's runs, and print peer ÷ nanorlhf seconds per batch")
     parser.add_argument("--train_batch", type=int, nargs="+", default=[16], help="CUDA training MFU: batch sizes "
                         "to measure (several: a sweep)")
     parser.add_argument("--train_seq", type=int, default=1024, help="CUDA training MFU: tokens per sequence")

@@ -137,7 +137,8 @@ def evaluate(cfg, device):
         results["best_of_n"] = json.load(open(bon_path))
         if results["best_of_n"]["draws"] != cfg.samples:
             raise SystemExit(f"{bon_path}: best-of-N scored each prompt from {results['best_of_n']['draws']} draws, "
-                             f"the models from --samples {cfg.samples}: rerun bestofn.py --draws {cfg.samples}")
+                             f"the models from --samples {cfg.samples}: "
+                             f"rerun baselines/bestofn.py --draws {cfg.samples}")
         for r in results["best_of_n"]["by_n"].values():
             per_prompt[f"best_of_{r['n']}"] = r.pop("gold_per_prompt")
     if "sft" in per_prompt:

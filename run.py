@@ -185,8 +185,8 @@ def beyond_stages(cfg):
     if cfg.baselines:
         world = ["--device", cfg.device, "--seed", str(cfg.seed), "--world_seed", str(cfg.world_seed),
                  "--world_scale", world_scale(cfg)]
-        stages["bestofn"] = ("bestofn.py", 240, lambda: ["--run", cfg.out, "--ns", "1", "2", "4", "8", "16", "32",
-                                                         "64"] + world)
+        stages["bestofn"] = ("baselines/bestofn.py", 240, lambda: ["--run", cfg.out, "--ns", "1", "2", "4", "8", "16",
+                                                                   "32", "64"] + world)
         ppo_extra = ppo_flags
         for j in range(cfg.seeds):  # every method with the same budget (PPO's batches and episodes) and β
             suffix, seed = ("", []) if j == 0 else (f"_s{j + 1}", ["--seed", str(cfg.seed + j)])
@@ -198,8 +198,9 @@ def beyond_stages(cfg):
             for name, flags in METHODS.items():
                 stages[f"{name}{suffix}"] = ("train_ppo.py", 60, lambda n=name, s=suffix, a=rl, f=flags: stage_args(
                     cfg, f"{n}{s}", a + f))
-            stages[f"dpo{suffix}"] = ("train_dpo.py", 90, lambda s=suffix, a=seed: stage_args(cfg, f"dpo{s}", [
-                "--init", ckpt("sft"), "--comparisons", os.path.join(cfg.out, "rm", "comparisons.jsonl")] + a))
+            stages[f"dpo{suffix}"] = ("baselines/train_dpo.py", 90, lambda s=suffix, a=seed: stage_args(
+                cfg, f"dpo{s}", ["--init", ckpt("sft"), "--comparisons",
+                                 os.path.join(cfg.out, "rm", "comparisons.jsonl")] + a))
             stages[f"rft{suffix}"] = ("train_sft.py", 60, lambda s=suffix, a=seed: stage_args(cfg, f"rft{s}", [
                 "--init", ckpt("sft"), "--data", os.path.join(cfg.out, "rft", "best_ranked.jsonl"),
                 "--epochs", "2" if cfg.quick else "3", "--lr", "3e-4", "--warmup", "5"] + a))

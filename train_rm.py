@@ -21,7 +21,7 @@ from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint
 from nanorlhf.common import (Progress, adamw, check_finite, check_room, checkpoint_or_compile, cosine_lr, epoch_batch,
                              load_model, pad, resume, setup, write_results, write_state)
-from nanorlhf.config import CommonConfig, arg, parse_config
+from nanorlhf.config import TrainConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import expected_agreement, pair_accuracy, sample_sets
 from nanorlhf.reward import rm_input, score_groups, score_records
@@ -30,7 +30,7 @@ from nanorlhf.world import calibrate_tau, make_world
 
 
 @dataclass
-class RMConfig(CommonConfig):
+class RMConfig(TrainConfig):
     init: str = arg("runs/default/sft/ckpt.pt", "SFT checkpoint (or GPT-2 folder): policy that samples, RM trunk")
     out: str = arg("runs/default/rm", "output directory (ckpt.pt: the normalized RM; state.pt: resume state)")
     n_prompts: int = arg(1000, "train on the first N RM prompts of the tiny world (-1 = all); sampling dominates")
@@ -50,12 +50,6 @@ class RMConfig(CommonConfig):
     n_norm: int = arg(1000, "demonstrations scored for the reward normalization", low=1)
     save_every: int = arg(50, "write state.pt every N steps", low=1)
     log_every: int = arg(10, "progress line every N steps", low=1)
-    dtype: str = arg("auto", "auto | bfloat16 | float32: autocast dtype of the training forward (auto: bf16 on CUDA)")
-    grad_accum: int = arg(1, "micro-batches per optimizer step (per rank); the batch is split, the update is the same",
-                          low=1)
-    compile: bool | None = arg(None, "torch.compile the hot path (the transformer, ranking loss; fused AdamW); "
-                                     "None = on for CUDA, off for CPU")
-    activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
     policy: str = arg("", "tiny world: the policy that samples the candidates (empty = --init); iterated RLHF "
                           "passes the latest PPO policy")
     prompt_offset: int = arg(0, "tiny world: skip the first N RM prompts (iterated RLHF: fresh prompts each round)",

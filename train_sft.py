@@ -21,13 +21,13 @@ from nanorlhf import dist, evaluation, kernels
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint
 from nanorlhf.common import (Progress, adamw, check_finite, check_room, checkpoint_or_compile, cosine_lr, lm_loss,
                              load_model, pad, resume, setup, write_state)
-from nanorlhf.config import CommonConfig, arg, parse_config
+from nanorlhf.config import TrainConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.world import make_world
 
 
 @dataclass
-class SFTConfig(CommonConfig):
+class SFTConfig(TrainConfig):
     init: str = arg("runs/default/base/ckpt.pt", "base model: nanorlhf checkpoint file or GPT-2 folder")
     out: str = arg("runs/default/sft", "output directory (ckpt.pt: the chosen epoch; state.pt: resume state)")
     epochs: int = arg(10, "passes over the demonstrations (paper: 16; here sampled gold plateaus by ~9)", low=1)
@@ -40,12 +40,6 @@ class SFTConfig(CommonConfig):
     max_new_tokens: int = arg(48, "response length limit when sampling for the gold evaluation", low=1)
     log_every: int = arg(50, "progress line every N steps", low=1)
     save_every: int = arg(100, "write state.pt every N steps (and at every epoch end)", low=1)
-    dtype: str = arg("auto", "auto | bfloat16 | float32: autocast dtype of the training forward (auto: bf16 on CUDA)")
-    grad_accum: int = arg(1, "micro-batches per optimizer step (per rank); the batch is split, the update is the same",
-                          low=1)
-    activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
-    compile: bool | None = arg(None, "torch.compile the hot path (the transformer, fused log-probs; fused AdamW); "
-                                     "None = on for CUDA, off for CPU")
 
 
 def chat(prompt, response):

@@ -1,9 +1,10 @@
 """Command-line interfaces generated from config dataclasses.
 
-A script declares its flags once, as a dataclass subclassing CommonConfig:
+A script declares its flags once, as a dataclass subclassing CommonConfig (every script's flags) or TrainConfig
+(those and the training flags of SFT, RM and PPO):
 
     @dataclass
-    class SFTConfig(CommonConfig):
+    class SFTConfig(TrainConfig):
         lr: float = arg(3e-4, "peak learning rate")
 
     cfg = parse_config(SFTConfig, description=__doc__)  # --lr, --data, ... ; --help lists each with its default
@@ -52,6 +53,17 @@ class CommonConfig:
     world_scale: float = arg(0.1, "size of the tiny world's splits, as a fraction of the paper's 13k/33k/31k "
                                    "SFT/RM/PPO prompts; at most 0.2 (its small categories run out of distinct prompts)",
                              positive=True)
+
+
+@dataclasses.dataclass
+class TrainConfig(CommonConfig):
+    """CommonConfig and the flags of the scripts that train through the hot path (SFT, RM, PPO): how, not what."""
+    dtype: str = arg("auto", "auto | bfloat16 | float32: autocast dtype of the forward passes (auto: bf16 on CUDA)")
+    grad_accum: int = arg(1, "micro-batches per optimizer step (per rank); the batch is split, the update is the same",
+                          low=1)
+    activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
+    compile: bool | None = arg(None, "torch.compile the hot path (kernels.py: the transformer, decode step, fused "
+                                     "log-probs and losses; fused Adam); None = on for CUDA, off for CPU")
 
 
 def _optional_of(tp):

@@ -11,11 +11,11 @@ import torch
 
 from nanorlhf import dist, kernels, rlhf
 from nanorlhf.common import check_finite, get_batch, lm_loss
-from nanorlhf.config import CommonConfig, arg
+from nanorlhf.config import TrainConfig, arg
 
 
 @dataclass
-class PPOConfig(CommonConfig):
+class PPOConfig(TrainConfig):
     init: str = arg("runs/default/sft/ckpt.pt", "SFT checkpoint: the initial policy and the frozen reference")
     reward_model: str = arg("runs/default/rm/ckpt.pt", "reward model checkpoint (normalized); also inits the value model")
     reference: str = arg("", "the frozen reference π_SFT of the KL penalty; empty = --init (iterated RLHF: round k "
@@ -51,12 +51,6 @@ class PPOConfig(CommonConfig):
                      low=0, high=0.9999)
     log_every: int = arg(5, "progress line every N batches", low=1)
     save_every: int = arg(10, "write state.pt every N batches", low=1)
-    dtype: str = arg("auto", "auto | bfloat16 | float32: autocast dtype of rollouts and updates (auto: bf16 on CUDA)")
-    grad_accum: int = arg(1, "micro-batches per minibatch (per rank); the minibatch is split, the update is the same",
-                          low=1)
-    activation_checkpointing: bool = arg(False, "recompute each block's activations in the backward (less memory)")
-    compile: bool | None = arg(None, "torch.compile the hot path (the transformer, decode step, log-probs, losses, "
-                                     "GAE; fused Adam); None = on for CUDA, off for CPU")
     estimator: str = arg("gae", "advantages: gae (PPO: learned critic, KL per token in the reward) | rloo (leave-one-"
                                 "out baseline, KL in the sequence reward) | grpo (group-normalized, KL as a k3 term "
                                 "in the loss) | reinforce_pp (return-to-go, KL per token in the reward, normalized over "

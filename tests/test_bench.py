@@ -1,5 +1,5 @@
 """bench.py's code paths at tiny sizes on CPU: the PPO workloads eager and compiled, the training-MFU step, and
-the peer (bench_peer.py, skipped without trl): the workload it runs and the lockstep protocol bench.py drives."""
+the peer (baselines/bench_peer.py, skipped without trl): the workload it runs and the lockstep protocol bench.py drives."""
 import importlib.util
 import json
 import os
@@ -47,7 +47,8 @@ def test_training_mfu_step_runs_tiny_on_cpu(capsys):
 
 
 PEER_SHAPES = """
-import collections, json, sys, tempfile, torch, bench_peer
+import collections, json, sys, tempfile, torch
+from baselines import bench_peer
 a = bench_peer.parse_args(sys.argv[1:])
 models = bench_peer.peer_models(a)
 calls = collections.Counter()

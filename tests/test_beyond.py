@@ -16,13 +16,13 @@ import torch.nn.functional as F
 
 import eval as evaluate_run
 import run
-from bestofn import best_of_n
+from baselines.bestofn import best_of_n
+from baselines.train_dpo import batch_logps
 from nanorlhf.evaluation import win_rate
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.rlhf import dpo_loss, ranked_pairs
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.world import make_world
-from train_dpo import batch_logps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,7 +176,7 @@ def test_seeds_run_every_method_again_with_the_next_seeds(tmp_path):
 
 @pytest.mark.slow
 def test_dpo_resume_is_bit_identical(quick_run, tmp_path):
-    args = [sys.executable, "train_dpo.py", "--init", str(quick_run / "sft" / "ckpt.pt"), "--comparisons",
+    args = [sys.executable, "baselines/train_dpo.py", "--init", str(quick_run / "sft" / "ckpt.pt"), "--comparisons",
             str(quick_run / "rm" / "comparisons.jsonl"), "--world_scale", "0.01", "--max_steps", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = subprocess.run(args + ["--out", str(tmp_path / "a")], cwd=ROOT, capture_output=True, text=True, env=env)

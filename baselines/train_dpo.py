@@ -7,17 +7,19 @@ where log π(y|x) sums the response tokens (and the EOS, if the response ended) 
 RM, a prompt's K responses go through the model once, all its pairs are formed from those K log-probs, and each
 prompt counts once in the loss: its C(K,2) pairs' losses are averaged, then the prompts' (Ouyang et al. §3.5).
 
-    python train_dpo.py --init runs/default/sft/ckpt.pt --comparisons runs/default/rm/comparisons.jsonl \\
+    python baselines/train_dpo.py --init runs/default/sft/ckpt.pt --comparisons runs/default/rm/comparisons.jsonl \\
         --out runs/default/dpo
 """
 import copy
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: nanorlhf/
 from nanorlhf.checkpoint import make_checkpoint
 from nanorlhf.common import (Progress, check_finite, cosine_lr, epoch_batch, load_model, pad, resume,
                              sequence_logprobs, setup, write_results, write_state)

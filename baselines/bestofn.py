@@ -9,16 +9,18 @@ draws × max(ns) samples, draw d owns the block of max(ns) samples d·max(ns) �
 RM's best among the first N of that block. N = 1 is plain sampling from SFT: its win rate against SFT should be
 ≈ 50% (the sanity row).
 
-    python bestofn.py --run runs/default          # reads sft/ckpt.pt and rm/ckpt.pt, writes bestofn.json
+    python baselines/bestofn.py --run runs/default          # reads sft/ckpt.pt and rm/ckpt.pt, writes bestofn.json
 """
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: nanorlhf/
 from nanorlhf.common import check_room, load_model, setup
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.evaluation import sample_sets

@@ -18,7 +18,7 @@ Precision: fp32 (bf16=False) unless --bf16. PPOTrainer's config defaults to bf16
 native bf16 matmuls takes ≈48 s per W1 batch: not a fair comparison there. On CUDA bench.py passes --bf16 (W2).
 Time = wall seconds per batch (a TrainerCallback clocks each), median over the batches after one warm-up batch.
 
-    python bench_peer.py --batches 3                 # W1 on CPU, 2 threads; the last line is JSON
+    python baselines/bench_peer.py --batches 3                 # W1 on CPU, 2 threads; the last line is JSON
 """
 import argparse
 import copy
