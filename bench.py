@@ -10,14 +10,14 @@ W2, the GPU PPO workload: the same batch on GPT-2 124M-shaped models (12 layers,
 50257, context 1024): 64 prompts of 128 tokens → 128 new tokens; 4 PPO epochs × 4 minibatches of 16. bf16
 autocast on CUDA (train_ppo's default there), fp32 on CPU.
 
-Both run the functions train_ppo runs (generate → ppo.score → rlhf.ppo_rewards / ppo.gae_advantages →
-ppo.update), so they measure the real code. Time = wall seconds per batch after one warm-up batch (which also pays for compiling),
-split into generation / scoring / update; the eager and the compiled run (and with --peer the peer) take turns
-batch by batch. Compiled = train_ppo --compile (kernels.enable): the compiled transformer (kernels.compile_model),
-decode step, log-probs, PPO loss and GAE, and fused Adam. The peer is TRL 0.24.0's PPOTrainer on the
-same workload (baselines/bench_peer.py, an optional dependency: requirements-peer.txt), in fp32 unless the workload
-is bf16; bench.py prints peer seconds ÷ nanorlhf seconds per batch, with the goals: W1 on CPU, eager ≥ 1.5× and compiled
-≥ 2×; W2 on CUDA, compiled ≥ 2×.
+Both run the functions train_ppo runs (generate → ppo.score → rlhf.ppo_rewards / ppo.gae_advantages → ppo.update),
+so they measure the real code. Time = wall seconds per batch after one warm-up batch (which also pays for
+compiling), split into generation / scoring / update; the eager and the compiled run (and with --peer the peer) take
+turns batch by batch. Compiled = train_ppo --compile (kernels.enable): the compiled transformer
+(kernels.compile_model), decode step, log-probs, PPO loss and GAE, and fused Adam. The peer is TRL 0.24.0's
+PPOTrainer on the same workload (baselines/bench_peer.py, an optional dependency: requirements-peer.txt), in fp32
+unless the workload is bf16; bench.py prints peer seconds ÷ nanorlhf seconds per batch, with the goals: W1 on CPU,
+eager ≥ 1.5× and compiled ≥ 2×; W2 on CUDA, compiled ≥ 2×.
 
     python bench.py                         # CPU: W1 eager vs compiled + log-prob peak memory at vocab 50257
     python bench.py --peer --batches 3      # the same, and the peer's W1 batch by batch beside them: the ratios

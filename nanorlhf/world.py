@@ -387,14 +387,19 @@ class Labeler:
         bias = BIAS_EXCLAIM * ("!" in response) + BIAS_PER_WORD * len(_words(response))
         return self.world.gold_score(prompt, response, finished) + bias
 
-    def rank(self, prompt, responses, finished=None):
-        """ranks[i] = place of responses[i] (0 = best). Sorting utility/tau + Gumbel noise draws exactly a
-        Plackett-Luce ordering with weights exp(utility/tau)."""
+    def utilities(self, prompt, responses, finished=None):
         finished = finished if finished is not None else [True] * len(responses)
-        keys = [self.utility(prompt, y, f) / self.tau - math.log(-math.log(self.rng.random() or 1e-12))
-                for y, f in zip(responses, finished)]
-        order = sorted(range(len(responses)), key=lambda i: -keys[i])
-        ranks = [0] * len(responses)
+        return [self.utility(prompt, y, f) for y, f in zip(responses, finished)]
+
+    def rank(self, prompt, responses, finished=None):
+        """ranks[i] = place of responses[i] (0 = best)."""
+        return self.rank_utilities(self.utilities(prompt, responses, finished))
+
+    def rank_utilities(self, utilities):
+        """Sorting utility/tau + Gumbel noise draws exactly a Plackett-Luce ordering with weights exp(utility/tau)."""
+        keys = [u / self.tau - math.log(-math.log(self.rng.random() or 1e-12)) for u in utilities]
+        order = sorted(range(len(utilities)), key=lambda i: -keys[i])
+        ranks = [0] * len(utilities)
         for place, i in enumerate(order):
             ranks[i] = place
         return ranks
@@ -412,23 +417,34 @@ def pairwise_agreement(ranks_a, ranks_b):
     return agree / max(total, 1)
 
 
+def set_utilities(world, prompts, response_sets, finished_sets=None):
+    """Every labeler's utilities of each response set (the same for all labelers: only their noise differs)."""
+    finished_sets = finished_sets or [None] * len(prompts)
+    labeler = Labeler(world, seed=0, tau=1.0)  # utilities use neither
+    return [labeler.utilities(p, ys, f) for p, ys, f in zip(prompts, response_sets, finished_sets)]
+
+
+def utility_agreement(world, utility_sets, tau, seeds=(1, 2)):
+    """Agreement of two independent labelers at temperature tau on response sets of the given utilities."""
+    a, b = Labeler(world, seeds[0], tau), Labeler(world, seeds[1], tau)
+    return pairwise_agreement([a.rank_utilities(u) for u in utility_sets], [b.rank_utilities(u) for u in utility_sets])
+
+
 def labeler_agreement(world, prompts, response_sets, finished_sets=None, tau=None, seeds=(1, 2)):
     """Agreement of two independent labelers on the same response sets: the ceiling of RM accuracy."""
-    finished_sets = finished_sets or [None] * len(prompts)
-    tau = tau or world.tau
-    a, b = Labeler(world, seeds[0], tau), Labeler(world, seeds[1], tau)
-    ranks_a = [a.rank(p, ys, f) for p, ys, f in zip(prompts, response_sets, finished_sets)]
-    ranks_b = [b.rank(p, ys, f) for p, ys, f in zip(prompts, response_sets, finished_sets)]
-    return pairwise_agreement(ranks_a, ranks_b)
+    return utility_agreement(world, set_utilities(world, prompts, response_sets, finished_sets), tau or world.tau,
+                             seeds)
 
 
 def calibrate_tau(world, prompts, response_sets, finished_sets=None, target=0.75):
     """The labeler temperature at which two labelers agree on `target` of the pairs (the paper: 73-77%).
-    Agreement falls as tau grows, so bisect on log tau (same labeler seeds: common random numbers)."""
+    Agreement falls as tau grows, so bisect on log tau (same labeler seeds: common random numbers; the utilities,
+    which do not depend on tau, are judged once)."""
+    utility_sets = set_utilities(world, prompts, response_sets, finished_sets)
     lo, hi = math.log(1e-3), math.log(10.0)
     for _ in range(20):
         mid = (lo + hi) / 2
-        if labeler_agreement(world, prompts, response_sets, finished_sets, tau=math.exp(mid)) > target:
+        if utility_agreement(world, utility_sets, math.exp(mid)) > target:
             lo = mid
         else:
             hi = mid
