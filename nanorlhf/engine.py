@@ -115,8 +115,10 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, genera
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = logits.softmax(dim=-1)  # (B, V)
         # the exponential race: argmax of p / E with E ~ Exp(1) i.i.d. (the law of torch.multinomial, faster on CPU;
-        # a token of probability 0 never wins)
-        token = (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)  # (B,)
+        # a token of probability 0 never wins). E = −log(1 − U) with U uniform in float64: on CPU the very numbers,
+        # and generator state, of exponential_ (tests/test_engine), without its serial loop (3× faster at 64 × 2048)
+        u = torch.rand(probs.shape, dtype=torch.float64, device=probs.device, generator=generator)  # (B, V)
+        token = (probs / (-torch.log1p(-u)).float()).argmax(dim=-1)  # (B,)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
 
 

@@ -224,6 +224,18 @@ def test_generation_under_bf16_autocast_matches_its_own_full_forward():
     assert gen.tokens[0].tolist() == idx[0].tolist()
 
 
+def test_sampler_draws_the_tokens_of_an_exponential_race_with_exponential_():
+    """engine.sample's noise, −log(1 − U) with U uniform in float64, is what exponential_ draws on CPU from the same
+    generator: the same tokens as the race written with exponential_, and the same generator state after."""
+    g_ref, g = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for B, V, temperature in [(64, 2048, 1.0), (3, 7, 0.7), (2, 50257, 1.3)]:
+        logits = torch.randn(B, V, generator=torch.Generator().manual_seed(B)) * 3
+        probs = F.softmax(logits / temperature, dim=-1)
+        want = (probs / torch.empty_like(probs).exponential_(generator=g_ref)).argmax(dim=-1)
+        assert torch.equal(sample(logits, temperature, generator=g)[0], want)
+    assert torch.equal(g.get_state(), g_ref.get_state())
+
+
 def test_sampler_draws_from_the_tempered_softmax():
     """The sampler draws from softmax(logits / T), and with top_k the renormalized top k: 200,000 seeded draws,
     every frequency within 4.5 standard errors of its probability (a truncated token, probability 0, never drawn)."""
