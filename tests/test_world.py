@@ -3,7 +3,8 @@ import statistics
 
 import pytest
 
-from nanorlhf.world import (CATEGORIES, SPLIT_SIZES, Labeler, labeler_agreement, make_world, pairwise_agreement)
+from nanorlhf.world import (CATEGORIES, SPLIT_SIZES, Labeler, calibrate_tau, labeler_agreement, make_world,
+                            pairwise_agreement)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +162,18 @@ def test_labeler_agreement_near_paper(world):
     sets = [[world.demonstration(p, r) for _ in range(r.randint(4, 9))] for p in prompts]
     agree = labeler_agreement(world, prompts, sets, seeds=(11, 12))
     assert 0.73 <= agree <= 0.77, agree
+
+
+def test_calibrated_tau_is_where_agreement_crosses_the_target(world):
+    """calibrate_tau judges the utilities once and bisects: at its tau, two labelers (judging afresh) agree on the
+    target fraction of the pairs, up to the one pair whose flip the crossing is; a target of 0.9 needs a colder tau."""
+    r = random.Random(7)
+    prompts = world.prompts("rm")[:60]
+    sets = [[world.demonstration(p, r) for _ in range(r.randint(2, 5))] for p in prompts]
+    n_pairs = sum(len(ys) * (len(ys) - 1) // 2 for ys in sets)
+    tau = calibrate_tau(world, prompts, sets)
+    assert abs(labeler_agreement(world, prompts, sets, tau=tau) - 0.75) <= 1 / n_pairs + 1e-9
+    assert calibrate_tau(world, prompts, sets, target=0.9) < tau
 
 
 def test_pairwise_agreement_by_hand():
