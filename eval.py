@@ -47,6 +47,8 @@ class EvalConfig(CommonConfig):
     bootstrap: int = arg(1000, "bootstrap resamples for the 95% intervals", low=1)
     rms: list[str] = arg([], "reward-model checkpoints (tiny world) to compare instead of a run: held-out accuracy "
                             "against the labelers and its ceiling, and the accuracy on each kind of contrast pair")
+    ensemble: bool = arg(False, "--rms: add a row for the ensemble of the listed reward models (the mean of their "
+                                "normalized scores)")
 
 
 def overoptimization(log_path):
@@ -513,19 +515,38 @@ def _save(fig, plt, run, name):
     return path
 
 
-def rm_table(paths, world, device):
+class MeanReward(torch.nn.Module):
+    """An ensemble of reward models of one world: the mean of their normalized scores (Coste et al. 2024)."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models, self.config = torch.nn.ModuleList(models), models[0].config
+
+    def forward(self, ids):
+        return torch.stack([m(ids) for m in self.models]).mean(0)  # (B, T)
+
+
+def rm_table(paths, world, device, ensemble=False):
     """One row per reward model (the lever table of the README): the accuracies train_rm.py measured on its
-    held-out rankings, and rm_by_kind's on the test prompts' contrast pairs."""
+    held-out rankings, and rm_by_kind's on the test prompts' contrast pairs; with `ensemble`, a last row for the
+    mean of their scores (contrast pairs only: each RM was held out on rankings of its own candidates)."""
     lines = ["| reward model | held-out accuracy (ceiling) | vs gold ordering | correctness | harmlessness | "
              "conciseness |", "|---|---|---|---|---|---|"]
+    models = []
     for path in paths:
         m = load_checkpoint(path)["extra"]
         if not m.get("labeler_tau"):
             raise SystemExit(f"--rms {path}: not a reward model trained on the tiny world's labels")
         model, tok, _ = load_model(path, "scalar", device)
+        models.append(model)
         kinds = rm_by_kind(model, tok, world, m["labeler_tau"], device)
         lines.append(f"| {path} | {_fmt(m['accuracy'], True)} ({_fmt(m['ceiling'], True)}) | "
                      f"{_fmt(m['gold_accuracy'], True)} | "
+                     + " | ".join(_fmt(kinds[k]["rm_accuracy"], True) for k in KIND_COMPONENTS) + " |")
+        print(lines[-1])
+    if ensemble:
+        kinds = rm_by_kind(MeanReward(models), tok, world, m["labeler_tau"], device)
+        lines.append(f"| mean of the {len(models)} | — | — | "
                      + " | ".join(_fmt(kinds[k]["rm_accuracy"], True) for k in KIND_COMPONENTS) + " |")
         print(lines[-1])
     return lines
@@ -535,7 +556,7 @@ def main(argv=None):
     cfg = parse_config(EvalConfig, argv)
     device = setup(cfg)
     if cfg.rms:
-        return "\n".join(rm_table(cfg.rms, make_world(cfg.world_seed, cfg.world_scale), device))
+        return "\n".join(rm_table(cfg.rms, make_world(cfg.world_seed, cfg.world_scale), device, cfg.ensemble))
     found = [n for n in POLICIES + BASELINES if os.path.exists(os.path.join(cfg.run, n, "ckpt.pt"))]
     if not found:
         raise SystemExit(f"--run {cfg.run}: no checkpoints to evaluate (expected the --out folder of run.py, "

@@ -71,6 +71,10 @@ def test_quick_pipeline_end_to_end(quick_run):
     assert cells[1] == f"{results['rm_accuracy']:.1%} ({results['labeler_agreement']:.1%})"
     assert cells[3:] == [f"{results['rm_by_kind'][k]['rm_accuracy']:.1%}" for k in ("correctness", "harmlessness",
                                                                                      "conciseness")]
+    # --ensemble: the mean of two copies of one RM scores as that RM does, pair by pair
+    rows = eval_main(["--rms", str(out / "rm" / "ckpt.pt"), str(out / "rm" / "ckpt.pt"), "--ensemble",
+                      "--world_scale", "0.01"]).splitlines()
+    assert rows[-1].split("|")[4:] == rows[-2].split("|")[4:] and rows[-1].startswith("| mean of the 2 |")
     with pytest.raises(SystemExit, match="not a reward model trained on the tiny world"):
         eval_main(["--rms", str(out / "sft" / "ckpt.pt"), "--world_scale", "0.01"])
     report = (out / "report.md").read_text()
@@ -79,6 +83,18 @@ def test_quick_pipeline_end_to_end(quick_run):
         assert (out / png).stat().st_size > 1000, png
     # a second run finds every checkpoint and skips all training stages
     assert run_py("--out", str(out), timeout=300).count("checkpoint exists, skipped") == 7
+
+
+def test_reward_ensemble_is_the_mean_of_its_members():
+    from eval import MeanReward
+    from nanorlhf.model import GPT, GPTConfig
+    torch.manual_seed(0)
+    conf = GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=16)
+    members = [GPT(conf, head="scalar").eval() for _ in range(3)]
+    ids = torch.randint(0, 50, (2, 9))
+    want = sum(m(ids) for m in members) / 3  # (B, T)
+    torch.testing.assert_close(MeanReward(members)(ids), want)
+    assert MeanReward(members).config is members[0].config
 
 
 def test_eval_of_a_folder_without_checkpoints_exits_with_one_line(tmp_path):
