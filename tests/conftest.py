@@ -18,15 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_collection_modifyitems(items):
     """--dist loadgroup (pytest.ini): each test file runs on one worker, so its module fixtures are built once; the
-    files that share the quick run go to one worker too, so it is built once. Longest first (the quick run's tests,
-    then the files with most slow tests), so that no long file starts last while the other workers are idle."""
-    groups = {}
+    files that share the quick run go to one worker too, so it is built once."""
     for item in items:
-        group = "quick_run" if {"quick_run", "beyond_run"} & set(item.fixturenames) else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-        groups.setdefault(group, []).append(item)
-    n_slow = {g: sum(i.get_closest_marker("slow") is not None for i in group) for g, group in groups.items()}
-    items[:] = [i for g in sorted(groups, key=lambda g: (g != "quick_run", -n_slow[g])) for i in groups[g]]
+        quick = {"quick_run", "beyond_run"} & set(item.fixturenames)
+        item.add_marker(pytest.mark.xdist_group("quick_run" if quick else item.module.__name__))
 
 
 def run_py(*args, timeout=900):
