@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nanorlhf.checkpoint import load_checkpoint
-from nanorlhf.common import check_room, load_model, pad, sequence_logprobs, setup, token_stream, val_loss
+from nanorlhf.common import check_room, load_model, response_logps, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.evaluation import fit_gao, gold_eval, pair_accuracy, seed_win_rate, sigmoid, win_rate
@@ -210,20 +210,12 @@ def rm_by_kind(model, tok, world, tau, device, lm=None):
         out[kind] = {"pairs": len(pairs), "rm_accuracy": (s_better > s_worse).float().mean().item(),
                      "labeler_accuracy": statistics.mean(sigmoid(d / tau) for d in du),
                      "ideal_rm_accuracy": statistics.mean(d > 0 for d in du)}
-        if lm is not None:
-            lm_better, lm_worse = (response_likelihood(lm, tok, prompts, ys, device) for ys in (better, worse))
+        if lm is not None:  # log π(y | x) of each finished answer
+            lm.eval()
+            lm_better, lm_worse = (response_logps(lm, [tok.format_example(p, y) for p, y in zip(prompts, ys)],
+                                                  tok.pad_id, device) for ys in (better, worse))
             out[kind]["sft_likelihood_accuracy"] = (lm_better > lm_worse).float().mean().item()
     return out
-
-
-@torch.no_grad()
-def response_likelihood(model, tok, prompts, responses, device):
-    """log π(y | x) of each finished response (EOS included) after its templated prompt: (B,)."""
-    model.eval()
-    seqs = [tok.format_example(p, y) for p, y in zip(prompts, responses)]
-    ids, _ = pad([s for s, _ in seqs], tok.pad_id, device=device)  # (B, T) right-padded
-    loss_mask, _ = pad([m for _, m in seqs], 0, device=device)  # (B, T) 1 on the response and its EOS
-    return (sequence_logprobs(model, ids) * loss_mask[:, 1:]).sum(1)
 
 
 def rm_sample_accuracy(gold, rm_scores, k):
@@ -532,6 +524,10 @@ def rm_table(paths, world, device, ensemble=False):
     mean of their scores (contrast pairs only: each RM was held out on rankings of its own candidates)."""
     lines = ["| reward model | held-out accuracy (ceiling) | vs gold ordering | correctness | harmlessness | "
              "conciseness |", "|---|---|---|---|---|---|"]
+
+    def cells(kinds):  # a row's accuracies on the contrast pairs
+        return " | ".join(_fmt(kinds[k]["rm_accuracy"], True) for k in KIND_COMPONENTS)
+
     models = []
     for path in paths:
         m = load_checkpoint(path)["extra"]
@@ -541,13 +537,11 @@ def rm_table(paths, world, device, ensemble=False):
         models.append(model)
         kinds = rm_by_kind(model, tok, world, m["labeler_tau"], device)
         lines.append(f"| {path} | {_fmt(m['accuracy'], True)} ({_fmt(m['ceiling'], True)}) | "
-                     f"{_fmt(m['gold_accuracy'], True)} | "
-                     + " | ".join(_fmt(kinds[k]["rm_accuracy"], True) for k in KIND_COMPONENTS) + " |")
+                     f"{_fmt(m['gold_accuracy'], True)} | {cells(kinds)} |")
         print(lines[-1])
     if ensemble:
         kinds = rm_by_kind(MeanReward(models), tok, world, m["labeler_tau"], device)
-        lines.append(f"| mean of the {len(models)} | — | — | "
-                     + " | ".join(_fmt(kinds[k]["rm_accuracy"], True) for k in KIND_COMPONENTS) + " |")
+        lines.append(f"| mean of the {len(models)} | — | — | {cells(kinds)} |")
         print(lines[-1])
     return lines
 

@@ -97,9 +97,10 @@ def world_rankings(cfg, world, tok, device):
     first, second = world.labeler(cfg.seed + 1), world.labeler(cfg.seed + 2)
     held = []
     for p, (ys, fs) in zip(eval_prompts, eval_sets):
-        held.append({"prompt": p, "responses": ys, "finished": fs, "ranking": first.rank(p, ys, fs),
-                     "ranking2": second.rank(p, ys, fs), "gold": [world.gold_score(p, y, f) for y, f in zip(ys, fs)],
-                     "utility": [first.utility(p, y, f) for y, f in zip(ys, fs)]})
+        utility = first.utilities(p, ys, fs)  # the same for both labelers: only their noise differs
+        held.append({"prompt": p, "responses": ys, "finished": fs, "ranking": first.rank_utilities(utility),
+                     "ranking2": second.rank_utilities(utility),
+                     "gold": [world.gold_score(p, y, f) for y, f in zip(ys, fs)], "utility": utility})
     gold_spread = statistics.mean(statistics.pstdev(r["gold"]) for r in held)
     print(f"labeler temperature tau {world.tau:.4f} (two labelers agree on 75% of pairs) | "
           f"held-out gold std within a prompt's samples {gold_spread:.3f}")

@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: nanorlhf/
 from nanorlhf.checkpoint import make_checkpoint
-from nanorlhf.common import (Progress, check_finite, cosine_lr, epoch_batch, load_model, pad, resume,
-                             sequence_logprobs, setup, write_results, write_state)
+from nanorlhf.common import (Progress, check_finite, cosine_lr, epoch_batch, load_model, response_logps, resume,
+                             setup, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths
 from nanorlhf.rlhf import dpo_loss, ranked_pairs
@@ -41,14 +41,6 @@ class DPOConfig(CommonConfig):
     grad_clip: float = arg(1.0, "clip the gradient norm to this", positive=True)
     log_every: int = arg(10, "progress line every N steps", low=1)
     save_every: int = arg(50, "write state.pt every N steps", low=1)
-
-
-def response_logps(model, examples, pad_id, device):
-    """log π(y|x) of each example, (N,): the sum of the response tokens' log-probs (right-padded batch)."""
-    ids, _ = pad([e[0] for e in examples], pad_id, device=device)  # (N, T)
-    response_mask, _ = pad([e[1] for e in examples], 0, device=device)  # (N, T) 1 on response tokens
-    logp = sequence_logprobs(model, ids)  # (N, T-1) log p(ids[:, t+1])
-    return (logp * response_mask[:, 1:]).sum(1)  # targets 1..T-1: prompt and padding contribute 0
 
 
 def batch_logps(policy, reference, records, pad_id, device):

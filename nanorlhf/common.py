@@ -176,6 +176,15 @@ def lm_loss(model, ids, loss_mask):
     return -(logp * target_mask).sum() / target_mask.sum().clamp(min=1)
 
 
+def response_logps(model, examples, pad_id, device):
+    """log π(y|x) of each example (tok.format_example's (ids, response mask)), (N,): the sum of the response tokens'
+    log-probs, its EOS included if it ended (right-padded batch)."""
+    ids, _ = pad([e[0] for e in examples], pad_id, device=device)  # (N, T)
+    response_mask, _ = pad([e[1] for e in examples], 0, device=device)  # (N, T) 1 on response tokens
+    logp = sequence_logprobs(model, ids)  # (N, T-1) log p(ids[:, t+1])
+    return (logp * response_mask[:, 1:]).sum(1)  # targets 1..T-1: prompt and padding contribute 0
+
+
 def token_stream(tok, docs):
     """All documents as one stream of ids, each document followed by EOS."""
     ids = []

@@ -2,8 +2,8 @@
 
 RM training (train_rm.py), PPO's rewards (train_ppo.py) and best-of-N (baselines/bestofn.py) all build the RM's
 input with `rm_input` from decoded text, so the RM scores a policy's sample exactly as it saw such a response in
-training: canonical BPE splits, no stray template tokens. Scoring a policy's raw sampled ids instead would let PPO find
-non-canonical token sequences (or special ids) that the RM never saw — a path for reward hacking.
+training: canonical BPE splits, no stray template tokens. Scoring a policy's raw sampled ids instead would let PPO
+find non-canonical token sequences (or special ids) that the RM never saw — a path for reward hacking.
 """
 import torch
 
