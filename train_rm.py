@@ -29,6 +29,9 @@ from nanorlhf.rlhf import ranked_pairs
 from nanorlhf.world import calibrate_tau, make_world
 
 
+CANDIDATES = ("policy", "policy+demo", "policy+contrast", "contrast")
+
+
 @dataclass
 class RMConfig(TrainConfig):
     init: str = arg("runs/default/sft/ckpt.pt", "SFT checkpoint (or GPT-2 folder): policy that samples, RM trunk")
@@ -56,6 +59,11 @@ class RMConfig(TrainConfig):
                              low=0)
     extra_comparisons: list[str] = arg([], "comparisons.jsonl files of earlier rounds, trained on as well")
     labeler_tau: float = arg(0.0, "tiny world: the labelers' temperature; 0 = calibrate to 75% agreement", low=0)
+    candidates: str = arg("policy", "tiny world: what the labeler ranks for each RM prompt. policy: the policy's K "
+                                    "samples (the paper); policy+demo: those and the labeler's own demonstration; "
+                                    "policy+contrast: those, and the ideal answer against a copy with one fact "
+                                    "changed as a second ranked pair (world.contrast_pair); contrast: those pairs "
+                                    "alone (issue 19's study of what the RM can learn)")
     previous_rm: str = arg("", "a reward model to evaluate on the same held-out rankings (the last round's)")
 
 
@@ -92,8 +100,15 @@ def world_rankings(cfg, world, tok, device):
     world.tau = cfg.labeler_tau or calibrate_tau(world, train_prompts[:n], [ys for ys, _ in train_sets[:n]],
                                                  [fs for _, fs in train_sets[:n]])
     labeler = world.labeler(cfg.seed)
+    if cfg.candidates == "policy+demo":  # the demonstrations that also set the reward normalization
+        demos = dict(world.sft_demos("rm"))
+        train_sets = [(ys + [demos[p]], fs + [True]) for p, (ys, fs) in zip(train_prompts, train_sets)]
     train = [{"prompt": p, "responses": ys, "finished": fs, "ranking": labeler.rank(p, ys, fs)}
-             for p, (ys, fs) in zip(train_prompts, train_sets)]
+             for p, (ys, fs) in zip(train_prompts, train_sets)] if cfg.candidates != "contrast" else []
+    if cfg.candidates.endswith("contrast"):  # pairs that differ in correctness alone, of this round's prompts
+        mine = set(train_prompts)
+        train += [{"prompt": p, "responses": [b, w], "finished": [True, True], "ranking": labeler.rank(p, [b, w])}
+                  for p, b, w in world.contrast_pairs("rm", "correctness") if p in mine]
     first, second = world.labeler(cfg.seed + 1), world.labeler(cfg.seed + 2)
     held = []
     for p, (ys, fs) in zip(eval_prompts, eval_sets):
@@ -170,6 +185,10 @@ def main(argv=None):
     device = setup(cfg)
     if cfg.k_min > cfg.k_max:
         raise SystemExit(f"--k_min {cfg.k_min} is larger than --k_max {cfg.k_max}")
+    if cfg.candidates not in CANDIDATES:
+        raise SystemExit(f"--candidates {cfg.candidates}: expected one of {', '.join(CANDIDATES)}")
+    if cfg.data and cfg.candidates != "policy":
+        raise SystemExit(f"--candidates {cfg.candidates} needs the tiny world; --data gives its own rankings")
     cfg.compile = kernels.enable(cfg.compile, device)  # the one switch; resolved, saved in state.pt
     dtype = dist.resolve_dtype(cfg.dtype, device)
     t_start = time.perf_counter()

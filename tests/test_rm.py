@@ -209,3 +209,42 @@ def test_epoch_batch_covers_each_item_once_per_epoch_and_depends_only_on_seed_an
         assert sorted(x for b in batches for x in b) == items
     assert epochs[0] != epochs[1]  # reshuffled each epoch
     assert epoch_batch(items, 4, 4, seed=7) == epochs[1][1]  # no state: a resumed run gets the same batch
+
+
+@pytest.mark.parametrize("candidates", ["policy+demo", "policy+contrast", "contrast"])
+def test_candidates_add_exactly_what_they_name(tmp_path, lm_ckpt, candidates):
+    """--candidates (issue 19's study): the demonstration joins each ranked set; the contrast pairs are the ideal
+    answer against a copy that the gold judge finds worse in correctness alone, of this run's RM prompts only."""
+    ranked = {}
+    for c in ("policy", candidates):
+        train_rm.main(["--init", lm_ckpt, "--out", str(tmp_path / c), "--max_steps", "1", "--candidates", c, *TINY])
+        ranked[c] = [json.loads(line) for line in open(tmp_path / c / "comparisons.jsonl")]
+    world = make_world(0, 0.01)
+    prompts = world.prompts("rm")[:12]
+    policy, got = ranked["policy"], ranked[candidates]
+    assert [r["prompt"] for r in policy] == prompts
+    if candidates == "policy+demo":
+        demos = dict(world.sft_demos("rm"))
+        assert [r["prompt"] for r in got] == prompts
+        for r, q in zip(got, policy):
+            assert r["responses"] == q["responses"] + [demos[r["prompt"]]] and r["finished"] == q["finished"] + [True]
+            assert sorted(r["ranking"]) == list(range(len(r["responses"])))
+        return
+    pairs = got[len(policy):] if candidates == "policy+contrast" else got
+    if candidates == "policy+contrast":
+        assert got[:len(policy)] == policy  # the policy's ranked sets are untouched
+    assert len(pairs) >= 3 and {r["prompt"] for r in pairs} <= set(prompts)
+    for r in pairs:
+        better, worse = r["responses"]
+        assert better == world.task(r["prompt"]).ideal and sorted(r["ranking"]) == [0, 1]
+        gb, gw = (world.gold_components(r["prompt"], y) for y in (better, worse))
+        changed = {k for k in gb if gb[k] != gw[k]}
+        assert changed and changed <= {"helpful", "honest"} and all(gb[k] >= gw[k] for k in changed)
+
+
+def test_candidates_other_than_policy_need_the_tiny_world(tmp_path, lm_ckpt):
+    data = tmp_path / "r.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "responses": ["a", "b"], "ranking": [0, 1]}) + "\n")
+    proc = run_script("--init", lm_ckpt, "--out", str(tmp_path / "rm"), "--data", str(data), "--candidates", "contrast")
+    assert proc.returncode == 1 and "needs the tiny world" in proc.stderr
+    assert not (tmp_path / "rm").exists()
