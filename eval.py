@@ -207,14 +207,26 @@ def rm_by_kind(model, tok, world, tau, device, lm=None):
         s_better = score_texts(model, tok, prompts, better, finished, device)
         s_worse = score_texts(model, tok, prompts, worse, finished, device)
         du = [labeler.utility(p, b) - labeler.utility(p, w) for p, b, w in pairs]
-        out[kind] = {"pairs": len(pairs), "rm_accuracy": (s_better > s_worse).float().mean().item(),
-                     "labeler_accuracy": statistics.mean(sigmoid(d / tau) for d in du),
-                     "ideal_rm_accuracy": statistics.mean(d > 0 for d in du)}
+        right = {"rm_accuracy": (s_better > s_worse).tolist()}
         if lm is not None:  # log π(y | x) of each finished answer
             lm.eval()
             lm_better, lm_worse = (response_logps(lm, [tok.format_example(p, y) for p, y in zip(prompts, ys)],
                                                   tok.pad_id, device) for ys in (better, worse))
-            out[kind]["sft_likelihood_accuracy"] = (lm_better > lm_worse).float().mean().item()
+            right["sft_likelihood_accuracy"] = (lm_better > lm_worse).tolist()
+        out[kind] = {"pairs": len(pairs), "labeler_accuracy": statistics.mean(sigmoid(d / tau) for d in du),
+                     "ideal_rm_accuracy": statistics.mean(d > 0 for d in du),
+                     **{k: statistics.mean(v) for k, v in right.items()}}
+        if kind == "correctness":  # where the RM is blind: a fact, a sum, a copied word, …
+            out[kind]["by_category"] = by_category([world.task(p).category for p in prompts], right)
+    return out
+
+
+def by_category(categories, right):
+    """{category: {"pairs": n, name: the fraction of its pairs that right[name] got right}}, categories sorted."""
+    out = {}
+    for c in sorted(set(categories)):
+        mine = [i for i, x in enumerate(categories) if x == c]
+        out[c] = {"pairs": len(mine), **{k: statistics.mean(v[i] for i in mine) for k, v in right.items()}}
     return out
 
 
@@ -344,6 +356,11 @@ def write_report(results, path, machine=""):
         lines += [f"| {k} | {v['pairs']} | {_fmt(v['rm_accuracy'], True)} | {_fmt(v['labeler_accuracy'], True)} | "
                   f"{_fmt(v['ideal_rm_accuracy'], True)} | {_fmt(v.get('sft_likelihood_accuracy'), True)} |"
                   for k, v in results["rm_by_kind"].items()]
+        lines += ["", "Correctness pairs by task category (the knowledge each needs: a fact, a sum, a word copied from "
+                  "the prompt, …):", "", "| category | pairs | RM | SFT's likelihood |", "|---|---|---|---|"]
+        lines += [f"| {c} | {v['pairs']} | {_fmt(v['rm_accuracy'], True)} | "
+                  f"{_fmt(v.get('sft_likelihood_accuracy'), True)} |"
+                  for c, v in results["rm_by_kind"]["correctness"]["by_category"].items()]
         lines.append("")
     if results.get("rm_on_samples"):
         lines += ["Accuracy on each policy's own samples (pairs of a test prompt's draws whose gold differs, ordered "
