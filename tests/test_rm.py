@@ -211,17 +211,27 @@ def test_epoch_batch_covers_each_item_once_per_epoch_and_depends_only_on_seed_an
     assert epoch_batch(items, 4, 4, seed=7) == epochs[1][1]  # no state: a resumed run gets the same batch
 
 
+@pytest.fixture(scope="module")
+def ranked_by_candidates(tmp_path_factory):
+    """comparisons.jsonl of one short run per --candidates value, from one tiny LM."""
+    tmp = tmp_path_factory.mktemp("candidates")
+    model = tiny_model(head="lm")
+    save_checkpoint(str(tmp / "sft.pt"), make_checkpoint(model, model.config, "lm", "tiny", {}, 0))
+    ranked = {}
+    for c in train_rm.CANDIDATES:
+        train_rm.main(["--init", str(tmp / "sft.pt"), "--out", str(tmp / c), "--max_steps", "1", "--candidates", c,
+                       *TINY])
+        ranked[c] = [json.loads(line) for line in open(tmp / c / "comparisons.jsonl")]
+    return ranked
+
+
 @pytest.mark.parametrize("candidates", ["policy+demo", "policy+contrast", "contrast"])
-def test_candidates_add_exactly_what_they_name(tmp_path, lm_ckpt, candidates):
+def test_candidates_add_exactly_what_they_name(ranked_by_candidates, candidates):
     """--candidates (issue 19's study): the demonstration joins each ranked set; the contrast pairs are the ideal
     answer against a copy that the gold judge finds worse in correctness alone, of this run's RM prompts only."""
-    ranked = {}
-    for c in ("policy", candidates):
-        train_rm.main(["--init", lm_ckpt, "--out", str(tmp_path / c), "--max_steps", "1", "--candidates", c, *TINY])
-        ranked[c] = [json.loads(line) for line in open(tmp_path / c / "comparisons.jsonl")]
     world = make_world(0, 0.01)
     prompts = world.prompts("rm")[:12]
-    policy, got = ranked["policy"], ranked[candidates]
+    policy, got = ranked_by_candidates["policy"], ranked_by_candidates[candidates]
     assert [r["prompt"] for r in policy] == prompts
     if candidates == "policy+demo":
         demos = dict(world.sft_demos("rm"))
