@@ -25,7 +25,8 @@ from nanorlhf.checkpoint import load_checkpoint
 from nanorlhf.common import check_room, load_model, response_logps, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
-from nanorlhf.evaluation import fit_gao, gold_eval, pair_accuracy, seed_win_rate, sigmoid, win_rate
+from nanorlhf.evaluation import (category_means, fit_gao, gold_eval, pair_accuracy, seed_win_rate, sigmoid,
+                                 win_rate)
 from nanorlhf.ppo import response_logprobs
 from nanorlhf.reward import score_texts
 from nanorlhf.rlhf import ranked_pairs
@@ -217,16 +218,9 @@ def rm_by_kind(model, tok, world, tau, device, lm=None):
                      "ideal_rm_accuracy": statistics.mean(d > 0 for d in du),
                      **{k: statistics.mean(v) for k, v in right.items()}}
         if kind == "correctness":  # where the RM is blind: a fact, a sum, a copied word, …
-            out[kind]["by_category"] = by_category([world.task(p).category for p in prompts], right)
-    return out
-
-
-def by_category(categories, right):
-    """{category: {"pairs": n, name: the fraction of its pairs that right[name] got right}}, categories sorted."""
-    out = {}
-    for c in sorted(set(categories)):
-        mine = [i for i, x in enumerate(categories) if x == c]
-        out[c] = {"pairs": len(mine), **{k: statistics.mean(v[i] for i in mine) for k, v in right.items()}}
+            categories = [world.category(p) for p in prompts]
+            out[kind]["by_category"] = {"pairs": {c: categories.count(c) for c in sorted(set(categories))},
+                                        **{k: category_means(categories, v) for k, v in right.items()}}
     return out
 
 
@@ -358,9 +352,9 @@ def write_report(results, path, machine=""):
                   for k, v in results["rm_by_kind"].items()]
         lines += ["", "Correctness pairs by task category (the knowledge each needs: a fact, a sum, a word copied from "
                   "the prompt, …):", "", "| category | pairs | RM | SFT's likelihood |", "|---|---|---|---|"]
-        lines += [f"| {c} | {v['pairs']} | {_fmt(v['rm_accuracy'], True)} | "
-                  f"{_fmt(v.get('sft_likelihood_accuracy'), True)} |"
-                  for c, v in results["rm_by_kind"]["correctness"]["by_category"].items()]
+        cats = results["rm_by_kind"]["correctness"]["by_category"]
+        lines += [f"| {c} | {n} | {_fmt(cats['rm_accuracy'][c], True)} | "
+                  f"{_fmt(cats.get('sft_likelihood_accuracy', {}).get(c), True)} |" for c, n in cats["pairs"].items()]
         lines.append("")
     if results.get("rm_on_samples"):
         lines += ["Accuracy on each policy's own samples (pairs of a test prompt's draws whose gold differs, ordered "

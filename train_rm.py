@@ -100,9 +100,10 @@ def world_rankings(cfg, world, tok, device):
     world.tau = cfg.labeler_tau or calibrate_tau(world, train_prompts[:n], [ys for ys, _ in train_sets[:n]],
                                                  [fs for _, fs in train_sets[:n]])
     labeler = world.labeler(cfg.seed)
-    if cfg.candidates == "policy+demo":  # the demonstrations that also set the reward normalization
-        demos = dict(world.sft_demos("rm"))
-        train_sets = [(ys + [demos[p]], fs + [True]) for p, (ys, fs) in zip(train_prompts, train_sets)]
+    demos = world.sft_demos("rm")  # the labelers' demonstrations: the reward normalization's reference
+    if cfg.candidates == "policy+demo":
+        demo_of = dict(demos)
+        train_sets = [(ys + [demo_of[p]], fs + [True]) for p, (ys, fs) in zip(train_prompts, train_sets)]
     train = [{"prompt": p, "responses": ys, "finished": fs, "ranking": labeler.rank(p, ys, fs)}
              for p, (ys, fs) in zip(train_prompts, train_sets)] if cfg.candidates != "contrast" else []
     if cfg.candidates.endswith("contrast"):  # pairs that differ in correctness alone, of this round's prompts
@@ -119,7 +120,7 @@ def world_rankings(cfg, world, tok, device):
     gold_spread = statistics.mean(statistics.pstdev(r["gold"]) for r in held)
     print(f"labeler temperature tau {world.tau:.4f} (two labelers agree on 75% of pairs) | "
           f"held-out gold std within a prompt's samples {gold_spread:.3f}")
-    return train, held, world.sft_demos("rm")[:cfg.n_norm]
+    return train, held, demos[:cfg.n_norm]
 
 
 def file_rankings(cfg, records):

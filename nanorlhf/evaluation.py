@@ -53,18 +53,23 @@ def gold_report(world, prompts, responses):
     each one's gold score, text and whether it ended."""
     comps = [world.gold_components(p, y, f) for p, (y, f) in zip(prompts, responses)]
     scores = [world.gold_score(p, y, f) for p, (y, f) in zip(prompts, responses)]
-    by_cat = {}
-    for p, s in zip(prompts, scores):
-        by_cat.setdefault(world.category(p), []).append(s)
     return {
         "gold": statistics.mean(scores),
         "components": {k: statistics.mean(c[k] for c in comps) for k in comps[0]},
-        "by_category": {c: statistics.mean(v) for c, v in sorted(by_cat.items())},
+        "by_category": category_means([world.category(p) for p in prompts], scores),
         "eos_fraction": statistics.mean(f for _, f in responses),
         "scores": scores,
         "responses": [y for y, _ in responses],
         "finished": [f for _, f in responses],
     }
+
+
+def category_means(categories, values):
+    """{category: the mean of its items' values}, categories sorted."""
+    groups = {}
+    for c, v in zip(categories, values):
+        groups.setdefault(c, []).append(v)
+    return {c: statistics.mean(v) for c, v in sorted(groups.items())}
 
 
 def win_rate(scores, baseline, seed=0, n_boot=1000):

@@ -48,12 +48,13 @@ def test_rm_sample_accuracy_by_hand():
     assert rm_sample_accuracy([0.0, 0.0], [1.0, 2.0], 2) == {"pairs": 0, "accuracy": None}
 
 
-def test_by_category_by_hand():
-    from eval import by_category
-    got = by_category(["sum", "fact", "sum", "sum"], {"rm": [True, False, False, True], "lm": [1, 1, 0, 0]})
-    assert list(got) == ["fact", "sum"]
-    assert got["fact"] == {"pairs": 1, "rm": 0, "lm": 1}
-    assert got["sum"] == {"pairs": 3, "rm": pytest.approx(2 / 3), "lm": pytest.approx(1 / 3)}
+def test_category_means_by_hand():
+    from nanorlhf.evaluation import category_means
+    cats = ["sum", "fact", "sum", "sum"]
+    rm, lm = category_means(cats, [True, False, False, True]), category_means(cats, [1, 1, 0, 0])
+    assert list(rm) == list(lm) == ["fact", "sum"]
+    assert rm["fact"] == 0 and lm["fact"] == 1
+    assert rm["sum"] == pytest.approx(2 / 3) and lm["sum"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.slow
@@ -86,10 +87,11 @@ def test_quick_pipeline_end_to_end(quick_run):
     with pytest.raises(SystemExit, match="not a reward model trained on the tiny world"):
         eval_main(["--rms", str(out / "sft" / "ckpt.pt"), "--world_scale", "0.01"])
     correct = results["rm_by_kind"]["correctness"]  # by category: the pairs and accuracies of the whole, split
-    cats = correct["by_category"].values()
-    assert sum(c["pairs"] for c in cats) == correct["pairs"]
+    cats = correct["by_category"]
+    assert sum(cats["pairs"].values()) == correct["pairs"]
     for key in ("rm_accuracy", "sft_likelihood_accuracy"):
-        assert sum(c["pairs"] * c[key] for c in cats) == pytest.approx(correct["pairs"] * correct[key])
+        assert list(cats[key]) == list(cats["pairs"])
+        assert sum(n * cats[key][c] for c, n in cats["pairs"].items()) == pytest.approx(correct["pairs"] * correct[key])
     report = (out / "report.md").read_text()
     assert "win rate vs SFT" in report and "ppo_ptx" in report
     assert "| category | pairs | RM | SFT's likelihood |" in report
