@@ -2,6 +2,7 @@
 lr-0 ratios, and subprocess runs (smoke, resume, determinism). The rlhf math itself is tested in test_rlhf.py."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,6 +82,65 @@ def test_lr0_first_minibatch_ratio_one_even_with_dropout_in_config(tmp_path):
     torch.manual_seed(1)
     stats = ppo.update(policy, value_model, opts, b, P, cfg, step=0)
     assert stats["ratio"] == 1.0 and stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
+
+
+def reference_checkpoint(paths, folder):
+    """An LM like paths["lm"] with other weights: a reference π_SFT that differs from the initial policy, so that
+    old (rollout) and reference log-probs are different numbers and cannot be swapped unseen."""
+    ckpt = load_checkpoint(paths["lm"])
+    torch.manual_seed(1)
+    other = GPT(GPTConfig(**ckpt["model_config"]))
+    path = os.path.join(folder, "reference.pt")
+    save_checkpoint(path, make_checkpoint(other, other.config, "lm", Tokenizer.load("tiny"), {}, 0))
+    return path
+
+
+@pytest.mark.parametrize("estimator, k", [("gae", 1), ("grpo", 2)])
+def test_lr0_ratio_is_against_the_rollout_not_the_reference(ckpts, tmp_path, estimator, k):
+    """With a reference unlike the policy, an lr-0 update's importance ratio π_θ/π_old is exactly 1: the ratio is
+    taken against the rollout's log-probs, never the reference's."""
+    cfg = make_cfg(ckpts, lr=0.0, value_lr=0.0, reference=reference_checkpoint(ckpts, str(tmp_path)),
+                   estimator=estimator, group_size=k)
+    (policy, _, _, value_model, _), b, P = rollout_batch(cfg)
+    m = b["response_mask"]
+    assert (b["logprobs"] - b["ref_logprobs"])[m].abs().min() > 1e-3  # every token: the two differ
+    opts = [torch.optim.Adam(mod.parameters(), lr=0.0) for mod in (policy, value_model)]
+    stats = ppo.update(policy, value_model, opts, b, P, cfg, step=0, kl_coef=0.1)
+    assert stats["ratio"] == 1.0 and stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
+
+
+def test_grpo_kl_term_is_k3_against_the_reference(ckpts, tmp_path):
+    """GRPO's loss term β·KL(π_θ || π_ref) is the k3 estimate against the reference's log-probs, by hand:
+    r = π_ref/π_θ, k3 = r − 1 − log r, averaged over the real tokens (at lr 0, π_θ is the rollout's policy)."""
+    cfg = make_cfg(ckpts, reference=reference_checkpoint(ckpts, str(tmp_path)), estimator="grpo", group_size=2)
+    (policy, _, _, value_model, _), b, P = rollout_batch(cfg)
+    _, terms, _ = ppo.minibatch_loss(policy, value_model, b, P, None, cfg, kl_coef=0.3)
+    total, n = 0.0, 0
+    for i in range(len(b["tokens"])):
+        for t in range(b["response_mask"].shape[1]):
+            if b["response_mask"][i, t]:
+                log_r = b["ref_logprobs"][i, t].item() - b["logprobs"][i, t].item()
+                total, n = total + (math.exp(log_r) - 1 - log_r), n + 1
+    assert total / n > 1e-3
+    assert terms["kl"].item() == pytest.approx(0.3 * total / n, rel=1e-5)
+
+
+def test_rloo_takes_the_sequence_reward_with_its_kl(ckpts, tmp_path):
+    """RLOO's advantage of a sample is its sequence reward of eq. (2), RM score − β·Σ_t log(π/π_SFT), minus the
+    mean of the other samples' of its prompt: computed here by hand from the rollout's numbers."""
+    cfg = make_cfg(ckpts, reference=reference_checkpoint(ckpts, str(tmp_path)), estimator="rloo", group_size=4)
+    _, b, _ = rollout_batch(cfg)
+    m = b["response_mask"]
+    rewards, _, final = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"], m,
+                                         cfg.kl_coef)
+    advantages, _ = train_ppo.estimate_advantages(rewards, final, b, cfg)
+    sequence = [final[i].item() - cfg.kl_coef * (b["logprobs"][i] - b["ref_logprobs"][i])[m[i]].sum().item()
+                for i in range(len(m))]
+    for i in range(len(m)):
+        group = range(i - i % 4, i - i % 4 + 4)
+        expected = sequence[i] - sum(sequence[j] for j in group if j != i) / 3
+        assert advantages[i][m[i]].tolist() == pytest.approx([expected] * int(m[i].sum()), abs=1e-5)
+        assert (advantages[i][~m[i]] == 0).all()
 
 
 def test_kl_zero_when_policy_is_reference(ckpts):
