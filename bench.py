@@ -10,7 +10,7 @@ W2, the GPU PPO workload: the same batch on GPT-2 124M-shaped models (12 layers,
 50257, context 1024): 64 prompts of 128 tokens → 128 new tokens; 4 PPO epochs × 4 minibatches of 16. bf16
 autocast on CUDA (train_ppo's default there), fp32 on CPU.
 
-Both run the functions train_ppo runs (generate → ppo.score → rlhf.ppo_rewards / ppo.gae_advantages → ppo.update),
+Both run the functions train_ppo runs (generate → rlhf.score_rollout → ppo_rewards / gae_advantages → ppo_update),
 so they measure the real code. Time = wall seconds per batch after one warm-up batch (which also pays for
 compiling), split into generation / scoring / update; the eager and the compiled run (and with --peer the peer) take
 turns batch by batch. Compiled = train_ppo --compile (kernels.enable): the compiled transformer
@@ -39,10 +39,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from nanorlhf import dist, kernels, ppo, rlhf
+from nanorlhf import dist, kernels, rlhf
 from nanorlhf.common import get_device, lm_loss, peak_flops
+from nanorlhf.config import PPOConfig
 from nanorlhf.engine import generate
-from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.model import GPT, GPTConfig, token_logprobs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -113,15 +114,15 @@ def ppo_batch(w, models, optimizers, prompts, cfg, step, device):
         sync(device)
         t1 = time.perf_counter()
         P = gen.prompt_len
-        b = ppo.score(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never, cfg.temperature)
+        b = rlhf.score_rollout(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never, cfg.temperature)
         # no tokenizer (random ids), so the RM reads the sampled ids; every row is P + N real tokens
         b["scores"] = reward_model(gen.tokens).float()[:, -1]  # (B,)
     sync(device)
     t2 = time.perf_counter()
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                      b["response_mask"], cfg.kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
-    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], cfg.gamma, cfg.lam)
-    ppo.update(policy, value_model, optimizers, b, P, cfg, step, dtype=cfg.dtype)
+    b["advantages"], b["returns"] = rlhf.gae_advantages(rewards, b["values"], b["response_mask"], cfg.gamma, cfg.lam)
+    rlhf.ppo_update(policy, value_model, optimizers, b, P, cfg, step, dtype=cfg.dtype)
     sync(device)
     t3 = time.perf_counter()
     assert gen.response_mask.all() and gen.tokens.shape == (w.prompts, w.prompt_len + w.new_tokens), "early stop"
@@ -131,13 +132,13 @@ def ppo_batch(w, models, optimizers, prompts, cfg, step, device):
 def ppo_setup(w, device, compiled):
     """A step function of one nanorlhf run (eager or compiled) of workload w, set up as train_ppo sets it up."""
     models = ppo_models(w, device)
-    cfg = ppo.PPOConfig(batch_size=w.prompts, minibatch_size=w.minibatch, ppo_epochs=w.ppo_epochs,
+    cfg = PPOConfig(batch_size=w.prompts, minibatch_size=w.minibatch, ppo_epochs=w.ppo_epochs,
                         max_new_tokens=w.new_tokens, temperature=1.0, device=device.type, compile=compiled,
                         dtype=dist.resolve_dtype(w.dtype, device))
     with kernels.compiling(compiled):
         for m in models:
             kernels.compile_model(m)
-    optimizers = ppo.make_optimizers(models[0], models[3], cfg)
+    optimizers = rlhf.make_optimizers(models[0], models[3], cfg)
     g = torch.Generator().manual_seed(1)
 
     def step(i):
@@ -206,10 +207,10 @@ def report_ppo(w, device, batches, peer=False, threads=2):
     print(f"{w.name}: {w.n_layer} layers, d {w.n_embd}, {w.n_head} heads, vocab {w.vocab_size}; {w.prompts} prompts "
           f"× {w.prompt_len} tokens → {w.new_tokens} new; {w.ppo_epochs} epochs × {w.prompts // w.minibatch} "
           f"minibatches of {w.minibatch}; {dist.resolve_dtype(w.dtype, device)}")
-    print(f"{w.name} FLOPs per batch:" + ppo.batch_flops.__doc__.split(":", 1)[1].rstrip("."))
+    print(f"{w.name} FLOPs per batch:" + rlhf.ppo_batch_flops.__doc__.split(":", 1)[1].rstrip("."))
     print(f"matmul peak (measured now, {'fp32' if device.type == 'cpu' else 'bf16'}): {peak / 1e9:,.0f} GFLOP/s")
     models = ppo_models(w, device)
-    flops = ppo.batch_flops(models[0], models[3], w.prompts, T, w.prompt_len, w.ppo_epochs)
+    flops = rlhf.ppo_batch_flops(models[0], models[3], w.prompts, T, w.prompt_len, w.ppo_epochs)
     total = sum(flops.values())
     del models
     medians, per_batch = {}, {}
@@ -251,10 +252,10 @@ def logprob_inputs(rows, d, vocab, device):
 
 def logprob_step(kind, hidden, weight, targets, compiled=False):
     if kind == "naive":
-        logp = kernels.token_logprobs_eager(hidden, weight, targets)  # (N, V) log_softmax, then gather
+        logp = token_logprobs(hidden, weight, targets)[0]  # (N, V) log_softmax, then gather
     else:
         with kernels.compiling(compiled):
-            logp = kernels.token_logprobs(hidden, weight, targets)  # chunked from hidden states
+            logp = kernels.token_logprobs_and_entropy(hidden, weight, targets)[0]  # chunked from hidden states
     logp.sum().backward()
 
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from nanorlhf.common import get_device
-from nanorlhf.config import arg, parse_config, print_config
+from nanorlhf.config import PPOConfig, arg, parse_config, print_config
 from nanorlhf.model import GPT, GPTConfig
-from nanorlhf.ppo import PPOConfig, batch_flops
+from nanorlhf.rlhf import ppo_batch_flops
 from nanorlhf.tokenizer import Tokenizer
 from nanorlhf.world import MAX_SCALE, make_world
 
@@ -116,7 +116,7 @@ def flag(flags, name):
 def gpu_estimate(cfg):
     """FLOPs of the main stages with the preset's flags (the study and --baselines not counted), by the models'
     formulas: training 6N + 12·L·C·T per token (GPT.flops_per_token), sampling a third of that, PPO by
-    ppo.batch_flops; token counts from the world's prompts and demonstrations, responses at their longest
+    rlhf.ppo_batch_flops; token counts from the world's prompts and demonstrations, responses at their longest
     (48 tokens). The time assumes 100 TFLOP/s (≈10% of an H100's bf16 peak: small models, much of it decoding),
     an estimate until the preset is measured on a GPU. Returns {stage: FLOPs}."""
     world = make_world(cfg.world_seed, float(world_scale(cfg)))
@@ -138,7 +138,7 @@ def gpu_estimate(cfg):
              "rm": rm_tokens * (1 + 1 / 3) * lm.flops_per_token(P + rm_new)}  # sampling + training
     for name in ("ppo", "ppo_ptx"):
         ppo = parse_config(PPOConfig, stage_flags(cfg, name))
-        flops[name] = ppo.batches * sum(batch_flops(lm, lm, ppo.batch_size, P + N, P, ppo.ppo_epochs).values())
+        flops[name] = ppo.batches * sum(ppo_batch_flops(lm, lm, ppo.batch_size, P + N, P, ppo.ppo_epochs).values())
     total = sum(flops.values())
     print(f"--preset {preset(cfg)}: {lm.num_params() / 1e6:.1f}M-parameter models; estimated " + ", ".join(
         f"{k} {v / 1e15:.2f}" for k, v in flops.items()) + f" PFLOP; {total / 1e15:.1f} PFLOP in all ≈ "

@@ -3,8 +3,9 @@
 Each PPO batch: sample one response per prompt from the policy (KV-cached, full softmax at temperature T) → score
 it with full forwards (policy and reference log-probs, values, RM score) → per-token rewards −β·KL plus the RM
 score on the EOS → GAE → `ppo_epochs` passes of clipped policy and value updates in minibatches, with γ·ptx
-(next-token loss on pretraining text) added to the same loss for PPO-ptx. The flags (PPOConfig), scoring and the
-minibatch update are in nanorlhf/ppo.py (bench.py runs them too); the math is nanorlhf/rlhf.py's.
+(next-token loss on pretraining text) added to the same loss for PPO-ptx. The math, the scoring and the minibatch
+update are nanorlhf/rlhf.py's (bench.py runs them too), the model nanorlhf/model.py's, the sampler
+nanorlhf/engine.py's; the flags are config.PPOConfig.
 
 --estimator swaps GAE and the value model for a critic-free advantage of rlhf.py, on the same rollout, scoring and
 clipped policy update: rloo and grpo sample --group_size responses per prompt (the batch keeps --batch_size
@@ -23,31 +24,30 @@ from dataclasses import asdict
 
 import torch
 
-from nanorlhf import dist, kernels, ppo, rlhf
+from nanorlhf import dist, kernels, rlhf
 from nanorlhf.checkpoint import make_checkpoint
 from nanorlhf.common import (Progress, check_finite, check_room, checkpoint_or_compile, epoch_batch, load_model,
                              read_checkpoint, resume, setup, token_stream, val_loss, write_results, write_state)
-from nanorlhf.config import parse_config
+from nanorlhf.config import PPOConfig, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl, read_text
 from nanorlhf.engine import generate
 from nanorlhf.evaluation import gold_eval, win_rate
-from nanorlhf.ppo import PPOConfig
 from nanorlhf.reward import score_texts
 from nanorlhf.world import make_world
 
 
 def check_config(cfg):
     """Exit with one line on flags that cannot work together, before anything is loaded."""
-    world = dist.world_size()
-    if cfg.batch_size % world or cfg.minibatch_size % world:
-        raise SystemExit(f"--batch_size and --minibatch_size must be multiples of the {world} processes")
+    world_size = dist.world_size()
+    if cfg.batch_size % world_size or cfg.minibatch_size % world_size:
+        raise SystemExit(f"--batch_size and --minibatch_size must be multiples of the {world_size} processes")
     if cfg.estimator not in ("gae", "rloo", "grpo", "reinforce_pp"):
         raise SystemExit(f"--estimator {cfg.estimator!r}: expected gae, rloo, grpo or reinforce_pp")
     if cfg.estimator in ("rloo", "grpo") and cfg.group_size < 2:
         raise SystemExit(f"--estimator {cfg.estimator} compares samples of one prompt: --group_size must be ≥ 2")
-    if (cfg.batch_size // cfg.group_size) % world or cfg.batch_size % cfg.group_size:
+    if (cfg.batch_size // cfg.group_size) % world_size or cfg.batch_size % cfg.group_size:
         raise SystemExit(f"--batch_size {cfg.batch_size} must be --group_size {cfg.group_size} × a multiple of the "
-                         f"{world} processes")
+                         f"{world_size} processes")
     if cfg.reward not in ("rm", "gold") or (cfg.reward == "gold" and cfg.data):
         raise SystemExit(f"--reward {cfg.reward!r}: expected rm, or gold (the tiny world's judge, not with --data)")
 
@@ -98,7 +98,7 @@ def rollout(policy, ref_policy, reward_model, value_model, tok, prompts, cfg):
                    temperature=cfg.temperature)
     P = gen.prompt_len
     critic = value_model if cfg.estimator == "gae" else None
-    b = ppo.score(policy, ref_policy, critic, gen.tokens, gen.attention_mask, P, tok.eos_id, cfg.temperature)
+    b = rlhf.score_rollout(policy, ref_policy, critic, gen.tokens, gen.attention_mask, P, tok.eos_id, cfg.temperature)
     sampled = [row[:n] for row, n in zip(gen.tokens[:, P:].tolist(), b["response_mask"].sum(1).tolist())]
     finished = b["finished"].tolist()
     responses = [tok.decode_response(ids) for ids in sampled]
@@ -114,7 +114,7 @@ def estimate_advantages(rewards, final, b, cfg):
     rlhf.py's critic-free estimators (their returns are the rollout's zero values: no value loss uses them)."""
     m = b["response_mask"]
     if cfg.estimator == "gae":
-        return ppo.gae_advantages(rewards, b["values"], m, cfg.gamma, cfg.lam)
+        return rlhf.gae_advantages(rewards, b["values"], m, cfg.gamma, cfg.lam)
     if cfg.estimator == "rloo":  # the sequence reward: RM score − β·Σ KL_t (the per-token rewards summed)
         advantages = rlhf.rloo_advantages(rewards.sum(1), m, cfg.group_size)
     elif cfg.estimator == "grpo":  # the outcome reward alone; the KL is a loss term
@@ -127,8 +127,8 @@ def estimate_advantages(rewards, final, b, cfg):
 def batch_log(b, final, kl_coef, gold, step, cfg):
     """The rollout's diagnostics: means over the global batch (all ranks); explained_var is this rank's."""
     m = b["response_mask"]
-    k1 = torch.where(m, rlhf.kl_penalty(b["logprobs"], b["ref_logprobs"], "k1"), 0.0).sum(1)  # (B,) per response
-    k3 = torch.where(m, rlhf.kl_penalty(b["logprobs"], b["ref_logprobs"], "k3"), 0.0).sum(1)
+    k1 = torch.where(m, rlhf.kl_estimate(b["logprobs"], b["ref_logprobs"], "k1"), 0.0).sum(1)  # (B,) per response
+    k3 = torch.where(m, rlhf.kl_estimate(b["logprobs"], b["ref_logprobs"], "k3"), 0.0).sum(1)
     log = {"step": step + 1, "episodes": (step + 1) * cfg.batch_size, "reward": dist.mean(final).item(),
            "rm_score": dist.mean(b["scores"]).item(), "kl": dist.mean(k1).item(), "kl_k3": dist.mean(k3).item(),
            "kl_coef": kl_coef, "response_len": dist.mean(m.sum(1).float()).item(),
@@ -198,7 +198,7 @@ def main(argv=None):
         checkpoint_or_compile(m, cfg.activation_checkpointing)
     for m in (ref_policy, reward_model):  # frozen: never checkpointed (no backward)
         kernels.compile_model(m)
-    opt_policy, opt_value = ppo.make_optimizers(policy, value_model, cfg)
+    opt_policy, opt_value = rlhf.make_optimizers(policy, value_model, cfg)
     kl_ctl = rlhf.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     ptx_stream = token_stream(tok, ptx_docs or world.pretrain_docs("train")) if cfg.ptx_coef > 0 else None
     print(f"{len(prompts)} prompts | policy and value {policy.num_params() / 1e6:.2f}M parameters each")
@@ -217,7 +217,7 @@ def main(argv=None):
         keep_log_lines(log_path, step)
 
     total = cfg.batches if cfg.max_steps < 0 else min(cfg.batches, cfg.max_steps)
-    progress = Progress(total, cfg.log_every, None, device, start=step)  # FLOPs counted per batch: ppo.batch_flops
+    progress = Progress(total, cfg.log_every, None, device, start=step)  # FLOPs counted per batch: rlhf.ppo_batch_flops
     t_start = time.perf_counter()
     while step < total:
         t0 = time.perf_counter()
@@ -232,7 +232,8 @@ def main(argv=None):
             b, P, responses = rollout(policy, ref_policy, reward_model, value_model, tok, batch, cfg)
         gold = None
         if not cfg.data:
-            gold = torch.tensor([world.gold_score(p, y, f) for p, y, f in zip(batch, responses, b["finished"].tolist())],
+            finished = b["finished"].tolist()
+            gold = torch.tensor([world.gold_score(p, y, f) for p, y, f in zip(batch, responses, finished)],
                                 dtype=torch.float64)
             if cfg.reward == "gold":  # the oracle: the judge the labelers only approximate
                 b["scores"] = (cfg.gold_scale * gold).to(device=device, dtype=torch.float32)
@@ -250,8 +251,8 @@ def main(argv=None):
 
         # update: K epochs of minibatches, each one step on clipped policy loss + value loss + γ·ptx
         log = batch_log(b, final, kl_coef, gold, step, cfg)
-        log.update(ppo.update(policy, value_model, (opt_policy, opt_value), b, P, cfg, step, ptx_stream, ema, dtype,
-                              kl_coef))
+        log.update(rlhf.ppo_update(policy, value_model, (opt_policy, opt_value), b, P, cfg, step, ptx_stream, ema,
+                                   dtype, kl_coef))
         if cfg.adaptive_kl:
             kl_ctl.update(log["kl"], cfg.batch_size)
         step += 1
@@ -263,7 +264,7 @@ def main(argv=None):
         if dist.is_main():
             with open(log_path, "a") as f:
                 f.write(json.dumps(log) + "\n")
-        flops = sum(ppo.batch_flops(policy, value_model, *b["tokens"].shape, P, cfg.ppo_epochs).values())
+        flops = sum(rlhf.ppo_batch_flops(policy, value_model, *b["tokens"].shape, P, cfg.ppo_epochs).values())
         progress.step(step - 1, n_tokens, flops * dist.world_size(),  # every rank ran its share of the batch
                       **{k: log[k] for k in ("reward", "gold", "kl") if k in log})
         if (step % cfg.save_every == 0 or step == total) and dist.is_main():

@@ -25,7 +25,7 @@ from nanorlhf.config import TrainConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import expected_agreement, pair_accuracy, sample_sets
 from nanorlhf.reward import rm_input, score_groups, score_records
-from nanorlhf.rlhf import ranked_pairs
+from nanorlhf.rlhf import ranked_pairs, ranking_loss
 from nanorlhf.world import calibrate_tau, make_world
 
 
@@ -150,13 +150,14 @@ def accumulate_gradients(model, tok, batch, grad_accum, dtype, device):
     mine = dist.shard(batch)
     size = max(1, -(-len(mine) // grad_accum))  # ceil: micro-batch size (a short last batch can leave a rank none)
     loss, scores, n_responses = torch.zeros((), device=device), [], 0
+    loss_fn = kernels.compiled(ranking_loss) if kernels.enabled else ranking_loss  # --compile: one graph
     for k in range(0, len(mine), size):
         micro = mine[k:k + size]
         with dist.autocast(device, dtype):
             rewards, valid = score_groups(model, tok, micro, device)  # (b, K), (b, K)
         ranks = pad([r["ranking"] for r in micro], 0, device=device)[0]  # (b, K), padding masked by `valid`
         weight = sum(bool(ranked_pairs(r["ranking"])) for r in micro) / max(n_global, 1)
-        micro_loss = kernels.ranking_loss(rewards.float(), ranks, valid) * weight  # eq. (1)
+        micro_loss = loss_fn(rewards.float(), ranks, valid) * weight  # eq. (1)
         (micro_loss * dist.world_size()).backward()  # average_gradients divides by the number of ranks
         loss += micro_loss.detach()
         scores += rewards.detach().float().tolist()

@@ -115,11 +115,11 @@ def load_model(path, head="lm", device="cpu"):
 
 
 def checkpoint_or_compile(model, activation_checkpointing):
-    """A trained model's --activation_checkpointing (dist.checkpoint_blocks) or else kernels.compile_model (a no-op
-    without --compile): dynamo cannot trace checkpointed blocks, so with both the model stays eager."""
+    """A trained model's --activation_checkpointing (dist.checkpoint_blocks) and kernels.compile_model (a no-op
+    without --compile): dynamo cannot trace checkpointed blocks, so with both only the log-probs are compiled."""
     if activation_checkpointing:
-        return dist.checkpoint_blocks(model)
-    return kernels.compile_model(model)
+        dist.checkpoint_blocks(model)
+    return kernels.compile_model(model, blocks=not activation_checkpointing)
 
 
 def pad(seqs, pad_id, left=False, device="cpu"):
@@ -154,9 +154,9 @@ def cosine_lr(step, total, lr, warmup, final_ratio=0.1):
 
 def sequence_logprobs(model, ids, mask=None, temperature=1.0):
     """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1). logits[:, t] predict token t+1, so hidden
-    state t scores token t+1; computed chunk-wise from hidden states (no (B, T, V) logits tensor)."""
+    state t scores token t+1 (GPT.token_logprobs)."""
     h = model.hidden_states(ids[:, :-1], attention_mask=None if mask is None else mask[:, :-1])  # (B, T-1, C)
-    return kernels.token_logprobs(h, model.lm_head.weight, ids[:, 1:], temperature)  # (B, T-1)
+    return model.token_logprobs(h, ids[:, 1:], temperature)[0]  # (B, T-1)
 
 
 def check_room(tok, prompts, max_new_tokens, block_size):

@@ -66,6 +66,55 @@ class TrainConfig(CommonConfig):
                                      "log-probs and losses; fused Adam); None = on for CUDA, off for CPU")
 
 
+@dataclasses.dataclass
+class PPOConfig(TrainConfig):
+    """train_ppo.py's flags (bench.py and run.py's FLOP estimate read them too)."""
+    init: str = arg("runs/default/sft/ckpt.pt", "SFT checkpoint: the initial policy and the frozen reference")
+    reward_model: str = arg("runs/default/rm/ckpt.pt", "reward model checkpoint (normalized); also inits the value model")
+    reference: str = arg("", "the frozen reference π_SFT of the KL penalty; empty = --init (iterated RLHF: round k "
+                             "starts from round k-1's policy, the reference stays SFT)")
+    out: str = arg("runs/default/ppo", "output directory (ckpt.pt, state.pt, log.jsonl, metrics.json)")
+    ptx_data: str = arg("", "pretraining text for ptx (documents separated by blank lines); empty = the tiny world's")
+    batches: int = arg(40, "PPO batches (rollout + update); episodes = batches × batch_size", low=1)
+    batch_size: int = arg(64, "prompts (episodes) per rollout", low=1)
+    minibatch_size: int = arg(16, "episodes per gradient step (paper: 64 of 512)", low=1)
+    ppo_epochs: int = arg(4, "passes over each rollout (paper: 1; 4 here: ~2.5k episodes in all, so reuse them)", low=1)
+    lr: float = arg(3e-5, "policy learning rate (Adam), constant after warm-up", low=0)
+    value_lr: float = arg(1e-4, "value model learning rate (Adam)", low=0)
+    warmup: int = arg(10, "linear learning-rate warm-up over this many batches (paper: 10 iterations)", low=1)
+    max_grad_norm: float = arg(1.0, "clip the policy's and the value model's gradient norms to this", positive=True)
+    temperature: float = arg(1.0, "sampling temperature of the rollouts (the log-probs use the same T)", positive=True)
+    max_new_tokens: int = arg(48, "longest response; one that does not end by then pays --missing_eos_penalty", low=1)
+    kl_coef: float = arg(0.1, "β, the per-token KL penalty to SFT (paper: 0.02; at 0.02 our RM is over-optimized)",
+                         low=0)
+    kl_kind: str = arg("k1", "per-token KL estimator in the reward: k1 = log π/π_SFT (paper) | k3 (≥ 0)")
+    adaptive_kl: bool = arg(False, "adapt β toward --target_kl (Ziegler et al. 2019) instead of keeping it fixed")
+    target_kl: float = arg(2.0, "target KL per response (nats, k1 summed over tokens) for --adaptive_kl", positive=True)
+    kl_horizon: int = arg(1000, "episodes over which --adaptive_kl moves β by at most 20%", low=1)
+    gamma: float = arg(1.0, "GAE discount (paper: 1, no discount)", low=0, high=1)
+    lam: float = arg(0.95, "GAE λ (paper: 0.95)", low=0, high=1)
+    clip_eps: float = arg(0.2, "PPO ratio clip ε (paper: 0.2)", positive=True)
+    value_clip: float = arg(0.2, "value clip around the rollout's values", positive=True)
+    missing_eos_penalty: float = arg(1.0, "subtracted from the RM score of a response that never emitted EOS (so not "
+                                          "finishing never pays: the RM score is kept, then lowered)", low=0)
+    ptx_coef: float = arg(0.0, "γ, weight of the pretraining loss (PPO-ptx); 0 = plain PPO (paper: 27.8)", low=0)
+    ptx_per_episode: float = arg(0.5, "pretraining sequences per RL episode in each minibatch (paper: 8)", low=0)
+    ptx_block_size: int = arg(64, "tokens per pretraining sequence", low=1)
+    ema: float = arg(0.0, "decay of an EMA of the policy weights, saved as ckpt.pt (paper: 0.992); 0 = off",
+                     low=0, high=0.9999)
+    log_every: int = arg(5, "progress line every N batches", low=1)
+    save_every: int = arg(10, "write state.pt every N batches", low=1)
+    estimator: str = arg("gae", "advantages: gae (PPO: learned critic, KL per token in the reward) | rloo (leave-one-"
+                                "out baseline, KL in the sequence reward) | grpo (group-normalized, KL as a k3 term "
+                                "in the loss) | reinforce_pp (return-to-go, KL per token in the reward, normalized over "
+                                "the batch); the last three train no value model")
+    group_size: int = arg(1, "responses sampled per prompt in a batch (rloo and grpo need ≥ 2; --batch_size counts "
+                             "responses and must be a multiple)", low=1)
+    reward: str = arg("rm", "rm | gold: the reward model, or the tiny world's gold judge × --gold_scale (the oracle)")
+    gold_scale: float = arg(10.0, "--reward gold: the gold score (in [0, 1]) times this, near the RM's spread",
+                            positive=True)
+
+
 def _optional_of(tp):
     """X for Optional[X] / X | None, else None."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

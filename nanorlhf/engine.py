@@ -72,7 +72,8 @@ class Generation:
     tokens: torch.Tensor  # (B, P+N) long: left-padded prompts, then responses (pad_id after EOS)
     attention_mask: torch.Tensor  # (B, P+N) bool: real prompt tokens and response tokens up to the first EOS
     response_mask: torch.Tensor  # (B, N) bool: response tokens up to and including the first EOS
-    logprobs: torch.Tensor  # (B, N) float: log-prob of each sampled token under softmax(logits / T); 0 if masked
+    logprobs: torch.Tensor  # (B, N) float: the sampler's log-prob of each drawn token under softmax(logits / T), 0 if
+    # masked; PPO does not read it (rlhf.score_rollout rescores with full forwards), tests check the two agree
     prompt_len: int  # P
 
 
@@ -134,7 +135,7 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
     if P + max_new_tokens > config.block_size:
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds block_size {config.block_size}")
     device = model.transformer.wte.weight.device
-    fixed_shapes = kernels.enabled()  # a compiled decode step: one graph per shape
+    fixed_shapes = kernels.enabled  # --compile: a compiled decode step, one graph per shape
     prompt = torch.full((B, P), pad_id, dtype=torch.long, device=device)  # (B, P) left-padded
     prompt_mask = torch.zeros(B, P, dtype=torch.bool, device=device)  # (B, P)
     for i, p in enumerate(prompts):
@@ -154,7 +155,7 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, temperature=1.0, to
             kv_cache.reset()
         else:
             kv_cache = KVCache(*shape, device=device, dtype=dtype)
-        step = kernels.compile_decode(decode_step, device)  # decode_step itself unless compiling
+        step = kernels.compile_decode(decode_step, device) if fixed_shapes else decode_step
         h = model.hidden_states(prompt, attention_mask=prompt_mask, kv_cache=kv_cache)[:, -1]  # (B, C) prefill
         logits = model.lm_head(h)  # (B, vocab): only the last position samples
         response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)

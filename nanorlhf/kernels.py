@@ -1,15 +1,18 @@
 """Compilation as one layer over the eager code, and the fused hot-path kernels beside their eager twins.
 
-One switch, `enable(on)` (the scripts' --compile: on for CUDA, off for CPU by default). Off, every function here
-runs the plain eager code it names; on, the hot path runs through torch.compile and computes the same function:
-- compile_model(model): the transformer blocks and the final LayerNorm (GPT.blocks) of a model, forward and backward
+One switch, `enable(on)` (the scripts' --compile: on for CUDA, off for CPU by default), read as `kernels.enabled`.
+Off, nothing here runs: the recipe is the plain eager PyTorch of model.py, engine.py and rlhf.py. On, the hot path
+runs through torch.compile and computes the same functions:
+- compile_model(model): on a model instance, the transformer blocks and the final LayerNorm (GPT.blocks), forward
+  and backward, and the log-probs (GPT.token_logprobs) through the fused kernel below
 - compile_decode(step): engine's one-token decode step, static shapes, CUDA graphs on CUDA (gpt-fast's recipe)
 - token_logprobs(_and_entropy): log-probs straight from hidden states, chunk by chunk (LM-head matmul + logsumexp +
   gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (by
   default 2^23 logits on CPU, 2^25 on a GPU, whatever V), and the backward recomputes each chunk's logits instead
   of saving them (all rows in one chunk: that chunk's softmax is kept for the backward, no more memory and one
-  matmul fewer). Compiled or not, the same chunked function.
-- ppo_loss, ranking_loss, gae: rlhf.py's math as one compiled graph each (GAE as a matmul with a discount matrix).
+  matmul fewer). Its eager twin: model.token_logprobs (log_softmax, then gather).
+- compiled(fn): any of rlhf.py's loss functions as one compiled graph (rlhf.ppo_losses, rlhf.ranking_loss)
+- gae: rlhf.gae's reverse scan as one matmul with a discount matrix, compiled
 Compiling happens lazily on first use. Python scalars go in as tensors and sizes that vary (chunk rows, batch,
 response length) are marked dynamic, so none of them recompiles.
 """
@@ -21,9 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanorlhf import rlhf
-
-_enabled = False
+enabled = False  # the switch: read by the eager code where it hands the hot path to this module
 
 
 def use_compile(device):
@@ -33,19 +34,15 @@ def use_compile(device):
 
 def enable(on, device="cpu"):
     """The switch: compile the hot path from here on (on None: use_compile(device)). Returns the resolved choice."""
-    global _enabled
-    _enabled = use_compile(device) if on is None else bool(on)
-    return _enabled
-
-
-def enabled():
-    return _enabled
+    global enabled
+    enabled = use_compile(device) if on is None else bool(on)
+    return enabled
 
 
 @contextlib.contextmanager
 def compiling(on=True):
     """enable(on) within a block, the previous choice restored after it (bench and tests run both paths)."""
-    before = _enabled
+    before = enabled
     enable(on)
     try:
         yield
@@ -58,17 +55,22 @@ def _compiled(fn, **options):
     return torch.compile(fn, **options)
 
 
-def compile_model(model):
-    """With the switch on, route `model.blocks` (every block and the final LayerNorm) through torch.compile of its
-    twin `_blocks`, forward and backward: LayerNorm, the attention's scale, mask and softmax, GELU and the residual
+def compile_model(model, blocks=True):
+    """With the switch on, take model.token_logprobs from token_logprobs_and_entropy (fused, compiled), and route
+    `model.blocks` (every block and the final LayerNorm) through torch.compile of its twin `_blocks`, forward and
+    backward: LayerNorm, the attention's scale, mask and softmax, GELU and the residual
     adds are fused between the matmuls. Sizes are dynamic, so a new batch or sequence length reuses the graph, and
     every model of the same shape shares it (weights are graph inputs). The mask, positions and embeddings stay
     eager: handed in as a tensor, the mask is read by the softmax kernels instead of rebuilt (causal, padding,
     diagonal) in each of them, and on CPU aten's embedding backward is faster than inductor's (atomic adds). On CPU
     the model takes its plain attention (use_sdpa False: a masked softmax between two batched matmuls, which
     inductor fuses; SDPA's CPU kernel is slower at small heads), the same function. Not for checkpointed blocks
-    (dist.checkpoint_blocks): dynamo cannot trace them, so the scripts leave such a model eager."""
-    if not _enabled:
+    (dist.checkpoint_blocks): dynamo cannot trace them, so blocks=False leaves them eager and fuses the log-probs
+    only."""
+    if not enabled:
+        return model
+    model.token_logprobs = functools.partial(_model_token_logprobs, model)
+    if not blocks:
         return model
     if next(model.parameters()).device.type == "cpu":
         model.use_sdpa = False
@@ -100,7 +102,7 @@ def _compiled_unless_cached(eager, compiled, model, x, mask=None, kv_cache=None,
 def compile_decode(step, device):
     """engine's decode step, compiled with static shapes when the switch is on (one graph per cache length); on
     CUDA as CUDA graphs (mode="reduce-overhead"), each call first marking the previous step's outputs consumed."""
-    if not _enabled:
+    if not enabled:
         return step
     device = torch.device(device)
     compiled = _compiled(step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
@@ -122,12 +124,6 @@ def mark_static(tensors):
 
 # ----------------------------------------------------------------------------------------------------------------
 # log-probs (and entropy) from hidden states
-
-def token_logprobs_eager(hidden, weight, targets, temperature=1.0):
-    """Reference: log_softmax(hidden @ weight.T / T).gather(targets); builds the full (..., V) logits."""
-    logits = (hidden @ weight.T) / temperature  # (..., V)
-    return F.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-
 
 def _chunk_logits(h, weight, inv_temp):
     z = h @ weight.T  # (n, V)
@@ -237,24 +233,18 @@ def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_s
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, C)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     keep_probs = needs_grad and len(hidden) <= chunk_size  # one chunk: keep its softmax for the backward
-    logp, entropy = _TokenLogprobs.apply(hidden, weight, targets.reshape(-1), inv_temp, chunk_size, _enabled,
+    logp, entropy = _TokenLogprobs.apply(hidden, weight, targets.reshape(-1), inv_temp, chunk_size, enabled,
                                          keep_probs)
     return logp.reshape(lead), entropy.reshape(lead)
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None):
-    """log p(targets), shaped like targets; see token_logprobs_and_entropy."""
-    return token_logprobs_and_entropy(hidden, weight, targets, temperature, chunk_size)[0]
+def _model_token_logprobs(model, hidden, targets, temperature=1.0):
+    """GPT.token_logprobs through the fused kernel (compile_model puts it on a model instance)."""
+    return token_logprobs_and_entropy(hidden, model.lm_head.weight, targets, temperature)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # rlhf's math, compiled
-
-def _ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps, value_clip):
-    pg_loss, stats = rlhf.policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
-    v_loss = rlhf.value_loss(values, old_values, returns, mask, value_clip)
-    return pg_loss, v_loss, stats
-
 
 def _dynamic(*tensors):
     """Mark every dimension dynamic: a new batch or response length reuses the compiled graph."""
@@ -264,25 +254,18 @@ def _dynamic(*tensors):
     return tensors
 
 
-def _scalars(like, *values):
-    """Python floats as 0-dim tensors: a graph input each, so a new value does not recompile."""
-    return [torch.tensor(v, dtype=like.dtype, device=like.device) for v in values]
+def _graph_inputs(args):
+    """Tensors with every dimension dynamic, Python floats as 0-dim tensors of the first floating tensor's dtype (a
+    graph input each, so a new value does not recompile)."""
+    like = next(a for a in args if torch.is_tensor(a) and a.is_floating_point())
+    return [_dynamic(a)[0] if torch.is_tensor(a) else torch.tensor(a, dtype=like.dtype, device=like.device)
+            for a in args]
 
 
-def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps=0.2, value_clip=0.2):
-    """(policy loss, value loss, policy stats): rlhf.policy_loss and rlhf.value_loss, all inputs (B, T); compiled,
-    both losses, their masked means and the stats in one graph."""
-    if not _enabled:
-        return _ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps, value_clip)
-    tensors = _dynamic(logprobs, old_logprobs, advantages, values, old_values, returns, mask)
-    return _compiled(_ppo_loss)(*tensors, *_scalars(logprobs, clip_eps, value_clip))
-
-
-def ranking_loss(rewards, ranks, mask):
-    """rlhf.ranking_loss (eq. (1)), compiled when the switch is on."""
-    if not _enabled:
-        return rlhf.ranking_loss(rewards, ranks, mask)
-    return _compiled(rlhf.ranking_loss)(*_dynamic(rewards, ranks, mask))
+def compiled(fn):
+    """fn (one of rlhf.py's loss functions, positional arguments) as one compiled graph: its masked means, clips and
+    statistics fused. The same function; only the order of float sums may differ."""
+    return lambda *args: _compiled(fn)(*_graph_inputs(args))
 
 
 def _gae_scan(rewards, values, mask, gamma, lam):
@@ -301,8 +284,6 @@ def _gae_scan(rewards, values, mask, gamma, lam):
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """rlhf.gae for right-padded rows: (advantages, returns), each (B, T); compiled, the reverse scan as one matmul
-    with a discount matrix (the same sums, in another order)."""
-    if not _enabled:
-        return rlhf.gae(rewards, values, mask, gamma, lam)
-    return _compiled(_gae_scan)(*_dynamic(rewards, values, mask), *_scalars(values, gamma, lam))
+    """rlhf.gae's twin for right-padded rows: (advantages, returns), each (B, T), compiled, the reverse scan as one
+    matmul with a discount matrix (the same sums, in another order)."""
+    return compiled(_gae_scan)(rewards, values, mask, gamma, lam)

@@ -201,6 +201,11 @@ class GPT(nn.Module):
             return self.score(h).squeeze(-1)  # (B, T)
         return self.lm_head(h)  # (B, T, vocab)
 
+    def token_logprobs(self, hidden, targets, temperature=1.0):
+        """(log p(targets), entropy) of hidden states through the LM head at temperature T (token_logprobs below).
+        kernels.compile_model swaps in a fused twin that never builds the whole logits tensor."""
+        return token_logprobs(hidden, self.lm_head.weight, targets, temperature)
+
     def num_params(self):
         """Number of parameters; the tied lm_head/wte matrix is counted once."""
         return sum(p.numel() for p in self.parameters())
@@ -298,6 +303,17 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0):
+    """(log p(targets), entropy) under softmax(hidden @ weight.T / T), each shaped like targets: hidden (..., C),
+    weight (V, C), targets (...) token ids. log_softmax over the full (..., V) logits, then gather; the softmax math
+    in at least float32 (also under bf16 autocast). The entropy is for logging: no gradient."""
+    logits = hidden @ weight.T  # (..., V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logp = F.log_softmax(logits, dim=-1)  # (..., V)
+    entropy = -(logp.exp() * logp).sum(-1).detach()  # (...) H = −Σ p log p
+    return logp.gather(-1, targets[..., None]).squeeze(-1), entropy
 
 
 def read_safetensors(path: str) -> dict:

@@ -1,13 +1,20 @@
-"""The loss and advantage math of InstructGPT (Ouyang et al. 2022, arXiv 2203.02155), as small pure functions.
+"""The math of InstructGPT (Ouyang et al. 2022, arXiv 2203.02155) as small pure functions, and PPO's steps on the
+models that use them (the last section): scoring a rollout, the minibatch loss and the K-epoch update.
 
 Token tensors are (B, T) with a mask of the same shape (1 = real token, 0 = padding). Every mean over tokens
-is a masked mean: padded positions never change a result, whatever values they hold.
+is a masked mean: padded positions never change a result, whatever values they hold. In PPO's steps, tokens
+(B, P+N) are left-padded prompts followed by right-padded responses; every per-token tensor is (B, N), the
+response positions only.
 """
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+
+from nanorlhf import dist, kernels
+from nanorlhf.common import check_finite, get_batch, lm_loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,11 +112,12 @@ def best_of_n_kl(n):
 # ----------------------------------------------------------------------------------------------------------------
 # PPO (InstructGPT §3.5 "Reinforcement learning (RL)", eq. (2); Schulman et al. 2017)
 
-def kl_penalty(logprobs, ref_logprobs, kind="k1"):
-    """Per-token estimate of KL(π_RL || π_SFT) from tokens sampled from π_RL; (B, T) in, (B, T) out.
-
-    InstructGPT eq. (2) puts −β·log(π_RL/π_SFT) on each token ("k1", unbiased, can be negative). "k2" = ½·(log r)²
-    and "k3" = (r − 1) − log r with r = π_SFT/π_RL (unbiased and ≥ 0; Schulman 2020, "Approximating KL divergence").
+def kl_estimate(logprobs, ref_logprobs, kind="k1"):
+    """Per-token estimate of KL(π_RL || π_SFT) from tokens sampled from π_RL; (B, T) in, (B, T) out. With
+    r = π_SFT/π_RL (Schulman 2020, "Approximating KL divergence"):
+      k1 = −log r: unbiased, can be negative; InstructGPT eq. (2) puts −β·k1 on each token.
+      k2 = ½·(log r)²: biased, ≥ 0, low variance.
+      k3 = (r − 1) − log r: unbiased and ≥ 0.
     """
     log_ratio = logprobs - ref_logprobs
     if kind == "k1":
@@ -128,13 +136,13 @@ def ppo_rewards(scores, finished, logprobs, ref_logprobs, response_mask, kl_coef
         objective(φ) = E_(x,y)~π_φ^RL [ r_θ(x, y) − β·log(π_φ^RL(y|x) / π^SFT(y|x)) ] + γ·E_x~D_pretrain [ log π_φ^RL(x) ]
 
     The first expectation is the RL episode's return: log(π^RL(y|x) / π^SFT(y|x)) = Σ_t log(π^RL(y_t) / π^SFT(y_t)),
-    so each response token t gets −β·KL_t (kl_penalty's estimator, k1 in the paper) and the last real token (the
+    so each response token t gets −β·KL_t (kl_estimate's estimator, k1 in the paper) and the last real token (the
     EOS) also gets the RM score r_θ(x, y), lowered by missing_eos_penalty for a response that never emitted EOS (at
     any RM score, not finishing earns less than finishing). PPO maximizes it with GAE advantages and the clipped
     policy_loss; the γ term, PPO-ptx, is a next-token loss on pretraining text added to the same update
-    (train_ppo.py). scores, finished: (B,); the rest (B, N). Returns (rewards, kl, final): (B, N) rewards, (B, N) KL_t
+    (minibatch_loss). scores, finished: (B,); the rest (B, N). Returns (rewards, kl, final): (B, N) rewards, (B, N) KL_t
     (0 on padding), and the (B,) reward added at the last token."""
-    kl = torch.where(response_mask, kl_penalty(logprobs, ref_logprobs, kl_kind), 0.0)  # (B, N)
+    kl = torch.where(response_mask, kl_estimate(logprobs, ref_logprobs, kl_kind), 0.0)  # (B, N)
     rewards = -kl_coef * kl
     last = response_mask.sum(1) - 1  # (B,) position of the last real response token
     final = scores - missing_eos_penalty * (~finished).float()  # (B,)
@@ -180,7 +188,7 @@ def rloo_advantages(sequence_rewards, mask, k):
 def grpo_advantages(scores, mask, k, eps=1e-6):
     """GRPO (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision): k samples per prompt, consecutive in the
     batch; advantage = (r − mean) / (std + eps) over the prompt's group, on every token (a group whose rewards are
-    all equal gives 0). KL: not in the reward; a k3 term β·KL(π_θ || π_ref) in the loss (ppo.minibatch_loss)."""
+    all equal gives 0). KL: not in the reward; a k3 term β·KL(π_θ || π_ref) in the loss (minibatch_loss)."""
     r = scores.view(-1, k)  # (B/k, k)
     a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)  # unbiased std, as the paper's code
     return torch.where(mask.bool(), a.view(-1, 1), 0.0)
@@ -222,6 +230,13 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
     return 0.5 * masked_mean(loss, mask)
 
 
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip_eps, value_clip):
+    """(policy loss, value loss, policy stats) of one minibatch: policy_loss and value_loss together, the unit that
+    --compile runs as one graph (kernels.compiled)."""
+    pg_loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
+    return pg_loss, value_loss(values, old_values, returns, mask, value_clip), stats
+
+
 class AdaptiveKLController:
     """Adapt β so the measured KL tracks a target (Ziegler et al. 2019, §2.2); InstructGPT kept β fixed."""
 
@@ -238,3 +253,157 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state):
         self.kl_coef, self.target, self.horizon = state["kl_coef"], state["target"], state["horizon"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO's steps on the models (train_ppo.py runs them; bench.py times them)
+
+def response_logprobs(model, tokens, mask, P, temperature):
+    """log π(y_t | x, y_<t) and the entropy of π(· | x, y_<t) for the response tokens tokens[:, P:], each (B, N).
+
+    Hidden state t predicts token t+1, so only hidden states P−1 .. P+N−2 go through the LM head. The rollout
+    scores and the update recompute with this one function: at lr 0, ratio == 1.
+    """
+    h = model.hidden_states(tokens[:, :-1], attention_mask=mask[:, :-1], start=P - 1)  # (B, N, C)
+    return model.token_logprobs(h, tokens[:, P:], temperature)
+
+
+def response_values(value_model, tokens, mask, P):
+    """V(x, y_<t) for each response token t, (B, N): read where token t is predicted, as its log-prob is.
+    float32 also under bf16 autocast: returns, advantages and the value loss are computed in float32."""
+    return value_model(tokens[:, :-1], attention_mask=mask[:, :-1], start=P - 1).float()  # (B, N)
+
+
+@torch.no_grad()
+def score_rollout(policy, ref_policy, value_model, tokens, mask, P, eos_id, temperature):
+    """Everything PPO stores about a rollout batch's token ids, as tensors with batch dimension first (the RM's
+    scores come from the response text: train_ppo.rollout). value_model None (critic-free estimators): values 0."""
+    response_mask = mask[:, P:]  # (B, N) real response tokens, EOS included
+    last = P + response_mask.sum(1) - 1  # (B,) index of the last real token: the EOS if one was emitted
+    rows = torch.arange(len(tokens), device=tokens.device)
+    return {
+        "tokens": tokens, "mask": mask, "response_mask": response_mask,
+        "logprobs": response_logprobs(policy, tokens, mask, P, temperature)[0],  # (B, N) log π_old
+        "ref_logprobs": response_logprobs(ref_policy, tokens, mask, P, temperature)[0],  # (B, N) log π_SFT
+        "values": (response_values(value_model, tokens, mask, P) if value_model is not None
+                   else torch.zeros_like(response_mask, dtype=torch.float32)),  # (B, N) V_old
+        "finished": tokens[rows, last] == eos_id,  # (B,) the response ended with EOS
+    }
+
+
+def gae_advantages(rewards, values, response_mask, gamma, lam):
+    """GAE advantages (gae; --compile: kernels.gae), whitened over the real tokens of the whole batch (all ranks),
+    and the returns R = A + V (from the advantages before whitening)."""
+    advantages, returns = (kernels.gae if kernels.enabled else gae)(rewards, values, response_mask, gamma, lam)
+    return masked_whiten(advantages, response_mask, dist.all_reduce_sum), returns
+
+
+def make_optimizers(policy, value_model, cfg):
+    """Adam for the policy and for the value model; --compile takes the fused Adam (one kernel per step)."""
+    fused = cfg.compile or None  # None: torch's default (foreach); fused=False would mean the slower per-tensor loop
+    return (torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5, fused=fused),
+            torch.optim.Adam(value_model.parameters(), lr=cfg.value_lr, eps=1e-5, fused=fused))
+
+
+def minibatch_loss(policy, value_model, mb, P, ptx_ids, cfg, kl_coef=0.0):
+    """One minibatch's loss, for one backward: clipped policy loss + clipped value loss + γ·ptx loss, the PPO-ptx
+    objective of eq. (2) as a loss (ppo_rewards). Returns (loss, terms, stats).
+    Policy and value are separate models, so the value loss needs no coefficient (Adam is scale-invariant).
+    Critic-free estimators: no value loss; GRPO adds β·k3 KL(π_θ || π_ref) per real token (its KL is in the loss).
+    Every term is a mean over the minibatch's real tokens, GRPO's included: DeepSeekMath's GRPO (Shao et al. 2024,
+    eq. (19)) averages over each response's tokens first, then over responses; the token mean weighs long responses
+    more (as Liu et al. 2025, "Dr. GRPO", and PPO here)."""
+    m = mb["response_mask"]
+    logprobs, entropy = response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature)  # (b, N) each
+    if cfg.estimator == "gae":
+        values = response_values(value_model, mb["tokens"], mb["mask"], P)  # (b, N)
+        losses = kernels.compiled(ppo_losses) if kernels.enabled else ppo_losses
+        pg_loss, v_loss, stats = losses(logprobs, mb["logprobs"], mb["advantages"], values, mb["values"],
+                                        mb["returns"], m, cfg.clip_eps, cfg.value_clip)
+        terms = {"policy": pg_loss, "value": v_loss}
+    else:
+        pg_loss, stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], m, cfg.clip_eps)
+        terms = {"policy": pg_loss}
+        if cfg.estimator == "grpo":
+            terms["kl"] = kl_coef * masked_mean(kl_estimate(logprobs, mb["ref_logprobs"], "k3"), m)
+    loss = sum(terms.values())
+    if ptx_ids is not None:
+        all_tokens = torch.ones_like(ptx_ids, dtype=torch.bool)
+        terms["ptx"] = lm_loss(policy, ptx_ids, all_tokens)  # −E log π(x), x ~ D_pretrain
+        loss = loss + cfg.ptx_coef * terms["ptx"]
+    stats["entropy"] = masked_mean(entropy, m)  # per real token
+    return loss, terms, stats
+
+
+def minibatches(b, minibatch_size, grad_accum):
+    """One shuffled pass over the rollout batch b: for each minibatch of minibatch_size episodes (over all ranks),
+    the list of this rank's micro-batches (grad_accum of them), each with its loss weight. Each micro-batch's loss
+    is a mean over its own tokens; weighted by its share of the global minibatch's response tokens, times the
+    number of ranks (dist.average_gradients divides by it), any split into micro-batches and ranks gives the same
+    gradient (the ptx term, a mean over sequences, gets the same weights: still a weighted mean)."""
+    B, world_size = len(b["tokens"]), dist.world_size()
+    mb_size = minibatch_size // world_size  # this rank's share of a minibatch
+    perm = torch.randperm(B).to(b["tokens"].device)
+    for start in range(0, B, mb_size):
+        idx = perm[start:start + mb_size]
+        n_tokens = dist.all_reduce_sum(b["response_mask"][idx].sum())  # real tokens in the global minibatch
+        micro = [{k: v[i] for k, v in b.items()} for i in idx.chunk(grad_accum)]
+        yield [(mb, mb["response_mask"].sum() / n_tokens * world_size) for mb in micro]
+
+
+def optimizer_step(models, optimizers, max_grad_norm, step, state_path):
+    """Average each trained model's gradients over the ranks, clip their norm, and step every optimizer."""
+    for name, model in models.items():
+        dist.average_gradients(model)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        check_finite(norm, step + 1, f"{name} gradient norm", state_path)
+    for opt in optimizers:
+        opt.step()
+
+
+def ppo_update(policy, value_model, optimizers, b, P, cfg, step, ptx_stream=None, ema=None, dtype="float32",
+               kl_coef=0.0):
+    """cfg.ppo_epochs passes over the rollout batch b in shuffled minibatches of cfg.minibatch_size episodes, one
+    optimizer step of the policy and the value model each; returns the stats averaged over all micro-batches and
+    ranks. ema: the policy's weight average, updated after every step."""
+    device = b["tokens"].device
+    trained = {"policy": policy, "value": value_model} if cfg.estimator == "gae" else {"policy": policy}
+    state_path = os.path.join(cfg.out, "state.pt")
+    sums, n = {}, 0
+    for _ in range(cfg.ppo_epochs):
+        for micro_batches in minibatches(b, cfg.minibatch_size, cfg.grad_accum):
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            for mb, weight in micro_batches:
+                ptx_ids = None
+                if cfg.ptx_coef > 0:  # pretraining sequences in proportion to the micro-batch's episodes
+                    n_ptx = max(1, round(cfg.ptx_per_episode * len(mb["tokens"])))
+                    ptx_ids = get_batch(ptx_stream, n_ptx, cfg.ptx_block_size, device)  # (n_ptx, block + 1)
+                with dist.autocast(device, dtype):
+                    loss, terms, stats = minibatch_loss(policy, value_model, mb, P, ptx_ids, cfg, kl_coef)
+                for name, term in terms.items():
+                    check_finite(term, step + 1, f"{name} loss", state_path)
+                (loss * weight).backward()
+                for k, v in {**{f"{k}_loss": t for k, t in terms.items()}, **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                n += 1
+            optimizer_step(trained, optimizers, cfg.max_grad_norm, step, state_path)
+            if ema is not None:
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), policy.parameters()):
+                        p_ema.lerp_(p, 1 - cfg.ema)  # ema ← decay·ema + (1 − decay)·θ
+    return {k: (dist.all_reduce_sum(v / n) / dist.world_size()).item() for k, v in sums.items()}
+
+
+def ppo_batch_flops(policy, value_model, B, T, P, ppo_epochs):
+    """Matmul FLOPs of one batch of B sequences of T tokens (P of them prompt), as the code runs them, padding
+    included (GPT.forward_flops; training = 3 × forward); ptx's extra forwards are not counted:
+      generation: policy over T − 1 tokens (prefill, then each sampled token but the last), LM head at N = T − P
+      scoring:    policy and reference over T − 1 tokens, value over T − 1 tokens, the last block and the LM head
+                  (value head) at the N response positions only; reward model (the value model's shape) over T
+      update:     ppo_epochs × 3 × (policy and value forwards as in scoring)."""
+    N = T - P
+    lm, value = policy.forward_flops(T - 1, N, T, n_out=N), value_model.forward_flops(T - 1, 0, T, n_out=N)
+    return {"generation": B * policy.forward_flops(T - 1, N, T),
+            "scoring": B * (2 * lm + value + value_model.forward_flops(T, 0, T)),
+            "update": ppo_epochs * 3 * B * (lm + value)}

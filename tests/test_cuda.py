@@ -48,9 +48,9 @@ def test_ppo_loss_and_gae_compiled_on_cuda_match_cpu_float64():
     x = [torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(6)]
     lengths = torch.tensor([11, 1, 5, 8, 0, 3])
     mask = torch.arange(T)[None] < lengths[:, None]  # ragged, one empty row
-    want = kernels.ppo_loss(*x, mask, 0.2, 0.2)
+    want = rlhf.ppo_losses(*x, mask, 0.2, 0.2)
     with kernels.compiling():
-        got = kernels.ppo_loss(*(t.float().cuda() for t in x), mask.cuda(), 0.2, 0.2)
+        got = kernels.compiled(rlhf.ppo_losses)(*(t.float().cuda() for t in x), mask.cuda(), 0.2, 0.2)
     torch.testing.assert_close(got[0].double().cpu(), want[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1].double().cpu(), want[1], atol=1e-5, rtol=1e-5)
     for k in want[2]:

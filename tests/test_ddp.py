@@ -9,8 +9,9 @@ import torch.multiprocessing as mp
 
 import train_ppo
 import train_sft
-from nanorlhf import dist, ppo, rlhf
+from nanorlhf import dist, rlhf
 from nanorlhf.checkpoint import make_checkpoint, save_checkpoint
+from nanorlhf.config import PPOConfig
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
 
@@ -46,7 +47,7 @@ def sft_step(grad_accum=1):
 
 def ppo_step(paths):
     """The whole rollout batch is made on every rank (same seed); each rank keeps its rows and updates on them."""
-    cfg = ppo.PPOConfig(init=paths["lm"], reward_model=paths["scalar"], max_new_tokens=8, batch_size=8,
+    cfg = PPOConfig(init=paths["lm"], reward_model=paths["scalar"], max_new_tokens=8, batch_size=8,
                         minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False)
     torch.manual_seed(0)
     policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
@@ -57,10 +58,10 @@ def ppo_step(paths):
                                      b["response_mask"], cfg.kl_coef)
     mine = slice(dist.rank(), None, dist.world_size())  # dist.shard's rows
     b = {k: v[mine] for k, v in b.items()}
-    b["advantages"], b["returns"] = ppo.gae_advantages(rewards[mine], b["values"], b["response_mask"],
+    b["advantages"], b["returns"] = rlhf.gae_advantages(rewards[mine], b["values"], b["response_mask"],
                                                        1.0, 0.95)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-5) for m in (policy, value_model)]
-    stats = ppo.update(policy, value_model, opts, b, P, cfg, step=0)
+    stats = rlhf.ppo_update(policy, value_model, opts, b, P, cfg, step=0)
     return stats, b["advantages"], [p.detach().clone() for m in (policy, value_model) for p in m.parameters()]
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from nanorlhf import kernels, rlhf
 from nanorlhf.engine import KVCache
-from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.model import GPT, GPTConfig, token_logprobs
 
 
 def lm_head_case(N, C, V, dtype, seed=0, lead=None):
@@ -20,7 +20,7 @@ def lm_head_case(N, C, V, dtype, seed=0, lead=None):
 
 
 def reference_logprobs(hidden, weight, targets, temperature):
-    """Independent of token_logprobs_eager: explicit indexing, log_softmax = z − logsumexp(z)."""
+    """Independent of model.token_logprobs (the eager twin): explicit indexing, log_softmax = z − logsumexp(z)."""
     z = torch.einsum("...c,vc->...v", hidden, weight) / temperature
     z_target = torch.take_along_dim(z, targets[..., None], dim=-1)[..., 0]
     return z_target - torch.logsumexp(z, dim=-1)
@@ -33,8 +33,9 @@ def test_token_logprobs_chunked_matches_log_softmax_with_gradients(chunk_size):
     expected = reference_logprobs(hidden, weight, targets, 0.7)
     assert logp.shape == entropy.shape == (3, 10)
     torch.testing.assert_close(logp, expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(kernels.token_logprobs_eager(hidden, weight, targets, 0.7), expected,
-                               atol=1e-6, rtol=0)
+    eager_logp, eager_entropy = token_logprobs(hidden, weight, targets, 0.7)  # the eager twin
+    torch.testing.assert_close(eager_logp, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(eager_entropy, entropy, atol=1e-6, rtol=0)
     # a weighted sum, so each row's incoming gradient differs
     grad_out = torch.randn(3, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = torch.autograd.grad((logp * grad_out).sum(), (hidden, weight))
@@ -49,7 +50,7 @@ def test_token_logprobs_chunked_matches_log_softmax_with_gradients(chunk_size):
 def test_token_logprobs_gradcheck():
     hidden, weight, targets = lm_head_case(N=5, C=4, V=7, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda h, w: kernels.token_logprobs(h, w, targets, temperature=0.7, chunk_size=2),
+        lambda h, w: kernels.token_logprobs_and_entropy(h, w, targets, temperature=0.7, chunk_size=2)[0],
         (hidden, weight),
     )
 
@@ -57,7 +58,7 @@ def test_token_logprobs_gradcheck():
 def test_token_logprobs_frozen_weight():
     hidden, weight, targets = lm_head_case(N=6, C=4, V=9, dtype=torch.float64)
     weight = weight.detach()  # a frozen LM head: only the hidden states get a gradient
-    logp = kernels.token_logprobs(hidden, weight, targets, chunk_size=4)
+    logp = kernels.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=4)[0]
     (got,) = torch.autograd.grad(logp.sum(), hidden)
     (want,) = torch.autograd.grad(reference_logprobs(hidden, weight, targets, 1.0).sum(), hidden)
     torch.testing.assert_close(got, want)
@@ -79,9 +80,9 @@ def saved_numels(fn):
 def test_token_logprobs_saves_no_logits_at_gpt2_vocab():
     N, C, V = 64, 16, 50257  # GPT-2 vocabulary
     hidden, weight, targets = lm_head_case(N, C, V, dtype=torch.float32)
-    chunked = saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=16))
+    chunked = saved_numels(lambda: kernels.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=16)[0])
     assert sorted(chunked) == sorted([N * C, V * C, N, N, 1])  # hidden, weight, targets, logsumexp, 1/T
-    eager = saved_numels(lambda: kernels.token_logprobs_eager(hidden, weight, targets))
+    eager = saved_numels(lambda: token_logprobs(hidden, weight, targets)[0])
     assert max(eager) >= N * V  # the eager twin keeps the (N, V) logits: the check can tell them apart
 
 
@@ -96,12 +97,13 @@ def test_default_chunk_holds_a_fixed_number_of_logits_larger_on_a_gpu():
 def test_token_logprobs_one_chunk_keeps_its_softmax_for_the_backward():
     N, C, V = 12, 4, 50
     hidden, weight, targets = lm_head_case(N, C, V, dtype=torch.float64)
-    one_chunk = saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=N))
+    one_chunk = saved_numels(lambda: kernels.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=N)[0])
     assert sorted(one_chunk) == sorted([N * C, V * C, N, N, 1, N * V])  # ... and the (N, V) softmax
     with torch.no_grad():  # no backward to come: nothing kept
-        assert saved_numels(lambda: kernels.token_logprobs(hidden, weight, targets, chunk_size=N)) == []
-    two_chunks = kernels.token_logprobs(hidden, weight, targets, chunk_size=N - 1)
-    kept = kernels.token_logprobs(hidden, weight, targets, chunk_size=N)
+        kept = saved_numels(lambda: kernels.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=N)[0])
+        assert kept == []
+    two_chunks = kernels.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=N - 1)[0]
+    kept = kernels.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=N)[0]
     grad_out = torch.randn(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for a, b in zip(torch.autograd.grad((kept * grad_out).sum(), (hidden, weight)),
                     torch.autograd.grad((two_chunks * grad_out).sum(), (hidden, weight))):
@@ -144,15 +146,16 @@ def test_one_switch():
     """use_compile is the default (CUDA on, CPU off); enable sets the switch, compiling sets it for a block; off,
     compile_model leaves a model as it was."""
     assert not kernels.use_compile("cpu") and kernels.use_compile("cuda:0")
-    assert kernels.enable(None, "cpu") is False and not kernels.enabled()
+    assert kernels.enable(None, "cpu") is False and not kernels.enabled
     with kernels.compiling():
-        assert kernels.enabled()
+        assert kernels.enabled
         with kernels.compiling(False):
-            assert not kernels.enabled()
-        assert kernels.enabled()
-    assert not kernels.enabled()
+            assert not kernels.enabled
+        assert kernels.enabled
+    assert not kernels.enabled
     model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
     assert kernels.compile_model(model).blocks.__func__ is GPT.blocks and model.use_sdpa
+    assert model.token_logprobs.__func__ is GPT.token_logprobs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,7 +198,7 @@ def test_ppo_loss_compiled_matches_eager(dtype):
         logprobs.data[~mask] = 30.0  # garbage on padding (ratio e^30): the masked means must not see it
         args = (logprobs, old_logprobs, advantages, values, old_values, returns, mask)
         with kernels.compiling():
-            got = kernels.ppo_loss(*args, clip_eps=0.2, value_clip=0.2)
+            got = kernels.compiled(rlhf.ppo_losses)(*args, 0.2, 0.2)
         pg_loss, stats = rlhf.policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)  # eager, from rlhf
         want = (pg_loss, rlhf.value_loss(values, old_values, returns, mask, 0.2), stats)
         assert got[0].dtype == dtype and torch.isfinite(got[0])
@@ -218,7 +221,7 @@ def test_ranking_loss_and_gae_compiled_match_eager(dtype):
     ranks = torch.tensor([[0, 1, 1, 2], [2, 0, 1, 3], [0, 0, 1, 1]])
     mask = ragged_mask([4, 3, 2], 4)
     with kernels.compiling():
-        got = kernels.ranking_loss(rewards, ranks, mask)
+        got = kernels.compiled(rlhf.ranking_loss)(rewards, ranks, mask)
     want = rlhf.ranking_loss(rewards, ranks, mask)
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, rewards), torch.autograd.grad(want, rewards)):

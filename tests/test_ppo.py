@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 import train_ppo
-from nanorlhf import kernels, ppo, rlhf
+from nanorlhf import kernels, rlhf
 from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from nanorlhf.common import epoch_batch, token_stream
 from nanorlhf.reward import score_texts
 from nanorlhf.engine import generate
+from nanorlhf.config import PPOConfig
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import Tokenizer
 
@@ -45,7 +46,7 @@ def ckpts(tmp_path_factory):
 
 def make_cfg(paths, **kw):
     kw = {"max_new_tokens": 12, "batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, **kw}
-    return ppo.PPOConfig(init=paths["lm"], reward_model=paths["scalar"], **kw)
+    return PPOConfig(init=paths["lm"], reward_model=paths["scalar"], **kw)
 
 
 def rollout_batch(cfg, seed=0):
@@ -59,7 +60,7 @@ def add_advantages(b, cfg):
     """Per-token rewards, then GAE advantages and returns (γ 1, λ 0.95) into the rollout batch b, as in train_ppo."""
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                      b["response_mask"], cfg.kl_coef)
-    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
+    b["advantages"], b["returns"] = rlhf.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     return b
 
 
@@ -73,14 +74,14 @@ def test_lr0_first_minibatch_ratio_one_even_with_dropout_in_config(tmp_path):
     opts = [torch.optim.Adam(m.parameters(), lr=0.0) for m in (policy, value_model)]
     torch.manual_seed(1)
     perm = torch.randperm(len(b["tokens"]))
-    idx = perm[:cfg.minibatch_size]  # the first minibatch ppo.update will draw under the same seed
+    idx = perm[:cfg.minibatch_size]  # the first minibatch rlhf.ppo_update will draw under the same seed
     mb = {k: v[idx] for k, v in b.items()}
-    _, _, stats = ppo.minibatch_loss(policy, value_model, mb, P, None, cfg)
+    _, _, stats = rlhf.minibatch_loss(policy, value_model, mb, P, None, cfg)
     assert stats["ratio"].item() == 1.0 and stats["approx_kl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
-    logprobs, _ = ppo.response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature)
+    logprobs, _ = rlhf.response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature)
     assert torch.equal(logprobs, b["logprobs"][idx])  # token by token, bitwise
     torch.manual_seed(1)
-    stats = ppo.update(policy, value_model, opts, b, P, cfg, step=0)
+    stats = rlhf.ppo_update(policy, value_model, opts, b, P, cfg, step=0)
     assert stats["ratio"] == 1.0 and stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
 
 
@@ -105,7 +106,7 @@ def test_lr0_ratio_is_against_the_rollout_not_the_reference(ckpts, tmp_path, est
     m = b["response_mask"]
     assert (b["logprobs"] - b["ref_logprobs"])[m].abs().min() > 1e-3  # every token: the two differ
     opts = [torch.optim.Adam(mod.parameters(), lr=0.0) for mod in (policy, value_model)]
-    stats = ppo.update(policy, value_model, opts, b, P, cfg, step=0, kl_coef=0.1)
+    stats = rlhf.ppo_update(policy, value_model, opts, b, P, cfg, step=0, kl_coef=0.1)
     assert stats["ratio"] == 1.0 and stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
 
 
@@ -114,7 +115,7 @@ def test_grpo_kl_term_is_k3_against_the_reference(ckpts, tmp_path):
     r = π_ref/π_θ, k3 = r − 1 − log r, averaged over the real tokens (at lr 0, π_θ is the rollout's policy)."""
     cfg = make_cfg(ckpts, reference=reference_checkpoint(ckpts, str(tmp_path)), estimator="grpo", group_size=2)
     (policy, _, _, value_model, _), b, P = rollout_batch(cfg)
-    _, terms, _ = ppo.minibatch_loss(policy, value_model, b, P, None, cfg, kl_coef=0.3)
+    _, terms, _ = rlhf.minibatch_loss(policy, value_model, b, P, None, cfg, kl_coef=0.3)
     total, n = 0.0, 0
     for i in range(len(b["tokens"])):
         for t in range(b["response_mask"].shape[1]):
@@ -141,6 +142,26 @@ def test_rloo_takes_the_sequence_reward_with_its_kl(ckpts, tmp_path):
         expected = sequence[i] - sum(sequence[j] for j in group if j != i) / 3
         assert advantages[i][m[i]].tolist() == pytest.approx([expected] * int(m[i].sum()), abs=1e-5)
         assert (advantages[i][~m[i]] == 0).all()
+
+
+def test_eager_ppo_iteration_calls_nothing_in_kernels(ckpts, monkeypatch):
+    """With compilation off (the CPU default), one whole PPO-ptx iteration (rollout, eq. (2) rewards, GAE, K epochs
+    of clipped updates with ptx) is plain PyTorch: every function of kernels.py, patched to raise, is never called."""
+    cfg = make_cfg(ckpts, compile=False, ptx_coef=0.5)
+    kernels.enable(cfg.compile)
+    models = train_ppo.load_models(cfg, "cpu")
+    policy, value_model, tok = models[0], models[3], models[4]
+    for name, fn in vars(kernels).items():
+        if callable(fn) and getattr(fn, "__module__", None) == kernels.__name__:
+            monkeypatch.setattr(kernels, name, lambda *a, _name=name, **k: pytest.fail(f"kernels.{_name} called"))
+    torch.manual_seed(0)
+    b, P, _ = train_ppo.rollout(*models[:4], tok, PROMPTS, cfg)
+    rewards, _, final = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
+                                         b["response_mask"], cfg.kl_coef)
+    b["advantages"], b["returns"] = train_ppo.estimate_advantages(rewards, final, b, cfg)
+    stream = token_stream(tok, ["the fox is red. the lemon is sour."] * 20)
+    stats = rlhf.ppo_update(policy, value_model, rlhf.make_optimizers(policy, value_model, cfg), b, P, cfg, 0, stream)
+    assert stats["ptx_loss"] > 0 and stats["value_loss"] > 0
 
 
 def test_kl_zero_when_policy_is_reference(ckpts):
@@ -250,7 +271,7 @@ def test_score_aligns_logprobs_values(ckpts, temperature):
     for i, (x, y) in enumerate(rows):
         tokens[i, P - len(x):P], mask[i, P - len(x):P] = torch.tensor(x), True
         tokens[i, P:P + len(y)], mask[i, P:P + len(y)] = torch.tensor(y), True
-    b = ppo.score(policy, ref_policy, value_model, tokens, mask, P, eos, temperature)
+    b = rlhf.score_rollout(policy, ref_policy, value_model, tokens, mask, P, eos, temperature)
     assert b["finished"].tolist() == [True, False, True]
     assert b["response_mask"].sum(1).tolist() == [3, 4, 1]
     with torch.no_grad():
@@ -275,9 +296,9 @@ def test_bf16_rollout_scores_in_float32_and_compiled_gae_takes_them(ckpts):
     assert b["values"].dtype == b["scores"].dtype == b["logprobs"].dtype == torch.float32
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                      b["response_mask"], cfg.kl_coef)
-    eager = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
+    eager = rlhf.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     with kernels.compiling():
-        fused = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
+        fused = rlhf.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     for a, c in zip(eager, fused):
         torch.testing.assert_close(a * b["response_mask"], c * b["response_mask"], atol=1e-5, rtol=1e-5)
 
@@ -288,7 +309,7 @@ def test_whitening_in_script_ignores_padding():
     mask = torch.arange(7)[None] < torch.tensor(lengths)[:, None]
     rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
     garbage = torch.full((4, 7), 1e6)
-    adv, ret = ppo.gae_advantages(torch.where(mask, rewards, garbage), torch.where(mask, values, -garbage),
+    adv, ret = rlhf.gae_advantages(torch.where(mask, rewards, garbage), torch.where(mask, values, -garbage),
                                   mask, 1.0, 0.95)
     raw = []  # GAE per row over its real tokens only (γ = 1, λ = 0.95), V after the last token = 0
     for i, n in enumerate(lengths):
@@ -321,8 +342,8 @@ def test_ptx_gradient_is_gamma_times_lm_gradient_added(ckpts):
         loss.backward()
         return [p.grad.clone() for p in policy.parameters()]
 
-    combined = grads(ppo.minibatch_loss(policy, value_model, b, P, ptx_ids, cfg)[0])
-    ppo_only = grads(ppo.minibatch_loss(policy, value_model, b, P, None, cfg)[0])
+    combined = grads(rlhf.minibatch_loss(policy, value_model, b, P, ptx_ids, cfg)[0])
+    ppo_only = grads(rlhf.minibatch_loss(policy, value_model, b, P, None, cfg)[0])
     logp = F.log_softmax(policy(ptx_ids)[:, :-1], dim=-1).gather(-1, ptx_ids[:, 1:, None])  # independent LM loss
     lm = grads(-logp.mean())
     for c, p, l in zip(combined, ppo_only, lm):
@@ -344,7 +365,7 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     batches = []
     for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg)):
         with kernels.compiling(cfg.compile):
-            b = ppo.score(*models[:2], models[3], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0)
+            b = rlhf.score_rollout(*models[:2], models[3], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0)
             texts = [tok.decode_response(row) for row in gen.tokens[:, gen.prompt_len:].tolist()]
             b["scores"] = score_texts(models[2], tok, PROMPTS, texts, b["finished"].tolist(), "cpu")
             batches.append(add_advantages(b, cfg))
@@ -356,20 +377,20 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     for models, cfg, b in ((eager, eager_cfg, batches[0]), (compiled, compiled_cfg, batches[1])):
         policy, value_model = models[0], models[3]
         with kernels.compiling(cfg.compile):
-            loss = ppo.minibatch_loss(policy, value_model, b, gen.prompt_len, ptx_ids, cfg)[0]
+            loss = rlhf.minibatch_loss(policy, value_model, b, gen.prompt_len, ptx_ids, cfg)[0]
         grads.append(torch.autograd.grad(loss, [*policy.parameters(), *value_model.parameters()]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
     stream = token_stream(tok, ["the fox is red. the lemon is sour."] * 20)  # ptx text
-    optimizers = [ppo.make_optimizers(models[0], models[3], cfg)
+    optimizers = [rlhf.make_optimizers(models[0], models[3], cfg)
                   for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg))]
     stats, params = [], []
     for models, cfg, b, opts in ((eager, eager_cfg, batches[0], optimizers[0]),
                                  (compiled, compiled_cfg, batches[1], optimizers[1])):
         torch.manual_seed(1)  # the minibatch order and the ptx batches
         with kernels.compiling(cfg.compile):
-            stats.append(ppo.update(models[0], models[3], opts, b, gen.prompt_len, cfg, 0, stream))
+            stats.append(rlhf.ppo_update(models[0], models[3], opts, b, gen.prompt_len, cfg, 0, stream))
         params.append([p.detach().clone() for m in (models[0], models[3]) for p in m.parameters()])
     for key, value in stats[0].items():
         assert stats[1][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
@@ -379,7 +400,7 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     for step in range(2):  # the first batch compiles the decode step, the second must reuse everything
         with torch._dynamo.config.patch(error_on_recompile=step == 1), kernels.compiling():
             b, P, _ = train_ppo.rollout(*compiled, tok, PROMPTS, compiled_cfg)
-            ppo.update(compiled[0], compiled[3], optimizers[1], add_advantages(b, compiled_cfg), P, compiled_cfg, step,
+            rlhf.ppo_update(compiled[0], compiled[3], optimizers[1], add_advantages(b, compiled_cfg), P, compiled_cfg, step,
                        stream)
 
 
@@ -389,7 +410,7 @@ def test_nan_guard_names_step_and_term(ckpts):
     b["advantages"][0, 0] = float("nan")
     opts = [torch.optim.Adam(m.parameters()) for m in (policy, value_model)]
     with pytest.raises(SystemExit, match="step 8: non-finite policy loss"):
-        ppo.update(policy, value_model, opts, b, P, cfg, step=7)
+        rlhf.ppo_update(policy, value_model, opts, b, P, cfg, step=7)
 
 
 def test_ppo_batches_cover_a_pass_then_reshuffle():
@@ -472,10 +493,10 @@ def test_reference_is_a_separate_frozen_model(ckpts):
     assert not any(p.requires_grad for p in ref_policy.parameters())
     before = [p.clone() for p in ref_policy.parameters()]
     policy_before = [p.clone() for p in policy.parameters()]
-    ppo.update(policy, value_model, ppo.make_optimizers(policy, value_model, cfg), b, P, cfg, step=0)
+    rlhf.ppo_update(policy, value_model, rlhf.make_optimizers(policy, value_model, cfg), b, P, cfg, step=0)
     assert all(torch.equal(a, p) for a, p in zip(before, ref_policy.parameters()))
     assert not all(torch.equal(a, p) for a, p in zip(policy_before, policy.parameters()))
-    after = ppo.score(policy, ref_policy, value_model, b["tokens"], b["mask"], P, tok.eos_id, 1.0)
+    after = rlhf.score_rollout(policy, ref_policy, value_model, b["tokens"], b["mask"], P, tok.eos_id, 1.0)
     assert torch.equal(after["ref_logprobs"], b["ref_logprobs"]) and not torch.equal(after["logprobs"], b["logprobs"])
 
 

@@ -12,10 +12,10 @@ import train_ppo
 import train_rm
 import train_sft
 from conftest import run_py
-from nanorlhf.config import parse_config
+from nanorlhf.config import PPOConfig, parse_config
 
 CONFIG_OF = {"train_base.py": train_base.BaseConfig, "train_sft.py": train_sft.SFTConfig,
-             "train_rm.py": train_rm.RMConfig, "train_ppo.py": train_ppo.PPOConfig}
+             "train_rm.py": train_rm.RMConfig, "train_ppo.py": PPOConfig}
 
 
 def gpu_cfg(*args, out="/tmp/unused"):
@@ -27,7 +27,7 @@ def stage_configs(cfg):
     reads how many steps PPO took from its metrics.json: written here as a finished PPO run would."""
     os.makedirs(os.path.join(cfg.out, "ppo"), exist_ok=True)
     with open(os.path.join(cfg.out, "ppo", "metrics.json"), "w") as f:
-        json.dump({"steps": parse_config(train_ppo.PPOConfig, run.stage_flags(cfg, "ppo")).batches}, f)
+        json.dump({"steps": parse_config(PPOConfig, run.stage_flags(cfg, "ppo")).batches}, f)
     out = {name: parse_config(CONFIG_OF[script], run.stage_args(cfg, name, run.stage_flags(cfg, name)))
            for name, (script, _, _) in run.STAGES.items()}
     for name, (script, _, make_args) in run.beyond_stages(cfg).items():

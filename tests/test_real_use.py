@@ -11,9 +11,10 @@ import torch
 import train_ppo
 import train_rm
 import train_sft
-from nanorlhf import dist, ppo, rlhf
+from nanorlhf import dist, rlhf
 from nanorlhf.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from nanorlhf.common import lm_loss, load_model
+from nanorlhf.config import PPOConfig
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.reward import score_groups
 from nanorlhf.rlhf import ranking_loss
@@ -235,12 +236,12 @@ def ppo_batch(cfg):
         b["response_mask"][i, 2 + i:] = False
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                      b["response_mask"], cfg.kl_coef)
-    b["advantages"], b["returns"] = ppo.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
+    b["advantages"], b["returns"] = rlhf.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
     return models, b, P
 
 
 def test_ppo_grad_accum_gives_the_same_update(tiny_ckpts):
-    cfg = ppo.PPOConfig(init=tiny_ckpts["lm"], reward_model=tiny_ckpts["scalar"], max_new_tokens=8,
+    cfg = PPOConfig(init=tiny_ckpts["lm"], reward_model=tiny_ckpts["scalar"], max_new_tokens=8,
                         batch_size=8, minibatch_size=8, ppo_epochs=1, lr=1e-3, value_lr=1e-3, compile=False,
                         ptx_coef=0.0)
     weights = []
@@ -248,7 +249,7 @@ def test_ppo_grad_accum_gives_the_same_update(tiny_ckpts):
         (policy, _, _, value_model, _), b, P = ppo_batch(cfg)
         cfg.grad_accum = n
         opts = [torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-5) for m in (policy, value_model)]
-        ppo.update(policy, value_model, opts, b, P, cfg, step=0)
+        rlhf.ppo_update(policy, value_model, opts, b, P, cfg, step=0)
         weights.append([p.detach().clone() for m in (policy, value_model) for p in m.parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

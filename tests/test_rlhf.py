@@ -65,21 +65,21 @@ def test_explained_variance():
 # ----------------------------------------------------------------------------------------------------------------
 # KL
 
-def test_kl_penalty():
+def test_kl_estimate():
     g = torch.Generator().manual_seed(3)
     logp = torch.randn(3, 5, generator=g, dtype=torch.float64)
     ref = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    assert torch.equal(rlhf.kl_penalty(logp, ref, "k1"), logp - ref)
-    k3 = rlhf.kl_penalty(logp, ref, "k3")
-    k2 = rlhf.kl_penalty(logp, ref, "k2")
+    assert torch.equal(rlhf.kl_estimate(logp, ref, "k1"), logp - ref)
+    k3 = rlhf.kl_estimate(logp, ref, "k3")
+    k2 = rlhf.kl_estimate(logp, ref, "k2")
     for a, b, got3, got2 in zip(logp.flatten(), ref.flatten(), k3.flatten(), k2.flatten()):
         r = math.exp(b - a)
         assert got3.item() == pytest.approx((r - 1) - math.log(r), rel=1e-12)
         assert got2.item() == pytest.approx(0.5 * (a - b).item() ** 2, rel=1e-12)
     assert torch.all(k3 > 0)
-    assert torch.all(rlhf.kl_penalty(logp, logp, "k3") == 0)
+    assert torch.all(rlhf.kl_estimate(logp, logp, "k3") == 0)
     with pytest.raises(ValueError):
-        rlhf.kl_penalty(logp, ref, "k4")
+        rlhf.kl_estimate(logp, ref, "k4")
 
 
 # ----------------------------------------------------------------------------------------------------------------
