@@ -61,9 +61,8 @@ def test_link_parser_sees_links():
     assert relative_links(text) == ["docs/x.md", "y.md", "z.png"]
 
 
-def test_reading_order_names_real_functions():
-    refs = reading_order_refs(read(README))
-    assert len(refs) >= 15, f"the reading order names only {len(refs)} file:function references: {refs}"
+def missing_code(refs):
+    """The (file, name) references whose file does not exist or holds no `def name` / `class name`."""
     wrong = []
     for path, name in refs:
         full = os.path.join(ROOT, path)
@@ -71,7 +70,21 @@ def test_reading_order_names_real_functions():
             wrong.append(f"{path} (no such file)")
         elif not re.search(rf"^\s*(def|class) {name}\b", read(full), re.M):
             wrong.append(f"{path}:{name} (no def or class {name})")
+    return wrong
+
+
+def test_reading_order_names_real_functions():
+    refs = reading_order_refs(read(README))
+    assert len(refs) >= 15, f"the reading order names only {len(refs)} file:function references: {refs}"
+    wrong = missing_code(refs)
     assert not wrong, f"the README's reading order names code that does not exist: {wrong}"
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_code_references_exist(path):
+    """Every `file.py:name` anywhere in the page, not only in the reading order."""
+    wrong = missing_code(re.findall(r"`([\w/]+\.py):(\w+)", read(path)))
+    assert not wrong, f"{os.path.relpath(path, ROOT)} names code that does not exist: {wrong}"
 
 
 @pytest.mark.parametrize("path", PAGES, ids=lambda p: os.path.relpath(p, ROOT))
