@@ -114,7 +114,8 @@ def ppo_batch(w, models, optimizers, prompts, cfg, step, device):
         sync(device)
         t1 = time.perf_counter()
         P = gen.prompt_len
-        b = rlhf.score_rollout(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never, cfg.temperature)
+        b = rlhf.score_rollout(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never,
+                               cfg.temperature)
         # no tokenizer (random ids), so the RM reads the sampled ids; every row is P + N real tokens
         b["scores"] = reward_model(gen.tokens).float()[:, -1]  # (B,)
     sync(device)
@@ -133,8 +134,8 @@ def ppo_setup(w, device, compiled):
     """A step function of one nanorlhf run (eager or compiled) of workload w, set up as train_ppo sets it up."""
     models = ppo_models(w, device)
     cfg = PPOConfig(batch_size=w.prompts, minibatch_size=w.minibatch, ppo_epochs=w.ppo_epochs,
-                        max_new_tokens=w.new_tokens, temperature=1.0, device=device.type, compile=compiled,
-                        dtype=dist.resolve_dtype(w.dtype, device))
+                    max_new_tokens=w.new_tokens, temperature=1.0, device=device.type, compile=compiled,
+                    dtype=dist.resolve_dtype(w.dtype, device))
     with kernels.compiling(compiled):
         for m in models:
             kernels.compile_model(m)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanorlhf.common import get_device
+from nanorlhf.common import get_device, peak_flops
 from nanorlhf.config import PPOConfig, arg, parse_config, print_config
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.rlhf import ppo_batch_flops
@@ -82,8 +82,10 @@ GPU_STAGES = {
     "ppo": ["--batches", "60", "--batch_size", "128", "--minibatch_size", "32"],
     "ppo_ptx": ["--ptx_coef", "0.5", "--batches", "60", "--batch_size", "128", "--minibatch_size", "32"],
 }
-# rough share of the default run's time per stage, for the ETA line
-EXPECTED_SECONDS = {"base": 185, "sft": 50, "rm": 30, "ppo": 55, "ppo_ptx": 80, "eval": 30}  # measured, 2 cores
+# the ETA line: each stage's seconds in the default run on a machine whose fp32 matmul peak (common.peak_flops) was
+# REFERENCE_PEAK FLOP/s, scaled by this machine's peak until a stage has run here, then by the stages' own times
+EXPECTED_SECONDS = {"base": 166, "sft": 30, "rm": 35, "ppo": 54, "ppo_ptx": 76, "eval": 20}
+REFERENCE_PEAK = 1.96e11
 
 
 def preset(cfg):
@@ -217,10 +219,18 @@ def beyond_stages(cfg):
                                "--reward_model", ckpt(f"rm_r{k}")] + ppo_flags))
     if cfg.study:  # twice as many batches as the PPO run
         for beta in ("0.01", "0.3"):
-            stages[f"study_kl{beta}"] = ("train_ppo.py", 340, lambda beta=beta: stage_args(
+            stages[f"study_kl{beta}"] = ("train_ppo.py", 2 * EXPECTED_SECONDS["ppo"], lambda beta=beta: stage_args(
                 cfg, f"study_kl{beta}", ["--init", ckpt("sft"), "--reward_model", ckpt("rm")]
                 + ppo_flags + ["--kl_coef", beta, "--batches", str(2 * metrics("ppo")["steps"])]))
     return stages
+
+
+def eta_seconds(to_run, expected, seconds, peak):
+    """Seconds the stages `to_run` should take here: their expected seconds, scaled by how the stages already timed
+    on this machine (seconds.json) compared with theirs, or before any, by the matmul peak against REFERENCE_PEAK."""
+    ran = [n for n in expected if n in seconds]
+    speed = sum(seconds[n] for n in ran) / sum(expected[n] for n in ran) if ran else REFERENCE_PEAK / peak
+    return speed * sum(expected[n] for n in to_run if n not in seconds)
 
 
 def main(argv=None):
@@ -237,14 +247,17 @@ def main(argv=None):
     beyond = beyond_stages(cfg)
     names = list(STAGES) + list(beyond) + ["eval"]
     expected = {**EXPECTED_SECONDS, **{n: s for n, (_, s, _) in beyond.items()}}
+    show_eta = not cfg.quick and preset(cfg) == "cpu"
+    peak = peak_flops(cfg.device) if show_eta else None
     t_start = time.perf_counter()
     for i, name in enumerate(names):
-        left = sum(expected[n] for n in names[i:] if n not in seconds)
         done = os.path.join(cfg.out, "bestofn.json" if name == "bestofn" else os.path.join(name, "ckpt.pt"))
         if name != "eval" and os.path.exists(done):
             print(f"\n=== [{i + 1}/{len(names)}] {name}: checkpoint exists, skipped (--force to redo) ===")
             continue
-        eta = "" if cfg.quick or preset(cfg) == "gpu" else f" | ETA for the rest ≈ {left / 60:.0f} min"
+        eta = ""
+        if show_eta:
+            eta = f" | ETA for the rest ≈ {eta_seconds(names[i:], expected, seconds, peak) / 60:.1f} min"
         if name == "eval":
             args = ["--run", cfg.out, "--device", cfg.device, "--seed", str(cfg.seed),
                     "--world_seed", str(cfg.world_seed), "--world_scale", world_scale(cfg)]

@@ -150,8 +150,9 @@ def keep_log_lines(path, step):
 
 
 def final_evaluation(policy, ref_policy, tok, world, cfg, device):
-    """The trained policy against SFT on held-out test prompts: gold score, win rate (overall and per category),
-    pretraining validation loss (the alignment tax) and EOS fraction, of T-sampled answers."""
+    """A quick check of the trained policy against SFT on the held-out test prompts, from one T-sampled answer per
+    prompt: gold score, win rate (overall and per category), pretraining validation loss (the alignment tax) and
+    EOS fraction. Named "1 sample": the report card (eval.py) samples twice per prompt, a different estimand."""
     prompts, val_stream = world.prompts("test"), token_stream(tok, world.pretrain_docs("val"))
     trained, sft = ({**gold_eval(m, tok, world, prompts, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed),
                   "val_loss": val_loss(m, val_stream, m.config.block_size, device)} for m in (policy, ref_policy))
@@ -159,11 +160,12 @@ def final_evaluation(policy, ref_policy, tok, world, cfg, device):
     by_cat = {c: win_rate([s for p, s in zip(prompts, trained["scores"]) if world.category(p) == c],
                           [s for p, s in zip(prompts, sft["scores"]) if world.category(p) == c])[0]
               for c in sorted(set(map(world.category, prompts)))}
-    print(f"test gold: PPO {trained['gold']:.4f} vs SFT {sft['gold']:.4f} | win rate vs SFT {rate:.1%} "
+    print(f"quick check, 1 sample per test prompt: gold PPO {trained['gold']:.4f} vs SFT {sft['gold']:.4f} | "
+          f"win rate vs SFT (1 sample) {rate:.1%} "
           f"[{interval[0]:.1%}, {interval[1]:.1%}] | val loss: PPO {trained['val_loss']:.4f} vs SFT "
           f"{sft['val_loss']:.4f}")
-    return {"gold": {"ppo": trained["gold"], "sft": sft["gold"]}, "win_rate": rate, "win_rate_95": interval,
-            "win_rate_by_category": by_cat, "val_loss": {"ppo": trained["val_loss"], "sft": sft["val_loss"]},
+    return {"gold": {"ppo": trained["gold"], "sft": sft["gold"]}, "win_rate_1sample": rate,
+            "win_rate_1sample_95": interval, "win_rate_1sample_by_category": by_cat, "val_loss": {"ppo": trained["val_loss"], "sft": sft["val_loss"]},
             "eos_fraction": {"ppo": trained["eos_fraction"], "sft": sft["eos_fraction"]},
             "components": {"ppo": trained["components"], "sft": sft["components"]}}
 

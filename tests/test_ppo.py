@@ -451,9 +451,9 @@ def test_smoke_run(ckpts, tmp_path, ptx):
             "response_len", "eos_fraction", "kl_coef"}
     assert keys <= lines[0].keys() and ("ptx_loss" in lines[0]) == ptx
     metrics = json.load(open(out / "metrics.json"))
-    assert {"win_rate", "gold", "val_loss"} <= metrics.keys() and 0 <= metrics["win_rate"] <= 1
+    assert {"win_rate_1sample", "gold", "val_loss"} <= metrics.keys() and 0 <= metrics["win_rate_1sample"] <= 1
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
-    assert ckpt["head"] == "lm" and ckpt["extra"]["win_rate"] == metrics["win_rate"]
+    assert ckpt["head"] == "lm" and ckpt["extra"]["win_rate_1sample"] == metrics["win_rate_1sample"]
 
 
 @pytest.mark.slow
