@@ -27,9 +27,8 @@ from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.evaluation import (category_means, fit_gao, gold_eval, pair_accuracy, seed_win_rate, sigmoid,
                                  win_rate)
-from nanorlhf.rlhf import response_logprobs
 from nanorlhf.reward import score_texts
-from nanorlhf.rlhf import ranked_pairs
+from nanorlhf.rlhf import ranked_pairs, response_logprobs
 from nanorlhf.world import KIND_COMPONENTS, make_world
 
 POLICIES = ["base", "sft", "ppo", "ppo_ptx"]
