@@ -63,7 +63,7 @@ class RMConfig(TrainConfig):
                                     "samples (the paper); policy+demo: those and the labeler's own demonstration; "
                                     "policy+contrast: those, and the ideal answer against a copy with one fact "
                                     "changed as a second ranked pair (world.contrast_pair); contrast: those pairs "
-                                    "alone (issue 19's study of what the RM can learn)")
+                                    "alone (what an RM can learn from correctness pairs: docs/findings.md)")
     previous_rm: str = arg("", "a reward model to evaluate on the same held-out rankings (the last round's)")
 
 

@@ -227,7 +227,7 @@ def ranked_by_candidates(tmp_path_factory):
 
 @pytest.mark.parametrize("candidates", ["policy+demo", "policy+contrast", "contrast"])
 def test_candidates_add_exactly_what_they_name(ranked_by_candidates, candidates):
-    """--candidates (issue 19's study): the demonstration joins each ranked set; the contrast pairs are the ideal
+    """--candidates: the demonstration joins each ranked set; the contrast pairs are the ideal
     answer against a copy that the gold judge finds worse in correctness alone, of this run's RM prompts only."""
     world = make_world(0, 0.01)
     prompts = world.prompts("rm")[:12]
