@@ -319,7 +319,8 @@ def _fmt(x, pct=False):
     return f"{x:.1%}" if pct else f"{x:.3f}"
 
 
-def write_report(results, path, machine=""):
+def write_report(results, path, machine, plots):
+    """report.md; `plots`: the PNG files make_plots wrote, or None if matplotlib is not installed."""
     names = list(results["gold_score"])
     cats = sorted({c for n in names for c in results["gold_by_category"][n]})
     comps = list(next(iter(results["gold_components"].values()), {}))
@@ -370,7 +371,11 @@ def write_report(results, path, machine=""):
     for n in names:
         for ex in results["examples"][n][:3]:
             lines.append(f"- **{n}** `{ex['prompt']}` → `{ex['response']}` (gold {ex['gold']:.2f})")
-    lines += ["", "Plots: `win_rates.png`, `overoptimization.png`, `training.png`."]
+    if plots is None:
+        lines += ["", "Plots: none (matplotlib is not installed): `pip install matplotlib`, then run "
+                  f"`python eval.py --run {os.path.dirname(path) or '.'}` again."]
+    elif plots:
+        lines += ["", "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in plots) + "."]
     open(path, "w").write("\n".join(lines) + "\n")
 
 
@@ -396,7 +401,7 @@ def methods_report(rows):
 
 def gao_report(fits):
     lines = ["## Gao et al. 2022's functional forms", "", "Gold gain over SFT against d = √KL: best-of-N fitted with "
-             "d(α − βd), each RL method's training batches (all seeds) with d(α − β log d). Plot: `gao_fits.png`.",
+             "d(α − βd), each RL method's training batches (all seeds) with d(α − β log d).",
              "", "| method | form | α | β | points |", "|---|---|---|---|---|"]
     for name, f in fits.items():
         form = "d(α − βd)" if name == "best-of-N" else "d(α − β log d)"
@@ -429,7 +434,7 @@ def beyond_report(results):
         lines.append("")
     if results.get("gold_peak_kl"):
         lines += ["## Over-optimization: where gold peaks", "", "KL (nats) at which the PPO run's gold score "
-                  "(3-update moving average) peaks; past it the RM score still rises. Plot: `overoptimization.png`.",
+                  "(3-update moving average) peaks; past it the RM score still rises.",
                   "", "| run | KL at the gold peak | final KL | final RM score | final gold |", "|---" * 5 + "|"]
         for n, kl in results["gold_peak_kl"].items():
             end_kl, end_rm, end_gold = results["overoptimization"][n][-1]
@@ -439,14 +444,15 @@ def beyond_report(results):
 
 
 def make_plots(results, run):
-    """PNG plots; matplotlib is optional (a message, not a crash, without it)."""
+    """PNG plots into `run`: the paths written, or None (and a message, not a crash) if matplotlib is not
+    installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: skipping plots (pip install matplotlib)")
-        return []
+        return None
     written = []
     names = list(results["win_rate_vs_sft"])
     if names:
@@ -569,8 +575,9 @@ def main(argv=None):
     with open(os.path.join(cfg.run, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     machine = f"{os.cpu_count()} CPU cores" if device.type == "cpu" else torch.cuda.get_device_name()
-    write_report(results, os.path.join(cfg.run, "report.md"), machine)
-    for path in make_plots(results, cfg.run):
+    plots = make_plots(results, cfg.run)
+    write_report(results, os.path.join(cfg.run, "report.md"), machine, plots)
+    for path in plots or []:
         print(f"wrote {path}")
     print(f"wrote {os.path.join(cfg.run, 'results.json')} and {os.path.join(cfg.run, 'report.md')}")
     return results

@@ -11,12 +11,17 @@ Formats (one JSON object per line, UTF-8); a chat is a list of {"role": "system"
                                                                            the shared prefix becomes the prompt
            {"chosen": chat, "rejected": chat}                              the same turns up to two different
                                                                            final assistant turns
+           A pair's two responses must differ and a ranking's must not all be the same text (such a pair's loss is
+           log 2 whatever the model). A ranking where only some repeat is kept, as K samples of a policy often
+           repeat one: the pairs of a repeated text add a constant log 2, the others carry the signal.
   PPO      {"prompt": str}
            {"messages": chat}                                               ends with a user turn
   ptx      plain UTF-8 text; documents separated by blank lines
+A UTF-8 byte-order mark at the start of a file is skipped (one starting a later line is invalid JSON).
 Every bad line is reported as `file:line: field: problem` in one DataError, and nothing is trained or written.
 Examples longer than the model's context are errors too, in every stage (`check_lengths`): nothing is truncated.
 """
+import codecs
 import json
 import os
 
@@ -25,13 +30,18 @@ class DataError(ValueError):
     pass
 
 
-def _read_lines(path):
+def _read_bytes(path):
+    """The file's bytes, less a UTF-8 byte-order mark at its start (some editors write one; anywhere else it stays
+    in the text)."""
     try:
         raw = open(path, "rb").read()
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from None
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        yield n, line
+    return raw.removeprefix(codecs.BOM_UTF8)
+
+
+def _read_lines(path):
+    return enumerate(_read_bytes(path).split(b"\n"), start=1)
 
 
 def _string(obj, key, where, errors, allow_empty=False):
@@ -137,6 +147,9 @@ def _parse_line(kind, obj, where, errors):
         if len(ys) < 2:
             errors.append(f"{where}: responses: K = {len(ys)} < 2, nothing to compare")
             return None
+        if len(set(ys)) == 1:
+            errors.append(f"{where}: responses: all {len(ys)} are the same text, nothing to compare")
+            return None
         ok = _check_ranking(obj.get("ranking"), len(ys), where, errors)
         return {"prompt": p, "responses": ys, "ranking": obj["ranking"]} if ok and p is not None else None
     if isinstance(obj.get("chosen"), list) or isinstance(obj.get("rejected"), list):
@@ -146,6 +159,9 @@ def _parse_line(kind, obj, where, errors):
         return None
     if "prompt" in obj:
         p = _string(obj, "prompt", where, errors)
+        if c == r:
+            errors.append(f"{where}: chosen/rejected: the same text, nothing to compare")
+            return None
         return None if p is None else {"prompt": p, "responses": [c, r], "ranking": [0, 1]}
     p, c, r = _split_dialogues(c, r)
     if not p.strip() or not c or not r or c == r:
@@ -188,8 +204,7 @@ def read_jsonl(path, kind):
 
 def line_numbers(path):
     """The line number of each record read_jsonl returns (it keeps every non-blank line, in order)."""
-    with open(path, "rb") as f:
-        return [n for n, line in enumerate(f.read().split(b"\n"), start=1) if line.strip()]
+    return [n for n, line in _read_lines(path) if line.strip()]
 
 
 def check_lengths(lengths, limit, what, limit_name="block_size"):
@@ -202,12 +217,11 @@ def check_lengths(lengths, limit, what, limit_name="block_size"):
 
 def read_text(path):
     """Pretraining text for ptx: documents separated by blank lines."""
+    raw = _read_bytes(path)
     try:
-        text = open(path, "rb").read().decode("utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror}") from None
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = open(path, "rb").read()[:e.start].count(b"\n") + 1
+        line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: text: not valid UTF-8") from None
     docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     if not docs:

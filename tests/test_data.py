@@ -1,8 +1,13 @@
+import codecs
 import json
+import os
 
 import pytest
 
-from nanorlhf.data import DataError, read_jsonl, read_text
+from nanorlhf.data import DataError, line_numbers, read_jsonl, read_text
+
+EX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+BOM = codecs.BOM_UTF8
 
 
 def write(tmp_path, lines, name="d.jsonl"):
@@ -75,6 +80,43 @@ def test_rm_pairs_and_hh_rlhf_dialogues(tmp_path):
         read_jsonl(path, "rm")
 
 
+def test_rm_identical_responses_are_errors(tmp_path):
+    """A pair of one text carries no signal; a ranking that repeats only some of its responses is kept."""
+    some_equal = {"prompt": "p", "responses": ["a", "a", "b"], "ranking": [0, 1, 1]}
+    assert read_jsonl(write(tmp_path, [json.dumps(some_equal)]), "rm") == [some_equal]
+    bad = [{"prompt": "p", "chosen": "good", "rejected": "bad"},
+           {"prompt": "p", "chosen": "x", "rejected": "x"},
+           {"prompt": "p", "responses": ["x", "x", "x"], "ranking": [0, 1, 2]},
+           {"prompt": "p", "responses": ["x", "x"], "ranking": [0, 1]}]
+    path = write(tmp_path, [json.dumps(b) for b in bad], "same.jsonl")
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, "rm")
+    msg = str(e.value)
+    assert "3 bad line(s)" in msg and f"{path}:1:" not in msg
+    assert f"{path}:2: chosen/rejected: the same text, nothing to compare" in msg
+    assert f"{path}:3: responses: all 3 are the same text, nothing to compare" in msg
+    assert f"{path}:4: responses: all 2 are the same text, nothing to compare" in msg
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(EX) if n.endswith(".jsonl")))
+def test_a_byte_order_mark_is_skipped_at_the_start_of_a_file_only(tmp_path, name):
+    """Every format (the example files) reads the same with a BOM first, line numbers included; a BOM starting a
+    later line is an error naming that line."""
+    example, kind = os.path.join(EX, name), name.split("_")[0].split(".")[0]
+    raw = open(example, "rb").read()
+    want, want_lines = read_jsonl(example, kind), line_numbers(example)
+    path = str(tmp_path / "bom.jsonl")
+    open(path, "wb").write(BOM + raw)
+    assert read_jsonl(path, kind) == want and line_numbers(path) == want_lines
+    open(path, "wb").write(BOM + b"\n" + raw)  # the BOM on a line of its own: a blank line
+    assert read_jsonl(path, kind) == want and line_numbers(path) == [n + 1 for n in want_lines]
+    first, rest = raw.split(b"\n", 1)
+    open(path, "wb").write(first + b"\n" + BOM + rest)
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, kind)
+    assert str(e.value).startswith(f"1 bad line(s) in {path}:\n{path}:2: line: invalid JSON")
+
+
 def test_missing_file_and_empty(tmp_path):
     with pytest.raises(DataError, match="cannot read"):
         read_jsonl(str(tmp_path / "nope.jsonl"), "ppo")
@@ -87,5 +129,10 @@ def test_read_text(tmp_path):
     p.write_text("doc one\nline two\n\n\ndoc two\n")
     assert read_text(str(p)) == ["doc one\nline two", "doc two"]
     p.write_bytes(b"fine\nbad \xff byte")
+    with pytest.raises(DataError, match=r"t.txt:2: text: not valid UTF-8"):
+        read_text(str(p))
+    p.write_bytes(BOM + "doc one\n\ndoc \ufeff two".encode())  # skipped at the start only
+    assert read_text(str(p)) == ["doc one", "doc \ufeff two"]
+    p.write_bytes(BOM + b"fine\nbad \xff byte")
     with pytest.raises(DataError, match=r"t.txt:2: text: not valid UTF-8"):
         read_text(str(p))

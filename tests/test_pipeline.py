@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -95,10 +96,44 @@ def test_quick_pipeline_end_to_end(quick_run):
     report = (out / "report.md").read_text()
     assert "win rate vs SFT" in report and "ppo_ptx" in report
     assert "| category | pairs | RM | SFT's likelihood |" in report
-    for png in ("win_rates.png", "overoptimization.png", "training.png"):
+    plots = report_plots(report)  # the report names every plot the run folder holds, and only those
+    assert sorted(plots) == sorted(p.name for p in out.glob("*.png"))
+    assert {"win_rates.png", "overoptimization.png", "training.png"} <= set(plots)
+    for png in plots:
         assert (out / png).stat().st_size > 1000, png
     # a second run finds every checkpoint and skips all training stages
     assert run_py("--out", str(out), timeout=300).count("checkpoint exists, skipped") == 7
+
+
+def report_plots(report):
+    """The file names on the report's `Plots:` line ([] if it has none)."""
+    line = next((l for l in report.splitlines() if l.startswith("Plots:")), "")
+    return re.findall(r"`([^`]+\.png)`", line)
+
+
+@pytest.mark.slow
+def test_report_names_the_plots_written_or_how_to_get_them(quick_run, tmp_path, monkeypatch):
+    """Without matplotlib the report names no plot and says how to draw them; with it, exactly the files written."""
+    from eval import make_plots, write_report
+    results = json.loads((quick_run / "results.json").read_text())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails, as where it is not installed
+    assert make_plots(results, str(tmp_path)) is None and os.listdir(tmp_path) == []
+    write_report(results, str(tmp_path / "report.md"), "", None)
+    report = (tmp_path / "report.md").read_text()
+    assert ".png" not in report and report_plots(report) == []
+    assert ("matplotlib is not installed): `pip install matplotlib`, then run "
+            f"`python eval.py --run {tmp_path}` again.") in report
+    monkeypatch.undo()
+    plots = make_plots(results, str(tmp_path))
+    write_report(results, str(tmp_path / "report.md"), "", plots)
+    assert sorted(report_plots((tmp_path / "report.md").read_text())) == sorted(
+        p for p in os.listdir(tmp_path) if p.endswith(".png")) != []
+
+
+def test_the_set_up_installs_what_the_plots_need():
+    """The README's set-up is `pip install torch -r requirements.txt`: the plots' matplotlib must be in it."""
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        assert "matplotlib" in [line.split("#")[0].strip() for line in f]
 
 
 def test_reward_ensemble_is_the_mean_of_its_members():

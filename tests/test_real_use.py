@@ -1,5 +1,6 @@
 """Real use: the example data files through each script, validation before anything is written, a tiny GPT-2
 folder through SFT -> RM -> PPO, gradient accumulation and activation checkpointing (same gradients)."""
+import codecs
 import json
 import os
 import subprocess
@@ -126,19 +127,22 @@ def test_rm_example_files_train(tmp_path, tiny_ckpts, name):
     assert ckpt["step"] == 1 and ckpt["extra"]["train_prompts"] == 3  # 4 records, 1 held out
 
 
-BAD = {  # line 1 is good; every other line is wrong in one way (line 5 is not UTF-8)
+BAD = {  # line 1 is good (after a byte-order mark); every other line is wrong in one way (line 5 is not UTF-8)
     "sft": ['{"prompt": "hi", "response": "hello"}', '{"prompt": "hi"}', '{"prompt": 3, "response": "x"}',
             '{"prompt": "hi", "response": "  "}', b'{"prompt": "caf\xe9", "response": "x"}', '{"prompt": "hi",'],
     "rm": ['{"prompt": "p", "chosen": "a", "rejected": "b"}', '{"prompt": "p", "responses": ["a"], "ranking": [0]}',
            '{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 2, 2]}',
-           '{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0]}', b'{"prompt": "\xff"}', '[1, 2]'],
+           '{"prompt": "p", "responses": ["a", "b"], "ranking": [0, 0]}', b'{"prompt": "\xff"}', '[1, 2]',
+           '{"prompt": "p", "chosen": "a", "rejected": "a"}',
+           '{"prompt": "p", "responses": ["a", "a"], "ranking": [0, 1]}'],
     "ppo": ['{"prompt": "hi"}', '{"text": "hi"}', '{"prompt": ["hi"]}', '{"prompt": ""}', b'{"prompt": "\xc3"}',
             'not json'],
 }
 PROBLEMS = {"sft": ["2: response: missing", "3: prompt: expected a string", "4: response: empty string",
                     "5: line: not valid UTF-8", "6: line: invalid JSON"],
             "rm": ["2: responses: K = 1 < 2", "3: ranking: [0, 2, 2] is not a ranking", "4: ranking: all responses tied",
-                   "5: line: not valid UTF-8", "6: line: expected a JSON object"],
+                   "5: line: not valid UTF-8", "6: line: expected a JSON object",
+                   "7: chosen/rejected: the same text", "8: responses: all 2 are the same text"],
             "ppo": ["2: prompt: missing", "3: prompt: expected a string", "4: prompt: empty string",
                     "5: line: not valid UTF-8", "6: line: invalid JSON"]}
 MAIN = {"sft": train_sft.main, "rm": train_rm.main, "ppo": train_ppo.main}
@@ -152,7 +156,8 @@ def args_for(kind, paths, data, out):
 @pytest.mark.parametrize("kind", ["sft", "rm", "ppo"])
 def test_bad_lines_reported_before_anything_is_written(tmp_path, tiny_ckpts, capsys, kind):
     data = tmp_path / "bad.jsonl"
-    data.write_bytes(b"\n".join(x if isinstance(x, bytes) else x.encode() for x in BAD[kind]) + b"\n")
+    lines = [x if isinstance(x, bytes) else x.encode() for x in BAD[kind]]
+    data.write_bytes(codecs.BOM_UTF8 + b"\n".join(lines) + b"\n")
     with pytest.raises(SystemExit) as e:
         MAIN[kind](args_for(kind, tiny_ckpts, data, tmp_path / "out"))
     out = capsys.readouterr().out
