@@ -443,7 +443,8 @@ def judge_report(results):
              "τ = 0, ½ on a tie), then over prompts, with a 95% bootstrap interval. Training labelers: the taste of "
              "those who ranked the RM's comparisons (gold + \"!\" + length); held-out panel: the mean of labelers "
              "who rank nothing a model trains on (" + ", ".join(p.removeprefix("panel: ") for p in panel) + "; "
-             "docs/labelers.md); all at the temperature where two of a kind agree on 75% of pairs. Taste gap: "
+             "docs/labelers.md); each at the temperature where two of a kind agree on 75% of the pairs of the same "
+             "demonstration-like candidates. Taste gap: "
              "training labelers − panel, paired interval. The gold column counts draw pairs, so it differs "
              "slightly from the headline win rate, which compares each prompt's mean gold.", "",
              "| model | " + " | ".join(main + panel) + " |", "|---" * (1 + len(main) + len(panel)) + "|"]
