@@ -4,6 +4,8 @@
 
 - Win rate vs SFT under the gold judge (the paper's Figure 1 analogue), with a 95% bootstrap interval over
   prompts, for base, SFT, PPO and PPO-ptx; mean gold score, its components, and per task category.
+- Win rate vs SFT by judge, on the same samples: the gold judge, labelers of the training labelers' taste, and a
+  held-out panel of other tastes (docs/labelers.md); for the over-optimization study's β too.
 - Reward model: held-out accuracy, the labeler-agreement ceiling, accuracy against gold (from train_rm.py).
 - Alignment tax: pretraining validation loss of every model.
 - Over-optimization: gold and RM score against KL from the PPO logs (Gao et al. 2022), and for best-of-N.
@@ -25,8 +27,8 @@ from nanorlhf.checkpoint import load_checkpoint
 from nanorlhf.common import check_room, load_model, response_logps, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
-from nanorlhf.evaluation import (category_means, fit_gao, gold_eval, pair_accuracy, seed_win_rate, sigmoid,
-                                 win_rate)
+from nanorlhf.evaluation import (bootstrap_mean, category_means, fit_gao, gold_eval, pair_accuracy,
+                                 preference_wins, seed_win_rate, sigmoid, win_rate)
 from nanorlhf.reward import score_texts
 from nanorlhf.rlhf import ranked_pairs, response_logprobs
 from nanorlhf.world import KIND_COMPONENTS, make_world
@@ -99,7 +101,7 @@ def evaluate(cfg, device):
     val_docs = world.pretrain_docs("val")
     results = {"gold_score": {}, "gold_components": {}, "gold_by_category": {}, "win_rate_vs_sft": {},
                "win_rate_ci": {}, "pretrain_val_loss": {}, "eos_fraction": {}, "examples": {}, "kl_from_sft": {}}
-    per_prompt = {}
+    per_prompt, draws = {}, {}  # draws: each model's (responses, finished), cfg.samples per prompt
     rm_path = os.path.join(cfg.run, "rm", "ckpt.pt")
     rm, rm_tok, _ = load_model(rm_path, "scalar", device) if os.path.exists(rm_path) else (None, None, None)
     if rm is not None:
@@ -107,6 +109,7 @@ def evaluate(cfg, device):
     sft_path = os.path.join(cfg.run, "sft", "ckpt.pt")
     sft = load_model(sft_path, "lm", device)[0] if os.path.exists(sft_path) else None
     extra_seeds = [n for key in METHODS for n in seed_runs(cfg.run, key)[1:]]
+    reps = [p for p in prompts for _ in range(cfg.samples)]
     for name in POLICIES + BASELINES + extra_seeds + [f"ppo_r{k}" for k in rounds(cfg.run)]:
         path = os.path.join(cfg.run, name, "ckpt.pt")
         if not os.path.exists(path):
@@ -114,8 +117,8 @@ def evaluate(cfg, device):
             continue
         model, tok, _ = load_model(path, "lm", device)
         check_room(tok, prompts, cfg.max_new_tokens, model.config.block_size)
-        reps = [p for p in prompts for _ in range(cfg.samples)]
         rep = gold_eval(model, tok, world, reps, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)  # same noise
+        draws[name] = rep["responses"], rep["finished"]
         per_prompt[name] = [statistics.mean(rep["scores"][i * cfg.samples:(i + 1) * cfg.samples])
                             for i in range(len(prompts))]
         results["gold_score"][name] = rep["gold"]
@@ -158,12 +161,60 @@ def evaluate(cfg, device):
     results["overoptimization"] = {n: overoptimization(os.path.join(cfg.run, n, "log.jsonl"))
                                    for n in ["ppo", "ppo_ptx"] + studies + [f"ppo_r{k}" for k in rounds(cfg.run)]}
     results["gold_peak_kl"] = {n: gold_peak(pts) for n, pts in results["overoptimization"].items() if pts}
+    if "sft" in draws:
+        for name in studies:  # sampled as every model is, for the judges alone
+            path = os.path.join(cfg.run, name, "ckpt.pt")
+            if os.path.exists(path):
+                model, tok, _ = load_model(path, "lm", device)
+                rep = gold_eval(model, tok, world, reps, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
+                draws[name] = rep["responses"], rep["finished"]
+        results["win_by_judge"] = by_judge(world, prompts, draws, [seed_runs(cfg.run, k) for k in POLICIES + BASELINES],
+                                           cfg)
+        results["study_by_judge"] = by_judge(world, prompts, draws, [[n] for n in ["ppo"] + studies], cfg)
+        for n, row in results["study_by_judge"].items():
+            row["kl_coef"] = load_checkpoint(os.path.join(cfg.run, n, "ckpt.pt"))["config"]["kl_coef"]
+            row["final_kl"] = results["overoptimization"][n][-1][0] if results["overoptimization"].get(n) else None
     seconds_path = os.path.join(cfg.run, "seconds.json")
     results["seconds"] = json.load(open(seconds_path)) if os.path.exists(seconds_path) else {}
     results["rounds"] = round_table(cfg.run, results)
     results["methods"] = methods_table(cfg.run, results, len(world.prompts("sft")), per_prompt, cfg)
     results["gao_fits"] = gao_fits(cfg.run, results)
     return results
+
+
+def judge_wins(world, prompts, draws, baseline, k):
+    """Per judge, each prompt's win of a model's k draws over the baseline's (evaluation.preference_wins): the gold
+    judge (noise-free, τ = 0); a labeler of the training labelers' taste; each held-out panel labeler
+    (world.panel); and the panel, the mean of its labelers' probabilities. The labelers' temperatures are all
+    calibrated on the same candidates to 75% agreement. draws, baseline: (responses, finished), k per prompt."""
+    reps = [p for p in prompts for _ in range(k)]
+
+    def per_prompt(utility, responses, finished):  # the judge's utility of each draw, k per prompt
+        u = [utility(p, y, f) for p, y, f in zip(reps, responses, finished)]
+        return [u[i * k:(i + 1) * k] for i in range(len(prompts))]
+    judges = {"gold": (world.gold_score, 0), "training labelers": (world.labeler(0).utility, world.tau),
+              **{f"panel: {n}": (lab.utility, lab.tau) for n, lab in world.panel.items()}}
+    wins = {j: preference_wins(per_prompt(u, *draws), per_prompt(u, *baseline), tau) for j, (u, tau) in judges.items()}
+    wins["held-out panel"] = list(np.mean([wins[f"panel: {n}"] for n in world.panel], axis=0))
+    return wins
+
+
+def by_judge(world, prompts, draws, methods, cfg):
+    """{method: {judge: {win_rate, ci}}} against SFT, for each method (a list of its seeds' run names, pooled as
+    seed_win_rate pools them: each prompt's wins averaged over the seeds), and the training labelers' win minus the
+    panel's ("taste gap": the part of the margin a change of taste takes away), with paired 95% bootstrap
+    intervals over prompts."""
+    out = {}
+    for names in methods:
+        names = [n for n in names if n in draws]
+        if not names:
+            continue
+        seeds = [judge_wins(world, prompts, draws[n], draws["sft"], cfg.samples) for n in names]
+        wins = {j: np.mean([s[j] for s in seeds], axis=0) for j in seeds[0]}
+        wins["taste gap"] = wins["training labelers"] - wins["held-out panel"]
+        out[names[0]] = {j: dict(zip(("win_rate", "ci"), bootstrap_mean(w, cfg.seed, cfg.bootstrap)))
+                         for j, w in wins.items()}
+    return out
 
 
 def gao_fits(run, results):
@@ -366,6 +417,7 @@ def write_report(results, path, machine, plots):
         lines += ["## Time per stage (s)", "", "| " + " | ".join(results["seconds"]) + " |",
                   "|---" * len(results["seconds"]) + "|",
                   "| " + " | ".join(f"{v:.0f}" for v in results["seconds"].values()) + " |", ""]
+    lines += judge_report(results)
     lines += beyond_report(results)
     lines += ["## Samples (first test prompts)", ""]
     for n in names:
@@ -377,6 +429,37 @@ def write_report(results, path, machine, plots):
     elif plots:
         lines += ["", "Plots: " + ", ".join(f"`{os.path.basename(p)}`" for p in plots) + "."]
     open(path, "w").write("\n".join(lines) + "\n")
+
+
+def judge_report(results):
+    """The win rate vs SFT by judge, for the report card's models and along the over-optimization study's β."""
+    rows, study = results.get("win_by_judge", {}), results.get("study_by_judge", {})
+    if not rows:
+        return []
+    panel = [j for j in next(iter(rows.values())) if j.startswith("panel: ")]
+    main = ["gold", "training labelers", "held-out panel", "taste gap"]
+
+    def cell(r):
+        return f"{r['win_rate']:.1%} ({r['ci'][0]:.1%}–{r['ci'][1]:.1%})"
+    lines = ["## Win rate vs SFT by judge", "",
+             "The same samples judged three ways: each prompt's win is the judge's probability of preferring a model "
+             "draw to an SFT draw, σ(Δutility / τ), averaged over the pairs of the prompt's draws (the gold judge: "
+             "τ = 0, ½ on a tie), then over prompts, with a 95% bootstrap interval. Training labelers: the taste of "
+             "those who ranked the RM's comparisons (gold + \"!\" + length); held-out panel: the mean of labelers "
+             "who rank nothing a model trains on (" + ", ".join(p.removeprefix("panel: ") for p in panel) + "; "
+             "docs/labelers.md); each at the temperature where two of a kind agree on 75% of the pairs of the same "
+             "demonstration-like candidates. Taste gap: "
+             "training labelers − panel, paired interval. The gold column counts draw pairs, so it differs "
+             "slightly from the headline win rate, which compares each prompt's mean gold.", "",
+             "| model | " + " | ".join(main + panel) + " |", "|---" * (1 + len(main) + len(panel)) + "|"]
+    lines += [f"| {n} | " + " | ".join([cell(r[j]) for j in main] + [f"{r[j]['win_rate']:.1%}" for j in panel]) + " |"
+              for n, r in rows.items()]
+    if len(study) > 1:
+        lines += ["", "Along the over-optimization study's β (final KL: the last PPO batch's, nats per response):", "",
+                  "| run | β | final KL | " + " | ".join(main) + " |", "|---" * (3 + len(main)) + "|"]
+        lines += [f"| {n} | {r['kl_coef']} | {_fmt(r['final_kl'])} | " + " | ".join(cell(r[j]) for j in main) + " |"
+                  for n, r in sorted(study.items(), key=lambda kv: kv[1]["kl_coef"])]
+    return lines + [""]
 
 
 def methods_report(rows):

@@ -84,8 +84,24 @@ def seed_win_rate(seed_scores, baseline, seed=0, n_boot=1000):
     95% bootstrap interval resamples prompts."""
     b = np.array(baseline)
     wins = np.mean([(np.array(s) > b) + 0.5 * (np.array(s) == b) for s in seed_scores], axis=0)  # (prompts,)
+    return bootstrap_mean(wins, seed, n_boot)
+
+
+def bootstrap_mean(wins, seed=0, n_boot=1000):
+    """The mean of per-prompt wins and its 95% bootstrap interval (prompts resampled with replacement)."""
+    wins = np.asarray(wins, dtype=float)
     boot = np.random.default_rng(seed).choice(wins, (n_boot, len(wins))).mean(1)
     return float(wins.mean()), [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+
+
+def preference_wins(utilities, baseline, tau):
+    """A judge's win of each prompt: its probability of preferring a model draw to a baseline draw — for a labeler
+    at temperature tau, Plackett–Luce with K = 2 (Bradley–Terry): σ((u − u_baseline)/τ) — averaged over every pair
+    of the prompt's draws (model draw × baseline draw). tau = 0 is the noise-free limit, the gold judge: 1 if u is
+    higher, ½ on a tie, 0 if lower. `utilities` and `baseline`: per prompt, the judge's utility of each draw."""
+    def prefer(a, b):
+        return (a > b) + 0.5 * (a == b) if tau == 0 else sigmoid((a - b) / tau)
+    return [statistics.mean(prefer(a, b) for a in us for b in bs) for us, bs in zip(utilities, baseline)]
 
 
 def fit_gao(d, gain, form):

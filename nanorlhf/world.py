@@ -7,10 +7,12 @@ Real RLHF can only be judged by more humans. Here the humans are a program, so e
   classification, closed QA) plus the three the paper names as hard: false premises, harmful requests and
   several constraints at once;
 - a gold judge `gold_score(prompt, response, finished)` (the hidden true preference, a weighted sum of hand-checkable
-  components), simulated labelers who rank responses through noise and a mild bias, and demonstrations that
-  are good but imperfect, so that SFT has headroom and RLHF has something to fix.
+  components), simulated labelers who rank responses through noise and a mild bias, a held-out panel of labelers
+  with other tastes who label nothing a model trains on, and demonstrations that are good but imperfect, so that
+  SFT has headroom and RLHF has something to fix.
 Everything is deterministic given the seed.
 """
+import functools
 import math
 import random
 import re
@@ -378,14 +380,38 @@ def contrast_pair(t: Task, kind: str, r: random.Random):
 # ----------------------------------------------------------------------------------------------------------
 # simulated labelers: Plackett-Luce rankings from noisy, slightly biased gold scores
 
+def training_taste(response):
+    """The training labelers' bias, which gold does not share: enthusiasm ("!") and, a little, length."""
+    return BIAS_EXCLAIM * ("!" in response) + BIAS_PER_WORD * len(_words(response))
+
+
+def calm_taste(response):
+    """A dislike of "!" (the training bias for enthusiasm, reversed)."""
+    return -BIAS_EXCLAIM * ("!" in response)
+
+
+def terse_taste(response):
+    """A liking for brevity (the training bias for length, reversed)."""
+    return -BIAS_PER_WORD * len(_words(response))
+
+
+def plain_taste(response):
+    """No bias: gold alone."""
+    return 0.0
+
+
+# The held-out panel (the paper's held-out labelers, sec. 4.1): tastes the training labelers do not have. Its
+# labelers label nothing that trains a model; eval.py asks them which of two answers they prefer.
+PANEL_TASTES = {"calm": calm_taste, "terse": terse_taste, "plain": plain_taste}
+
+
 class Labeler:
-    def __init__(self, world, seed: int, tau: float):
-        self.world, self.tau, self.rng = world, tau, random.Random(seed)
+    def __init__(self, world, seed: int, tau: float, taste=training_taste):
+        self.world, self.tau, self.rng, self.taste = world, tau, random.Random(seed), taste
 
     def utility(self, prompt, response, finished=True):
-        """What this labeler values: gold plus a bias for enthusiasm ("!") and length that gold does not share."""
-        bias = BIAS_EXCLAIM * ("!" in response) + BIAS_PER_WORD * len(_words(response))
-        return self.world.gold_score(prompt, response, finished) + bias
+        """What this labeler values: gold plus its taste (the training labelers': "!" and length)."""
+        return self.world.gold_score(prompt, response, finished) + self.taste(response)
 
     def utilities(self, prompt, responses, finished=None):
         finished = finished if finished is not None else [True] * len(responses)
@@ -417,10 +443,11 @@ def pairwise_agreement(ranks_a, ranks_b):
     return agree / max(total, 1)
 
 
-def set_utilities(world, prompts, response_sets, finished_sets=None):
-    """Every labeler's utilities of each response set (the same for all labelers: only their noise differs)."""
+def set_utilities(world, prompts, response_sets, finished_sets=None, taste=training_taste):
+    """The utilities of each response set to labelers of one taste (the same for all of them: only their noise
+    differs)."""
     finished_sets = finished_sets or [None] * len(prompts)
-    labeler = Labeler(world, seed=0, tau=1.0)  # utilities use neither
+    labeler = Labeler(world, seed=0, tau=1.0, taste=taste)  # utilities use neither seed nor tau
     return [labeler.utilities(p, ys, f) for p, ys, f in zip(prompts, response_sets, finished_sets)]
 
 
@@ -436,11 +463,11 @@ def labeler_agreement(world, prompts, response_sets, finished_sets=None, tau=Non
                              seeds)
 
 
-def calibrate_tau(world, prompts, response_sets, finished_sets=None, target=0.75):
-    """The labeler temperature at which two labelers agree on `target` of the pairs (the paper: 73-77%).
+def calibrate_tau(world, prompts, response_sets, finished_sets=None, target=0.75, taste=training_taste):
+    """The temperature at which two labelers of this taste agree on `target` of the pairs (the paper: 73-77%).
     Agreement falls as tau grows, so bisect on log tau (same labeler seeds: common random numbers; the utilities,
     which do not depend on tau, are judged once)."""
-    utility_sets = set_utilities(world, prompts, response_sets, finished_sets)
+    utility_sets = set_utilities(world, prompts, response_sets, finished_sets, taste)
     lo, hi = math.log(1e-3), math.log(10.0)
     for _ in range(20):
         mid = (lo + hi) / 2
@@ -613,6 +640,7 @@ class World:
         cal = self.splits["rm"][:300]
         sets = [[self.demonstration(p, r) for _ in range(r.randint(4, 9))] for p in cal]
         self.tau = calibrate_tau(self, cal, sets)
+        self.tau_sets = cal, sets  # the held-out panel is calibrated on the same candidates
 
     def prompts(self, split: str) -> list:
         return self.splits[split]
@@ -650,6 +678,15 @@ class World:
 
     def labeler(self, seed: int) -> Labeler:
         return Labeler(self, seed, self.tau)
+
+    @functools.cached_property
+    def panel(self) -> dict:
+        """The held-out labelers, {name: Labeler} of PANEL_TASTES, each at the temperature where two labelers of its
+        taste agree on 75% of the pairs of the candidates self.tau was calibrated on (calibrated as the training
+        labelers are, from no generator the world draws from)."""
+        cal, sets = self.tau_sets
+        return {name: Labeler(self, self.seed * 1000 + 100 + i, calibrate_tau(self, cal, sets, taste=taste), taste)
+                for i, (name, taste) in enumerate(PANEL_TASTES.items())}
 
     def fact_probes(self) -> list:
         """(prefix, answer) pairs in pretraining style: does the base model know the facts?"""

@@ -82,3 +82,54 @@ def test_seed_win_rate_is_the_mean_of_the_seeds_rates():
     rate, (lo, hi) = seed_win_rate(seeds, base)
     assert rate == pytest.approx(np.mean([win_rate(s, base)[0] for s in seeds]), abs=1e-12)
     assert lo < rate < hi
+
+
+def test_the_held_out_panel_never_reaches_training(tmp_path, monkeypatch):
+    """Every training stage's tiny-world data path — SFT's demonstrations, the RM's rankings (the only labels a
+    model trains on), PPO against the RM and against gold — runs with the held-out panel and its tastes made to
+    raise; the same trap does catch the report card's use of them."""
+    import train_ppo
+    import train_sft
+    from nanorlhf import world as world_mod
+    from test_ppo import tiny_checkpoints
+
+    def trap(*args):
+        raise RuntimeError("the held-out panel reached a training stage")
+    monkeypatch.setattr(world_mod.World, "panel", property(trap))
+    for name in world_mod.PANEL_TASTES:
+        monkeypatch.setitem(world_mod.PANEL_TASTES, name, trap)
+    for fn in ("calm_taste", "terse_taste", "plain_taste"):
+        monkeypatch.setattr(world_mod, fn, trap)
+    ckpts = tiny_checkpoints(str(tmp_path))
+    tiny = ["--world_scale", "0.01", "--max_new_tokens", "8", "--max_steps", "2"]
+    train_sft.main(["--init", ckpts["lm"], "--out", str(tmp_path / "sft"), "--epochs", "1", "--batch_size", "8",
+                    *tiny])
+    train_rm.main(["--init", ckpts["lm"], "--out", str(tmp_path / "rm"), "--n_prompts", "12", "--k_min", "2",
+                   "--k_max", "4", "--n_calibrate", "12", "--n_norm", "20", "--batch_size", "4", *tiny])
+    assert (tmp_path / "rm" / "comparisons.jsonl").exists()
+    for reward in ("rm", "gold"):
+        train_ppo.main(["--init", ckpts["lm"], "--reward_model", str(tmp_path / "rm" / "ckpt.pt"), "--reward", reward,
+                        "--out", str(tmp_path / f"ppo_{reward}"), "--batch_size", "4", "--minibatch_size", "4",
+                        "--ppo_epochs", "1", *tiny])
+    world = make_world(0, 0.01)
+    p = world.prompts("test")[0]
+    with pytest.raises(RuntimeError, match="reached a training stage"):
+        evaluate_run.judge_wins(world, [p], (["a."], [True]), (["b."], [True]), 1)
+
+
+def test_every_judge_scores_sft_against_itself_50_percent():
+    """SFT's draws judged against themselves: every judge's win is ½ on every prompt (a draw against itself is a
+    tie, two different draws win and lose with probabilities summing to 1), so 50% with a zero-width interval."""
+    world = make_world(0, 0.01)
+    prompts = world.prompts("test")
+    r = __import__("random").Random(0)
+    responses = [world.demonstration(p, r) + r.choice(["", "!", " i like it."]) for p in prompts for _ in range(2)]
+    draws = {"sft": (responses, [True] * len(responses))}
+    cfg = evaluate_run.EvalConfig(samples=2, bootstrap=200)
+    row = evaluate_run.by_judge(world, prompts, draws, [["sft"]], cfg)["sft"]
+    assert set(row) == {"gold", "training labelers", "held-out panel", "taste gap",
+                        *(f"panel: {n}" for n in world.panel)}
+    for judge, r in row.items():
+        want = 0.0 if judge == "taste gap" else 0.5
+        assert r["win_rate"] == pytest.approx(want, abs=1e-12), judge
+        assert r["ci"] == pytest.approx([want, want], abs=1e-12), judge

@@ -68,6 +68,14 @@ def test_quick_pipeline_end_to_end(quick_run):
         assert key in results, key
     assert set(results["gold_score"]) == {"base", "sft", "ppo", "ppo_ptx"}
     assert results["win_rate_vs_sft"]["sft"] == 0.5  # SFT against itself: every prompt a tie
+    by_judge = results["win_by_judge"]  # the same samples judged by gold, training labelers and the held-out panel
+    assert list(by_judge) == ["base", "sft", "ppo", "ppo_ptx"]
+    for judge, r in by_judge["sft"].items():
+        assert r["win_rate"] == pytest.approx(0.0 if judge == "taste gap" else 0.5, abs=1e-12), judge
+    for r in by_judge["ppo"].values():
+        assert r["ci"][0] <= r["win_rate"] <= r["ci"][1]
+    study = results["study_by_judge"]  # along β: the study's two runs and PPO's own
+    assert sorted(r["kl_coef"] for r in study.values()) == [0.01, 0.1, 0.3]
     assert set(results["seconds"]) >= {"base", "sft", "rm", "ppo", "ppo_ptx"}
     for name in ("sft", "ppo", "ppo_ptx"):  # the RM judged on each policy's own samples (2 draws a prompt)
         on = results["rm_on_samples"][name]
@@ -96,6 +104,7 @@ def test_quick_pipeline_end_to_end(quick_run):
     report = (out / "report.md").read_text()
     assert "win rate vs SFT" in report and "ppo_ptx" in report
     assert "| category | pairs | RM | SFT's likelihood |" in report
+    assert "## Win rate vs SFT by judge" in report and "| study_kl0.01 | 0.01 |" in report
     plots = report_plots(report)  # the report names every plot the run folder holds, and only those
     assert sorted(plots) == sorted(p.name for p in out.glob("*.png"))
     assert {"win_rates.png", "overoptimization.png", "training.png"} <= set(plots)

@@ -1,10 +1,11 @@
+import math
 import random
 import statistics
 
 import pytest
 
 from nanorlhf.world import (CATEGORIES, SPLIT_SIZES, Labeler, calibrate_tau, labeler_agreement, make_world,
-                            pairwise_agreement)
+                            pairwise_agreement, utility_agreement)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,42 @@ def test_labeler_bias_not_shared_by_gold(world):
     lab = world.labeler(0)
     assert world.gold_score(p, "the banana is yellow!") == world.gold_score(p, "the banana is yellow.")
     assert lab.utility(p, "the banana is yellow!") > lab.utility(p, "the banana is yellow.")
+
+
+def test_a_labelers_preference_probability_by_hand(world):
+    """Bradley–Terry on a labeler's utilities: gold cannot tell "yellow!" from "yellow." (same words, same gold), so
+    at τ = 0.08 a labeler's utilities differ by its taste alone, ±0.08 for "!": P("!" preferred) = σ(±1) =
+    1/(1 + e^∓1) for the training and the calm taste, ½ for the terse one (4 words each). Averaged over draws:
+    ("!", ".") against "." is (1/(1 + e) + ½)/2 for the calm labeler. Gold (τ = 0) prefers the right color outright."""
+    from nanorlhf.evaluation import preference_wins
+    from nanorlhf.world import PANEL_TASTES
+    p = "what color is the banana?"
+    world.tasks.setdefault(p, _task_for(p))
+    excl, plain = "the banana is yellow!", "the banana is yellow."
+
+    def prob(taste, ys, baseline):
+        lab = Labeler(world, 0, tau=0.08, taste=taste)
+        return preference_wins([[lab.utility(p, y) for y in ys]], [[lab.utility(p, y) for y in baseline]], lab.tau)[0]
+    assert prob(Labeler(world, 0, 1.0).taste, [excl], [plain]) == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-12)
+    assert prob(PANEL_TASTES["calm"], [excl], [plain]) == pytest.approx(1 / (1 + math.e), abs=1e-12)
+    assert prob(PANEL_TASTES["terse"], [excl], [plain]) == 0.5
+    assert prob(PANEL_TASTES["calm"], [excl, plain], [plain]) == pytest.approx((1 / (1 + math.e) + 0.5) / 2)
+    gold = [[world.gold_score(p, y)] for y in ("the banana is yellow.", "the banana is blue.")]
+    assert preference_wins([gold[0], gold[1]], [gold[1], gold[1]], 0) == [1.0, 0.5]
+
+
+def test_panel_tastes_differ_and_each_is_calibrated_to_75_percent(world):
+    """The held-out labelers: each taste's temperature is where two labelers of that taste agree on 75% of the
+    pairs of the candidates world.tau was calibrated on (to the one pair a crossing is), and building the panel
+    leaves the world's own labelers as they were."""
+    tau = world.tau
+    cal, sets = world.tau_sets
+    n_pairs = sum(len(ys) * (len(ys) - 1) // 2 for ys in sets)
+    for lab in world.panel.values():
+        utilities = [lab.utilities(p, ys) for p, ys in zip(cal, sets)]
+        assert abs(utility_agreement(world, utilities, lab.tau) - 0.75) <= 1 / n_pairs + 1e-9
+    assert world.tau == tau == make_world(seed=0, scale=0.05).tau
+    assert len({lab.taste("wow! a fine answer!") for lab in world.panel.values()}) == len(world.panel)
 
 
 def test_labeler_agreement_near_paper(world):
