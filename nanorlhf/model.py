@@ -306,14 +306,17 @@ _SAFETENSORS_DTYPES = {
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0):
-    """(log p(targets), entropy) under softmax(hidden @ weight.T / T), each shaped like targets: hidden (..., C),
-    weight (V, C), targets (...) token ids. log_softmax over the full (..., V) logits, then gather; the softmax math
-    in at least float32 (also under bf16 autocast). The entropy is for logging: no gradient."""
-    logits = hidden @ weight.T  # (..., V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    logp = F.log_softmax(logits, dim=-1)  # (..., V)
-    entropy = -(logp.exp() * logp).sum(-1).detach()  # (...) H = −Σ p log p
-    return logp.gather(-1, targets[..., None]).squeeze(-1), entropy
+    """(log p(targets), entropy) under p = softmax(z), z = hidden @ weight.T / T, each shaped like targets: hidden
+    (..., C), weight (V, C), targets (...) token ids. log_softmax(z) gathered at the targets, written as
+    z_target − logsumexp(z); the softmax math in at least float32 (also under bf16 autocast). The entropy is for
+    logging: no gradient."""
+    z = hidden @ weight.T  # (..., V)
+    z = z.to(torch.promote_types(z.dtype, torch.float32)) / temperature
+    lse = torch.logsumexp(z, dim=-1)  # (...) log Σ_v exp z_v
+    logp = z.gather(-1, targets[..., None]).squeeze(-1) - lse  # (...)
+    with torch.no_grad():
+        entropy = lse - (torch.exp(z - lse[..., None]) * z).sum(-1)  # H = logsumexp(z) − E_p[z]
+    return logp, entropy
 
 
 def read_safetensors(path: str) -> dict:
