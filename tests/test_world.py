@@ -272,14 +272,16 @@ def test_the_core_worlds_are_as_they_were(worlds):
 def test_same_seed_same_world_at_every_scale(worlds, scale):
     """Determinism of the bigger world (0.05, 0.1 and 0.2 are checked above): the same seed gives the same world in
     this process and in another one with another hash seed (no set order leaks into a draw); another seed differs."""
-    assert world_digest(make_world(0, scale)) == world_digest(worlds[scale])
-    if scale == 0.5:
-        code = "import sys; sys.path[:0] = [%r, %r]; import test_world as t; from nanorlhf.world import make_world; " \
-               "print(t.world_digest(make_world(0, 0.5)))" % (os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)))
+    if scale == 1.0:
+        assert world_digest(make_world(0, scale)) == world_digest(worlds[scale])
+    else:
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = (f"import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; import test_world as t; "
+                f"from nanorlhf.world import make_world; print(t.world_digest(make_world(0, {scale})))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.split()[-1]
         assert out == world_digest(worlds[scale])
-        assert make_world(1, scale).splits["test"] != worlds[scale].splits["test"]
+        assert make_world(1, 0.25).splits["test"] != make_world(0, 0.25).splits["test"]
 
 
 @pytest.mark.parametrize("scale", [0.1, 0.2, 0.5, 1.0])
@@ -307,16 +309,17 @@ def test_the_paper_counts_at_full_scale(worlds):
 
 def occurring(prompts, texts):
     """The prompts that occur in any of the texts starting at a word: `p in text` without a scan of the whole text
-    per prompt (seconds instead of a minute at scale 1.0); each text's words are looked up by a prompt's first two."""
+    per prompt (seconds instead of a minute at scale 1.0); each text's words are looked up by a prompt's first three."""
     starts = collections.defaultdict(list)
     for p in prompts:
-        starts[tuple(p.split(" ")[:2])].append(p)
+        assert len(p.split(" ")) >= 3, p
+        starts[tuple(p.split(" ")[:3])].append(p)
     found = set()
     for text in texts:
         words, at = text.split(" "), 0
-        for a, b in zip(words, words[1:]):
-            found.update(p for p in starts.get((a, b), ()) if text.startswith(p, at))
-            at += len(a) + 1
+        for key in zip(words, words[1:], words[2:]):
+            found.update(p for p in starts.get(key, ()) if text.startswith(p, at))
+            at += len(key[0]) + 1
     return found
 
 
@@ -335,19 +338,18 @@ def test_held_out_holds_out_at_full_scale(worlds):
     held_out = w.prompts("test") + w.prompts("val")
     docs = w.pretrain_docs("train") + w.pretrain_docs("val")
     assert not occurring(held_out, docs)
-    assert occurring(w.prompts("rm"), docs)  # forum threads do quote training prompts
+    assert occurring(w.prompts("rm")[:1000], docs)  # forum threads do quote training prompts
     assert not occurring(held_out, [p + " " + y for p, y in w.sft_demos()])
     assert not set(w.pretrain_docs("val")) & set(w.pretrain_docs("train"))
     assert len(set(w.pretrain_docs("val"))) == len(w.pretrain_docs("val"))
     assert len(docs) == 5 * 20000  # in proportion to the scale above 0.2
-    text = " ".join(w.pretrain_docs("train"))
     from nanorlhf.world import ALL_ANIMALS, ALL_CAPITALS, ALL_COLOR_OF, ALL_TOOLS
     facts = [f"the {x} is {c}." for x, c in ALL_COLOR_OF.items()] + [
         f"the {x} lives in the {v[1]}." for x, v in ALL_ANIMALS.items()] + [
         f"the capital of {x} is {c}." for x, c in ALL_CAPITALS.items()] + [
         f"a {x} is used to {u}." for x, u in ALL_TOOLS.items()] + [
         f"{a} plus {b} is {a + b}." for a in range(21) for b in range(21)]
-    assert [f for f in facts if f not in text] == []
+    assert set(facts) - occurring(facts, w.pretrain_docs("train")) == set()
 
 
 def test_labeler_agreement_at_full_scale(worlds):
