@@ -905,9 +905,11 @@ class World:
 
     def fact_probes(self) -> list:
         """(prefix, answer) pairs in pretraining style: does the base model know the facts?"""
-        probes = [(f"the color of the {x} is", c) for x, c in sorted(COLOR_OF.items())]
-        probes += [(f"the {x} lives in the", v[1]) for x, v in sorted(ANIMALS.items())]
-        probes += [(f"the capital of {x} is", c) for x, c in sorted(CAPITALS.items())]
+        color_of, animals, capitals = (ALL_COLOR_OF, ALL_ANIMALS, ALL_CAPITALS) if self.grown else (COLOR_OF, ANIMALS,
+                                                                                                   CAPITALS)
+        probes = [(f"the color of the {x} is", c) for x, c in sorted(color_of.items())]
+        probes += [(f"the {x} lives in the", v[1]) for x, v in sorted(animals.items())]
+        probes += [(f"the capital of {x} is", c) for x, c in sorted(capitals.items())]
         probes += [(f"{a} plus {b} is", str(a + b)) for a in range(0, 10, 3) for b in range(0, 10, 2)]
         return probes
 

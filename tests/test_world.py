@@ -34,24 +34,6 @@ def default_world():
     return make_world(seed=0, scale=0.1)  # the pipeline's world
 
 
-def test_splits_are_distinct_disjoint_and_the_test_set_is_balanced(default_world):
-    w = default_world
-    for s, ps in w.splits.items():
-        assert len(ps) == len(set(ps)), s  # distinct prompts: no split is drawn with replacement
-    names = list(w.splits)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            assert not set(w.splits[a]) & set(w.splits[b]), (a, b)
-    assert len(w.splits["test"]) == 300 and len(w.splits["val"]) == 200
-    for s in ("test", "val"):  # equal category shares
-        counts = [sum(w.category(p) == c for p in w.splits[s]) for c in CATEGORIES]
-        assert max(counts) - min(counts) <= 1, (s, counts)
-    for s in ("sft", "rm", "ppo"):  # every category present; no category above its equal share
-        counts = [sum(w.category(p) == c for p in w.splits[s]) for c in CATEGORIES]
-        assert min(counts) > 0 and max(counts) <= -(-int(w.scale * SPLIT_SIZES[s]) // len(CATEGORIES)), s
-    assert len(w.splits["rm"]) > len(w.splits["ppo"]) > len(w.splits["sft"])  # the paper's order: 33k > 31k > 13k
-
-
 def test_no_held_out_prompt_or_document_in_the_training_text(default_world):
     """The internet's forum questions come from training prompts only: no test or validation prompt occurs
     anywhere in the pretraining text (train or val, which PPO-ptx and the alignment tax use), nor in any SFT
@@ -216,6 +198,9 @@ def test_fact_probes_are_true(world):
     assert ("the color of the banana is", "yellow") in probes
     assert ("the whale lives in the", "ocean") in probes
     assert all(p and a for p, a in probes)
+    grown = make_world(seed=0, scale=0.25).fact_probes()  # the bigger world's probes: its facts too
+    assert ("the color of the llama is", "white") in grown and ("the capital of nepal is", "kathmandu") in grown
+    assert set(probes) < set(grown)
 
 
 def test_contrast_pairs_differ_only_in_their_kind(default_world):
@@ -299,6 +284,7 @@ def test_splits_distinct_disjoint_and_shared_by_category_at_every_scale(worlds, 
         if w.grown or s in ("test", "val"):  # every category its equal share (the core world's small ones run short)
             assert len(ps) == int(scale * SPLIT_SIZES[s]) and max(counts) - min(counts) <= 1, (s, counts)
         assert min(counts) > 0 and max(counts) <= -(-int(scale * SPLIT_SIZES[s]) // len(CATEGORIES)), (s, counts)
+    assert len(w.splits["rm"]) > len(w.splits["ppo"]) > len(w.splits["sft"])  # the paper's order: 33k > 31k > 13k
 
 
 def test_the_paper_counts_at_full_scale(worlds):
