@@ -13,6 +13,8 @@ import train_rm
 import train_sft
 from conftest import run_py
 from nanorlhf.config import parse_config
+from nanorlhf.tokenizer import Tokenizer
+from nanorlhf.world import make_world
 
 CONFIG_OF = {"train_base.py": train_base.BaseConfig, "train_sft.py": train_sft.SFTConfig,
              "train_rm.py": train_rm.RMConfig, "train_ppo.py": train_ppo.PPOConfig}
@@ -64,7 +66,14 @@ def test_quick_shrinks_the_gpu_preset(tmp_path):
     assert (configs["ppo"].batches, configs["ppo"].batch_size, configs["study_kl0.3"].batches) == (3, 16, 6)
 
 
-def test_gpu_estimate_counts_every_main_stage_and_fits_ten_minutes(capsys):
+@pytest.fixture(scope="module")
+def paper_world():
+    """The gpu preset's world (scale 1.0), built once for the module."""
+    return make_world(0, float(run.GPU_WORLD_SCALE))
+
+
+def test_gpu_estimate_counts_every_main_stage_and_fits_ten_minutes(capsys, monkeypatch, paper_world):
+    monkeypatch.setattr(run, "make_world", lambda seed, scale: paper_world)
     flops = run.gpu_estimate(gpu_cfg())
     assert set(flops) == {"base", "sft", "rm", "ppo", "ppo_ptx"} and all(f > 0 for f in flops.values())
     assert flops["base"] == pytest.approx(4000 * 64 * 128 * 6 * 25.8e6, rel=0.15)  # ≈ 6N per token, N ≈ 26M
@@ -72,13 +81,11 @@ def test_gpu_estimate_counts_every_main_stage_and_fits_ten_minutes(capsys):
     assert "not yet measured" in capsys.readouterr().out
 
 
-def test_the_paper_sized_world_fits_the_gpu_context():
+def test_the_paper_sized_world_fits_the_gpu_context(paper_world):
     """Every prompt of the gpu preset's world (scale 1.0) leaves room in the base model's context for the longest
     response, and the world holds the RM prompts the preset asks for."""
-    from nanorlhf.tokenizer import Tokenizer
-    from nanorlhf.world import make_world
-    cfg = gpu_cfg()
-    world, tok = make_world(cfg.world_seed, float(run.world_scale(cfg))), Tokenizer.load("tiny")
+    cfg, world, tok = gpu_cfg(), paper_world, Tokenizer.load("tiny")
+    assert (cfg.world_seed, run.world_scale(cfg)) == (0, "1.0")
     room = run.flag(run.stage_flags(cfg, "base"), "--block_size") - run.flag(run.stage_flags(cfg, "rm"), "--max_new_tokens")
     assert max(len(tok.format_prompt(p)) for p in world.tasks) <= room
     assert run.flag(run.stage_flags(cfg, "rm"), "--n_prompts") < len(world.prompts("rm"))
