@@ -710,6 +710,7 @@ def _grown_rewrite(r):
 
 
 def _grown_classification(r):
+    # each question kind in proportion to the entities it asks about (the kind question with 3 orders of options)
     kind = r.choices(["kind", "taste", "size"], weights=[len(ALL_KIND) * 3, len(ALL_FRUITS), len(ALL_ANIMALS)])[0]
     if kind == "kind":
         x = r.choice(sorted(ALL_KIND))
@@ -761,8 +762,8 @@ GROWN_MAKERS = {"open_qa": _grown_open_qa, "arithmetic": _grown_arithmetic, "gen
 
 
 def _grown_list_doc(r):
-    head, pool = r.choice([(f"{g}:", ALL_GROUPS[g]) for g in sorted(ALL_GROUPS)] + LIST_CONSTRAINTS)
-    head = r.choice([f"some {head.rstrip(':')}:", f"here are some {head.rstrip(':')}:", f"{head.rstrip(':')}:"])
+    what, pool = r.choice([(g, ALL_GROUPS[g]) for g in sorted(ALL_GROUPS)] + LIST_CONSTRAINTS)
+    head = r.choice([f"some {what}:", f"here are some {what}:", f"{what}:"])
     return f"{head} {_join(r.sample(sorted(pool), r.randint(2, min(len(pool), 8))))}."
 
 
