@@ -38,8 +38,9 @@ class RunConfig:
     seed: int = arg(1337, "seed of every stage")
     world_seed: int = arg(0, "seed of the tiny world")
     quick: bool = arg(False, "tiny sizes (≈2 minutes): for tests and trying the code; shrinks either preset")
-    preset: str = arg("auto", "stage sizes: cpu (the default world, ≈12 min on 2 cores) | gpu (a larger world and "
-                              "models for one GPU: sized by FLOP estimate for ≤ 15 min on an H100, not yet measured) "
+    preset: str = arg("auto", "stage sizes: cpu (the default world, ≈12 min on 2 cores) | gpu (the paper-sized world "
+                              "and larger models for one GPU: sized by FLOP estimate for ≤ 10 min on an H100, not yet "
+                              "measured) "
                               "| auto (gpu with --device cuda, else cpu)")
     force: bool = arg(False, "redo every stage even if its checkpoint exists")
     baselines: bool = arg(False, "also best-of-N from SFT (N = 1 … 64), DPO, RFT (SFT on the labelers' best-ranked "
@@ -66,21 +67,23 @@ STAGES = {
 # --baselines: train_ppo.py with another estimator or reward, on the same rollouts, budget and β as PPO
 METHODS = {"grpo": ["--estimator", "grpo", "--group_size", "4"], "rloo": ["--estimator", "rloo", "--group_size", "4"],
            "reinforce_pp": ["--estimator", "reinforce_pp"], "oracle": ["--reward", "gold"]}
-# --preset gpu: the tiny world at the largest scale it holds (0.2: 600 test prompts and 777 / 1973 / 1852 SFT / RM /
-# PPO prompts, the paper's 13:33:31; above 0.2 a small category runs out of distinct prompts) with 11M-parameter
-# models (6 layers, d 384: 12× the CPU's) and 3× the PPO episodes. The pretraining text is the same 453k tokens at any
-# scale, so the base model sees it ≈18 times (the CPU's ≈6), with dropout 0.1 against memorizing it. Sized by the
-# FLOP estimate run.py prints (gpu_estimate) for ≤ 15 minutes on one H100; not yet measured on a GPU.
+# --preset gpu: the tiny world at the paper's scale (1.0: 3,000 test prompts and 13,000 / 33,000 / 31,000 SFT / RM /
+# PPO prompts; 2.8M tokens of pretraining text) with 25M-parameter models (8 layers, d 512: 27× the CPU's). The base
+# model reads the text ≈ 11 times, with dropout 0.1 against memorizing it; SFT passes 3 times over the 13,000
+# demonstrations; the RM ranks K = 4–9 samples for 30,000 of the RM prompts (3,000 left for a second --rounds); PPO
+# and PPO-ptx see 30,720 episodes each, about one per PPO prompt. Sized by the FLOP estimate run.py prints
+# (gpu_estimate) for ≤ 10 minutes on one H100 (≈ 14 PFLOP: 2.4 min at the assumed 100 TFLOP/s, a 4× margin
+# for small matrices and sampling, which run far below peak); not yet measured on a GPU.
 GPU_WORLD_SCALE = str(MAX_SCALE)
 GPU_STAGES = {
-    "base": ["--n_layer", "6", "--n_head", "6", "--n_embd", "384", "--block_size", "128", "--dropout", "0.1",
-             "--steps", "2000", "--batch_size", "32", "--warmup", "100", "--lr", "1e-3", "--eval_every", "500",
+    "base": ["--n_layer", "8", "--n_head", "8", "--n_embd", "512", "--block_size", "128", "--dropout", "0.1",
+             "--steps", "4000", "--batch_size", "64", "--warmup", "200", "--lr", "6e-4", "--eval_every", "1000",
              "--log_every", "100"],
-    "sft": ["--lr", "3e-4", "--epochs", "10"],
-    # 1,500 of the 1,973 RM prompts: iterated rounds need fresh ones
-    "rm": ["--n_prompts", "1500", "--lr", "3e-4", "--k_min", "4", "--k_max", "9", "--max_new_tokens", "48"],
-    "ppo": ["--batches", "60", "--batch_size", "128", "--minibatch_size", "32"],
-    "ppo_ptx": ["--ptx_coef", "0.5", "--batches", "60", "--batch_size", "128", "--minibatch_size", "32"],
+    "sft": ["--lr", "1e-4", "--epochs", "3"],
+    "rm": ["--n_prompts", "30000", "--lr", "1e-4", "--k_min", "4", "--k_max", "9", "--max_new_tokens", "48",
+           "--gen_batch_size", "1024"],
+    "ppo": ["--batches", "120", "--batch_size", "256", "--minibatch_size", "64"],
+    "ppo_ptx": ["--ptx_coef", "0.5", "--batches", "120", "--batch_size", "256", "--minibatch_size", "64"],
 }
 # the ETA line: each stage's seconds in the default run on a machine whose fp32 matmul peak (common.peak_flops) was
 # REFERENCE_PEAK FLOP/s, scaled by this machine's peak until a stage has run here, then by the stages' own times

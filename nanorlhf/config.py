@@ -51,7 +51,7 @@ class CommonConfig:
     resume: bool = arg(False, "continue from the checkpoint in --out")
     world_seed: int = arg(0, "seed of the built-in tiny world (used when --data is empty)")
     world_scale: float = arg(0.1, "size of the tiny world's splits, as a fraction of the paper's 13k/33k/31k "
-                                   "SFT/RM/PPO prompts; at most 0.2 (its small categories run out of distinct prompts)",
+                                   "SFT/RM/PPO prompts; at most 1.0 (above 0.2: the bigger world, docs/world-scale.md)",
                              positive=True)
 
 

@@ -13,6 +13,8 @@ import train_rm
 import train_sft
 from conftest import run_py
 from nanorlhf.config import PPOConfig, parse_config
+from nanorlhf.tokenizer import Tokenizer
+from nanorlhf.world import make_world
 
 CONFIG_OF = {"train_base.py": train_base.BaseConfig, "train_sft.py": train_sft.SFTConfig,
              "train_rm.py": train_rm.RMConfig, "train_ppo.py": PPOConfig}
@@ -46,15 +48,15 @@ def test_preset_auto_is_cpu_on_cpu_and_the_cpu_flags_are_unchanged():
 
 def test_gpu_preset_flags_reach_every_stage(tmp_path):
     configs = stage_configs(gpu_cfg("--baselines", "--seeds", "1", out=tmp_path))
-    assert {c.world_scale for c in configs.values()} == {0.2}
+    assert {c.world_scale for c in configs.values()} == {1.0}  # the paper-sized world
     base = configs["base"]
-    assert (base.n_layer, base.n_head, base.n_embd, base.dropout, base.steps) == (6, 6, 384, 0.1, 2000)
-    assert configs["rm"].n_prompts == 1500 and configs["sft"].lr == 3e-4
+    assert (base.n_layer, base.n_head, base.n_embd, base.dropout, base.steps) == (8, 8, 512, 0.1, 4000)
+    assert (configs["rm"].n_prompts, configs["rm"].gen_batch_size, configs["sft"].lr) == (30000, 1024, 1e-4)
     for name in ("ppo", "ppo_ptx", "grpo", "rloo", "reinforce_pp", "oracle"):
         c = configs[name]
-        assert (c.batches, c.batch_size, c.minibatch_size) == (60, 128, 32), name
+        assert (c.batches, c.batch_size, c.minibatch_size) == (120, 256, 64), name
     assert configs["ppo_ptx"].ptx_coef == 0.5 and configs["ppo"].ptx_coef == 0.0
-    assert configs["study_kl0.01"].batches == configs["study_kl0.3"].batches == 120  # twice PPO's
+    assert configs["study_kl0.01"].batches == configs["study_kl0.3"].batches == 240  # twice PPO's
 
 
 def test_quick_shrinks_the_gpu_preset(tmp_path):
@@ -64,11 +66,29 @@ def test_quick_shrinks_the_gpu_preset(tmp_path):
     assert (configs["ppo"].batches, configs["ppo"].batch_size, configs["study_kl0.3"].batches) == (3, 16, 6)
 
 
-def test_gpu_estimate_counts_every_main_stage(capsys):
+@pytest.fixture(scope="module")
+def paper_world():
+    """The gpu preset's world (scale 1.0), built once for the module."""
+    return make_world(0, float(run.GPU_WORLD_SCALE))
+
+
+def test_gpu_estimate_counts_every_main_stage_and_fits_ten_minutes(capsys, monkeypatch, paper_world):
+    monkeypatch.setattr(run, "make_world", lambda seed, scale: paper_world)
     flops = run.gpu_estimate(gpu_cfg())
     assert set(flops) == {"base", "sft", "rm", "ppo", "ppo_ptx"} and all(f > 0 for f in flops.values())
-    assert flops["base"] == pytest.approx(2000 * 32 * 128 * 6 * 11.3e6, rel=0.15)  # ≈ 6N per token, N ≈ 11M
+    assert flops["base"] == pytest.approx(4000 * 64 * 128 * 6 * 25.8e6, rel=0.15)  # ≈ 6N per token, N ≈ 26M
+    assert sum(flops.values()) / 100e12 <= 10 * 60 / 2  # half the 10 minutes at the assumed 100 TFLOP/s, or less
     assert "not yet measured" in capsys.readouterr().out
+
+
+def test_the_paper_sized_world_fits_the_gpu_context(paper_world):
+    """Every prompt of the gpu preset's world (scale 1.0) leaves room in the base model's context for the longest
+    response, and the world holds the RM prompts the preset asks for."""
+    cfg, world, tok = gpu_cfg(), paper_world, Tokenizer.load("tiny")
+    assert (cfg.world_seed, run.world_scale(cfg)) == (0, "1.0")
+    room = run.flag(run.stage_flags(cfg, "base"), "--block_size") - run.flag(run.stage_flags(cfg, "rm"), "--max_new_tokens")
+    assert max(len(tok.format_prompt(p)) for p in world.tasks) <= room
+    assert run.flag(run.stage_flags(cfg, "rm"), "--n_prompts") < len(world.prompts("rm"))
 
 
 @pytest.mark.slow
@@ -78,7 +98,7 @@ def test_gpu_preset_shrunk_runs_end_to_end_on_cpu(tmp_path):
     assert "--preset gpu:" in log  # the estimate line
     for stage in ("base", "sft", "rm", "ppo", "ppo_ptx"):
         assert (out / stage / "ckpt.pt").exists(), stage
-    assert "--dropout 0.1" in log and "--n_head 6" in log  # the gpu flags, then --quick's
+    assert "--dropout 0.1" in log and "--n_head 8" in log  # the gpu flags, then --quick's
     assert set(json.loads((out / "results.json").read_text())["gold_score"]) == {"base", "sft", "ppo", "ppo_ptx"}
 
 

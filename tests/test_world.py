@@ -1,6 +1,13 @@
+import collections
+import dataclasses
+import hashlib
+import json
 import math
+import os
 import random
 import statistics
+import subprocess
+import sys
 
 import pytest
 
@@ -26,24 +33,6 @@ def test_same_seed_same_world(world):
 @pytest.fixture(scope="module")
 def default_world():
     return make_world(seed=0, scale=0.1)  # the pipeline's world
-
-
-def test_splits_are_distinct_disjoint_and_the_test_set_is_balanced(default_world):
-    w = default_world
-    for s, ps in w.splits.items():
-        assert len(ps) == len(set(ps)), s  # distinct prompts: no split is drawn with replacement
-    names = list(w.splits)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            assert not set(w.splits[a]) & set(w.splits[b]), (a, b)
-    assert len(w.splits["test"]) == 300 and len(w.splits["val"]) == 200
-    for s in ("test", "val"):  # equal category shares
-        counts = [sum(w.category(p) == c for p in w.splits[s]) for c in CATEGORIES]
-        assert max(counts) - min(counts) <= 1, (s, counts)
-    for s in ("sft", "rm", "ppo"):  # every category present; no category above its equal share
-        counts = [sum(w.category(p) == c for p in w.splits[s]) for c in CATEGORIES]
-        assert min(counts) > 0 and max(counts) <= -(-int(w.scale * SPLIT_SIZES[s]) // len(CATEGORIES)), s
-    assert len(w.splits["rm"]) > len(w.splits["ppo"]) > len(w.splits["sft"])  # the paper's order: 33k > 31k > 13k
 
 
 def test_no_held_out_prompt_or_document_in_the_training_text(default_world):
@@ -246,6 +235,9 @@ def test_fact_probes_are_true(world):
     assert ("the color of the banana is", "yellow") in probes
     assert ("the whale lives in the", "ocean") in probes
     assert all(p and a for p, a in probes)
+    grown = make_world(seed=0, scale=0.25).fact_probes()  # the bigger world's probes: its facts too
+    assert ("the color of the llama is", "white") in grown and ("the capital of nepal is", "kathmandu") in grown
+    assert set(probes) < set(grown)
 
 
 def test_contrast_pairs_differ_only_in_their_kind(default_world):
@@ -265,5 +257,159 @@ def test_contrast_pairs_differ_only_in_their_kind(default_world):
 
 
 def test_a_scale_the_world_cannot_fill_is_one_clear_line():
-    with pytest.raises(SystemExit, match=r"--world_scale 0.25: too few distinct prompts .*generation.* ≤ 0.2"):
-        make_world(0, 0.25)
+    with pytest.raises(SystemExit, match=r"--world_scale 1.5: the tiny world holds distinct prompts for a scale ≤ 1.0"):
+        make_world(0, 1.5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the world at every scale: the core world (≤ 0.2) as it was, the bigger world above it up to the paper's counts
+
+def world_digest(w):
+    """sha256 of everything a world gives the pipeline: splits, documents, tau, SFT demonstrations, tasks."""
+    tasks = [{**dataclasses.asdict(w.tasks[p]), "valid_items": sorted(w.tasks[p].valid_items)} for p in sorted(w.tasks)]
+    blob = json.dumps({"splits": w.splits, "docs": w.docs, "tau": repr(w.tau), "sft_demos": w.sft_demos(),
+                       "tasks": tasks}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# Regression pin: the digests of make_world(0, 0.1) (the default pipeline's world) and make_world(0, 0.2), computed
+# with the code as it was before the bigger world was added. The bigger world must leave these worlds exactly as they
+# were (same prompts, splits, documents, tau and draws), so that `python run.py` gives the same weights.
+CORE_DIGESTS = {0.1: "efd318dbc42b15f80d7768526df4ebe7006fcef82fde18755544a8c9c60e8ff3",
+                0.2: "1f93c9839fdf144244903036ca7f7940868a62eda61237153fd95dfe36ba5917"}
+
+
+@pytest.fixture(scope="module")
+def worlds(default_world):
+    """make_world(0, scale) at the scales the tests check, each built once for the module (1.0 takes seconds)."""
+    return {0.1: default_world, **{s: make_world(seed=0, scale=s) for s in (0.2, 0.5, 1.0)}}
+
+
+def test_the_core_worlds_are_as_they_were(worlds):
+    for scale, digest in CORE_DIGESTS.items():
+        assert not worlds[scale].grown and world_digest(worlds[scale]) == digest, scale
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_same_seed_same_world_at_every_scale(worlds, scale):
+    """Determinism of the bigger world (0.05, 0.1 and 0.2 are checked above): the same seed gives the same world in
+    this process and in another one with another hash seed (no set order leaks into a draw); another seed differs."""
+    if scale == 1.0:
+        assert world_digest(make_world(0, scale)) == world_digest(worlds[scale])
+    else:
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = (f"import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; import test_world as t; "
+                f"from nanorlhf.world import make_world; print(t.world_digest(make_world(0, {scale})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.split()[-1]
+        assert out == world_digest(worlds[scale])
+        assert make_world(1, 0.25).splits["test"] != make_world(0, 0.25).splits["test"]
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.2, 0.5, 1.0])
+def test_splits_distinct_disjoint_and_shared_by_category_at_every_scale(worlds, scale):
+    w = worlds[scale]
+    assert w.grown == (scale > 0.2)
+    for s, ps in w.splits.items():
+        assert len(ps) == len(set(ps)), s
+    names = list(w.splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not set(w.splits[a]) & set(w.splits[b]), (a, b)
+    for s, ps in w.splits.items():
+        counts = [sum(w.category(p) == c for p in ps) for c in CATEGORIES]
+        if w.grown or s in ("test", "val"):  # every category its equal share (the core world's small ones run short)
+            assert len(ps) == int(scale * SPLIT_SIZES[s]) and max(counts) - min(counts) <= 1, (s, counts)
+        assert min(counts) > 0 and max(counts) <= -(-int(scale * SPLIT_SIZES[s]) // len(CATEGORIES)), (s, counts)
+    assert len(w.splits["rm"]) > len(w.splits["ppo"]) > len(w.splits["sft"])  # the paper's order: 33k > 31k > 13k
+
+
+def test_the_paper_counts_at_full_scale(worlds):
+    w = worlds[1.0]
+    assert {s: len(ps) for s, ps in w.splits.items()} == SPLIT_SIZES
+    assert len(w.prompts("sft")) >= 13000 and len(w.prompts("rm")) >= 33000 and len(w.prompts("ppo")) >= 31000
+
+
+def occurring(prompts, texts):
+    """The prompts that occur in any of the texts starting at a word: `p in text` without a scan of the whole text
+    per prompt (seconds instead of a minute at scale 1.0); each text's words are looked up by a prompt's first three."""
+    starts = collections.defaultdict(list)
+    for p in prompts:
+        assert len(p.split(" ")) >= 3, p
+        starts[tuple(p.split(" ")[:3])].append(p)
+    found = set()
+    for text in texts:
+        words, at = text.split(" "), 0
+        for key in zip(words, words[1:], words[2:]):
+            found.update(p for p in starts.get(key, ()) if text.startswith(p, at))
+            at += len(key[0]) + 1
+    return found
+
+
+def test_occurring_finds_what_in_finds(world):
+    docs = world.pretrain_docs("train")[:3000] + world.pretrain_docs("val")
+    text = "\n".join(docs)
+    prompts = list(world.tasks)
+    assert occurring(prompts, docs) == {p for p in prompts if p in text} != set()
+
+
+def test_held_out_holds_out_at_full_scale(worlds):
+    """The bigger world's internet quotes training prompts only: no test or validation prompt in any pretraining
+    document (train or val: PPO-ptx and the alignment tax) or SFT demonstration; validation documents are distinct
+    from training ones; the text grows with the world and states every fact its questions ask about."""
+    w = worlds[1.0]
+    held_out = w.prompts("test") + w.prompts("val")
+    docs = w.pretrain_docs("train") + w.pretrain_docs("val")
+    assert not occurring(held_out, docs)
+    assert occurring(w.prompts("rm")[:1000], docs)  # forum threads do quote training prompts
+    assert not occurring(held_out, [p + " " + y for p, y in w.sft_demos()])
+    assert not set(w.pretrain_docs("val")) & set(w.pretrain_docs("train"))
+    assert len(set(w.pretrain_docs("val"))) == len(w.pretrain_docs("val"))
+    assert len(docs) == 5 * 20000  # in proportion to the scale above 0.2
+    from nanorlhf.world import ALL_ANIMALS, ALL_CAPITALS, ALL_COLOR_OF, ALL_TOOLS
+    facts = [f"the {x} is {c}." for x, c in ALL_COLOR_OF.items()] + [
+        f"the {x} lives in the {v[1]}." for x, v in ALL_ANIMALS.items()] + [
+        f"the capital of {x} is {c}." for x, c in ALL_CAPITALS.items()] + [
+        f"a {x} is used to {u}." for x, u in ALL_TOOLS.items()] + [
+        f"{a} plus {b} is {a + b}." for a in range(21) for b in range(21)]
+    assert set(facts) - occurring(facts, w.pretrain_docs("train")) == set()
+
+
+def test_labeler_agreement_at_full_scale(worlds):
+    w = worlds[1.0]
+    r = random.Random(123)
+    prompts = w.prompts("rm")[-300:]
+    sets = [[w.demonstration(p, r) for _ in range(r.randint(4, 9))] for p in prompts]
+    assert 0.73 <= labeler_agreement(w, prompts, sets, seeds=(11, 12)) <= 0.77
+
+
+def test_bigger_world_ideals_demonstrations_and_contrast_pairs(worlds):
+    w = worlds[1.0]
+    for p in w.prompts("test"):
+        c = w.gold_components(p, w.task(p).ideal)
+        assert c == {"helpful": 1.0, "honest": 1.0, "harmless": 1.0, "format": 1.0, "concise": 1.0}, (p, c)
+    gold = [w.gold_score(p, y) for p, y in w.sft_demos()]
+    assert 0.25 < sum(g == 1.0 for g in gold) / len(gold) < 0.6 and 0.7 < statistics.mean(gold) < 0.97
+    from nanorlhf.world import KIND_COMPONENTS
+    for kind, own in KIND_COMPONENTS.items():
+        pairs = w.contrast_pairs("test", kind)
+        assert len(pairs) >= 2500 and len({w.category(p) for p, _, _ in pairs}) >= 8, kind
+        for p, better, worse in pairs:
+            a, b = w.gold_components(p, better), w.gold_components(p, worse)
+            assert {k for k in a if a[k] != b[k]} <= own and w.gold_score(p, better) > w.gold_score(p, worse)
+
+
+def test_the_bigger_worlds_entities_count_only_in_its_tasks():
+    """A bigger world's task judges with its tables (a melon is a fruit, a llama white); a core task, as the core
+    world always did, knows neither word."""
+    from nanorlhf.world import Task, gold_components
+    core = Task("generation", "name three fruits.", "apple, pear and lime.", number=3,
+                valid_items=frozenset(["apple", "pear", "lime"]))
+    grown = Task("generation", "name three fruits, please.", "apple, pear and melon.", number=3,
+                 valid_items=frozenset(["apple", "pear", "melon"]), extra={"grown": True})
+    assert gold_components(core, "apple, pear and melon.")["helpful"] == pytest.approx(2 / 3)
+    assert gold_components(grown, "apple, pear and melon.")["helpful"] == 1.0
+    assert gold_components(grown, "apple, pear, melon and llama.")["helpful"] == pytest.approx(1 - 0.5 / 3)
+    q = Task("open_qa", "what color is the llama?", "the llama is white.", answer="white", extra={"grown": True})
+    assert gold_components(q, "the llama is blue. the llama is white.")["honest"] == 0.0
+    assert gold_components(Task("open_qa", "x", "y", answer="white"), "the llama is blue.")["honest"] == 1.0
