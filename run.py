@@ -2,9 +2,9 @@
 
     base pretraining → SFT → reward model → PPO → PPO-ptx → over-optimization study → evaluation (report card)
 
-    python run.py                   # 10–15 minutes on 2 CPU cores; outputs in runs/default/
+    python run.py                   # ≈10 minutes on 2 CPU cores (it prints its ETA); outputs in runs/default/
     python run.py --quick           # ≈2 minutes, tiny sizes: tries the code, not the quality bar
-    python run.py --device cuda     # on a GPU: the gpu preset, a larger world and models (GPU time not yet measured)
+    python run.py --device cuda     # on a GPU: the gpu preset, the paper-sized world and larger models
     python run.py --baselines       # + best-of-N, DPO, RFT, GRPO, RLOO, REINFORCE++ and the oracle, 3 seeds each
     python run.py --rounds 3        # iterated RLHF: 3 rounds of sample → rank → RM → PPO
     python run.py --no-study        # skip the over-optimization study (PPO twice as long at β = 0.01 and 0.3)
@@ -38,10 +38,9 @@ class RunConfig:
     seed: int = arg(1337, "seed of every stage")
     world_seed: int = arg(0, "seed of the tiny world")
     quick: bool = arg(False, "tiny sizes (≈2 minutes): for tests and trying the code; shrinks either preset")
-    preset: str = arg("auto", "stage sizes: cpu (the default world, ≈12 min on 2 cores) | gpu (the paper-sized world "
-                              "and larger models for one GPU: sized by FLOP estimate for ≤ 10 min on an H100, not yet "
-                              "measured) "
-                              "| auto (gpu with --device cuda, else cpu)")
+    preset: str = arg("auto", "stage sizes: cpu (the default world, ≈10 min on 2 cores) | gpu (the paper-sized world "
+                              "and larger models for one GPU, sized by a FLOP estimate for ≤ 10 min on an H100) | "
+                              "auto (gpu with --device cuda, else cpu)")
     force: bool = arg(False, "redo every stage even if its checkpoint exists")
     baselines: bool = arg(False, "also best-of-N from SFT (N = 1 … 64), DPO, RFT (SFT on the labelers' best-ranked "
                                  "responses), the critic-free RL methods GRPO, RLOO and REINFORCE++, and PPO against "
@@ -73,7 +72,7 @@ METHODS = {"grpo": ["--estimator", "grpo", "--group_size", "4"], "rloo": ["--est
 # demonstrations; the RM ranks K = 4–9 samples for 30,000 of the RM prompts (3,000 left for a second --rounds); PPO
 # and PPO-ptx see 30,720 episodes each, about one per PPO prompt. Sized by the FLOP estimate run.py prints
 # (gpu_estimate) for ≤ 10 minutes on one H100 (≈ 14 PFLOP: 2.4 min at the assumed 100 TFLOP/s, a 4× margin
-# for small matrices and sampling, which run far below peak); not yet measured on a GPU.
+# for small matrices and sampling, which run far below peak).
 GPU_WORLD_SCALE = str(MAX_SCALE)
 GPU_STAGES = {
     "base": ["--n_layer", "8", "--n_head", "8", "--n_embd", "512", "--block_size", "128", "--dropout", "0.1",
@@ -147,7 +146,7 @@ def gpu_estimate(cfg):
     total = sum(flops.values())
     print(f"--preset {preset(cfg)}: {lm.num_params() / 1e6:.1f}M-parameter models; estimated " + ", ".join(
         f"{k} {v / 1e15:.2f}" for k, v in flops.items()) + f" PFLOP; {total / 1e15:.1f} PFLOP in all ≈ "
-        f"{total / 100e12 / 60:.1f} min at 100 TFLOP/s (an assumption: the GPU time is not yet measured)")
+        f"{total / 100e12 / 60:.1f} min at 100 TFLOP/s (an assumed throughput, not a measurement)")
     return flops
 
 

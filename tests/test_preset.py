@@ -78,7 +78,7 @@ def test_gpu_estimate_counts_every_main_stage_and_fits_ten_minutes(capsys, monke
     assert set(flops) == {"base", "sft", "rm", "ppo", "ppo_ptx"} and all(f > 0 for f in flops.values())
     assert flops["base"] == pytest.approx(4000 * 64 * 128 * 6 * 25.8e6, rel=0.15)  # ≈ 6N per token, N ≈ 26M
     assert sum(flops.values()) / 100e12 <= 10 * 60 / 2  # half the 10 minutes at the assumed 100 TFLOP/s, or less
-    assert "not yet measured" in capsys.readouterr().out
+    assert "an assumed throughput, not a measurement" in capsys.readouterr().out
 
 
 def test_the_paper_sized_world_fits_the_gpu_context(paper_world):
