@@ -141,6 +141,39 @@ def batch_log(b, final, kl_coef, gold, step, cfg):
     return log
 
 
+def restore_state(cfg, policy, value_model, optimizers, kl_ctl, ema, device):
+    """--resume: every model, optimizer and controller as state.pt left them; returns the batches done (0 if
+    starting fresh)."""
+    state = resume(cfg, policy, optimizers[0], map_location=device)
+    if state is None:
+        return 0
+    value_model.load_state_dict(state["extra"]["value_model"])
+    optimizers[1].load_state_dict(state["extra"]["value_optimizer"])
+    kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
+    if ema is not None:
+        ema.load_state_dict(state["extra"]["ema"])
+    return state["step"]
+
+
+def save_state(path, cfg, policy, value_model, optimizers, kl_ctl, ema, tok, step):
+    """state.pt, written atomically: what restore_state reads back."""
+    extra = {"value_model": value_model.state_dict(), "value_optimizer": optimizers[1].state_dict(),
+             "kl_ctl": kl_ctl.state_dict(), "ema": ema.state_dict() if ema is not None else None}
+    write_state(path, make_checkpoint(policy, policy.config, "lm", tok, asdict(cfg), step, optimizers[0], extra))
+
+
+def record(log, b, P, seconds, step, progress, log_path, policy, value_model, cfg):
+    """A batch's line of log.jsonl (rank 0) and the progress line, with tokens/s and MFU over all ranks."""
+    n_tokens = b["mask"].numel() * dist.world_size()
+    log.update(tokens_per_s=n_tokens / seconds, seconds=seconds)
+    if dist.is_main():
+        with open(log_path, "a") as f:
+            f.write(json.dumps(log) + "\n")
+    flops = sum(rlhf.ppo_batch_flops(policy, value_model, *b["tokens"].shape, P, cfg.ppo_epochs).values())
+    progress.step(step - 1, n_tokens, flops * dist.world_size(),  # every rank ran its share of the batch
+                  **{k: log[k] for k in ("reward", "gold", "kl") if k in log})
+
+
 def keep_log_lines(path, step):
     """--resume: drop the lines of updates after the resumed state (a fresh run: an empty log)."""
     lines = open(path).readlines()[:step] if step and os.path.exists(path) else []
@@ -165,7 +198,8 @@ def final_evaluation(policy, ref_policy, tok, world, cfg, device):
           f"[{interval[0]:.1%}, {interval[1]:.1%}] | val loss: PPO {trained['val_loss']:.4f} vs SFT "
           f"{sft['val_loss']:.4f}")
     return {"gold": {"ppo": trained["gold"], "sft": sft["gold"]}, "win_rate_1sample": rate,
-            "win_rate_1sample_95": interval, "win_rate_1sample_by_category": by_cat, "val_loss": {"ppo": trained["val_loss"], "sft": sft["val_loss"]},
+            "win_rate_1sample_95": interval, "win_rate_1sample_by_category": by_cat,
+            "val_loss": {"ppo": trained["val_loss"], "sft": sft["val_loss"]},
             "eos_fraction": {"ppo": trained["eos_fraction"], "sft": sft["eos_fraction"]},
             "components": {"ppo": trained["components"], "sft": sft["components"]}}
 
@@ -205,14 +239,7 @@ def main(argv=None):
     ptx_stream = token_stream(tok, ptx_docs or world.pretrain_docs("train")) if cfg.ptx_coef > 0 else None
     print(f"{len(prompts)} prompts | policy and value {policy.num_params() / 1e6:.2f}M parameters each")
 
-    state = resume(cfg, policy, opt_policy, map_location=device)
-    step = state["step"] if state else 0
-    if state is not None:
-        value_model.load_state_dict(state["extra"]["value_model"])
-        opt_value.load_state_dict(state["extra"]["value_optimizer"])
-        kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
-        if ema is not None:
-            ema.load_state_dict(state["extra"]["ema"])
+    step = restore_state(cfg, policy, value_model, (opt_policy, opt_value), kl_ctl, ema, device)
     state_path, log_path = os.path.join(cfg.out, "state.pt"), os.path.join(cfg.out, "log.jsonl")
     if dist.is_main():
         os.makedirs(cfg.out, exist_ok=True)
@@ -260,20 +287,9 @@ def main(argv=None):
         step += 1
 
         # log and save
-        seconds = time.perf_counter() - t0
-        n_tokens = b["mask"].numel() * dist.world_size()
-        log.update(tokens_per_s=n_tokens / seconds, seconds=seconds)
-        if dist.is_main():
-            with open(log_path, "a") as f:
-                f.write(json.dumps(log) + "\n")
-        flops = sum(rlhf.ppo_batch_flops(policy, value_model, *b["tokens"].shape, P, cfg.ppo_epochs).values())
-        progress.step(step - 1, n_tokens, flops * dist.world_size(),  # every rank ran its share of the batch
-                      **{k: log[k] for k in ("reward", "gold", "kl") if k in log})
+        record(log, b, P, time.perf_counter() - t0, step, progress, log_path, policy, value_model, cfg)
         if (step % cfg.save_every == 0 or step == total) and dist.is_main():
-            extra = {"value_model": value_model.state_dict(), "value_optimizer": opt_value.state_dict(),
-                     "kl_ctl": kl_ctl.state_dict(), "ema": ema.state_dict() if ema is not None else None}
-            write_state(state_path, make_checkpoint(policy, policy.config, "lm", tok, asdict(cfg), step,
-                                                    opt_policy, extra))
+            save_state(state_path, cfg, policy, value_model, (opt_policy, opt_value), kl_ctl, ema, tok, step)
     train_seconds = time.perf_counter() - t_start
 
     # the EMA of the policy's weights (if any) is the final policy: evaluated against SFT and saved
