@@ -16,16 +16,18 @@ compiling), split into generation / scoring / update; the eager and the compiled
 turns batch by batch. Compiled = train_ppo --compile (kernels.enable): the compiled transformer
 (kernels.compile_model), decode step, log-probs, PPO loss and GAE, and fused Adam. The peer is TRL 0.24.0's
 PPOTrainer on the same workload (baselines/bench_peer.py, an optional dependency: requirements-peer.txt), in fp32
-unless the workload is bf16; bench.py prints peer seconds ÷ nanorlhf seconds per batch, with the goals: W1 on CPU,
-eager ≥ 1.5× and compiled ≥ 2×; W2 on CUDA, compiled ≥ 2×.
+unless the workload is bf16; bench.py prints the peer's package versions (requirements-peer.txt pins them) and each
+mode's speed ratio to the peer: the median over the batches of peer seconds ÷ nanorlhf seconds, with their range,
+and the goals: W1 on CPU, compiled ≥ 2× (eager: the readable reference, no goal); W2 on CUDA, compiled ≥ 2×.
 
     python bench.py                         # CPU: W1 eager vs compiled + log-prob peak memory at vocab 50257
-    python bench.py --peer --batches 3      # the same, and the peer's W1 batch by batch beside them: the ratios
+    python bench.py --peer                  # the same, and the peer's W1 batch by batch beside them: the ratios
     python bench.py --device cuda --peer    # decode, training MFU (--train_batch 16 32), W1 and W2 with the peer
 """
 import argparse
 import contextlib
 import copy
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -68,7 +70,7 @@ class Workload:
 
 
 W1 = Workload("W1", 4, 4, 128, 2048, 64, prompt_len=32, new_tokens=32,
-              goals=(("eager", "cpu", 1.5), ("compiled", "cpu", 2.0)))
+              goals=(("compiled", "cpu", 2.0),))
 W2 = Workload("W2", 12, 12, 768, 50257, 1024, prompt_len=128, new_tokens=128, dtype="auto",  # GPT-2 124M
               goals=(("compiled", "cuda", 2.0),))
 WORKLOADS = {"w1": W1, "w2": W2}
@@ -200,42 +202,74 @@ def bench_ppo(w, device, batches, peer=False, threads=2):
     return times
 
 
+def peer_stack():
+    """{package: (installed version or None, version requirements-peer.txt pins)}: the peer's speed depends on its
+    stack (transformers 5.x runs PPOTrainer at a different speed than the 4.57 it was released against)."""
+    stack = {}
+    for line in open(os.path.join(ROOT, "requirements-peer.txt")):
+        if "==" in line and not line.startswith("#"):
+            name, pin = line.split("#")[0].strip().split("==")
+            try:
+                stack[name] = (importlib.metadata.version(name), pin)
+            except importlib.metadata.PackageNotFoundError:
+                stack[name] = (None, pin)
+    return stack
+
+
 def report_ppo(w, device, batches, peer=False, threads=2):
+    """Print and return workload w's figures: per mode the median seconds per batch, tokens/s, MFU and the
+    generation / scoring / update split; with the peer, its stack and each mode's speed ratio to it, the median of
+    the per-batch ratios with their range (the runs take turns, so batch i of each ran under the same load)."""
     peak = peak_flops(device)
     T = w.prompt_len + w.new_tokens
+    dtype = dist.resolve_dtype(w.dtype, device)
     print(f"{w.name}: {w.n_layer} layers, d {w.n_embd}, {w.n_head} heads, vocab {w.vocab_size}; {w.prompts} prompts "
           f"× {w.prompt_len} tokens → {w.new_tokens} new; {w.ppo_epochs} epochs × {w.prompts // w.minibatch} "
-          f"minibatches of {w.minibatch}; {dist.resolve_dtype(w.dtype, device)}")
+          f"minibatches of {w.minibatch}; {dtype}")
     print(f"{w.name} FLOPs per batch:" + ppo.batch_flops.__doc__.split(":", 1)[1].rstrip("."))
     print(f"matmul peak (measured now, {'fp32' if device.type == 'cpu' else 'bf16'}): {peak / 1e9:,.0f} GFLOP/s")
     models = ppo_models(w, device)
     flops = ppo.batch_flops(models[0], models[3], w.prompts, T, w.prompt_len, w.ppo_epochs)
     total = sum(flops.values())
     del models
-    medians, per_batch = {}, {}
+    figures = {"workload": w.name, "dtype": dtype, "batches": batches, "peak_tflops": peak / 1e12,
+               "gflop_per_batch": total / 1e9, "modes": {}}
+    if peer:
+        stack = peer_stack()
+        figures["peer_stack"] = {name: v for name, (v, _) in stack.items()}
+        print("peer stack: " + ", ".join(f"{name} {v}" + ("" if v == pin else f" (requirements-peer.txt pins {pin})")
+                                          for name, (v, pin) in stack.items()) + f", torch {torch.__version__}")
+    per_batch = {}
     for name, times in bench_ppo(w, device, batches, peer, threads).items():
         per_batch[name] = [sum(t) for t in times]
-        sec = medians[name] = statistics.median(per_batch[name])
+        sec = statistics.median(per_batch[name])
+        mode = figures["modes"][name] = {"seconds": sec, "per_batch": per_batch[name],
+                                         "tokens_per_s": w.prompts * T / sec}
         line = (f"{w.name} {name}: {sec:.3f} s/batch (median of {batches}: "
                 + ", ".join(f"{t:.3f}" for t in per_batch[name]) + f") | {w.prompts * T / sec:,.0f} tokens/s")
         if name == "peer":  # it runs more FLOPs than nanorlhf's count (logits at every position): no MFU
             print(line + " | TRL 0.24.0 PPOTrainer (baselines/bench_peer.py)")
-        else:
-            print(line + f" | {total / 1e9:,.0f} GFLOP | MFU {100 * total / sec / peak:.1f}%")
-            for i, (stage, f) in enumerate(flops.items()):
-                t = statistics.median(t[i] for t in times)
-                print(f"    {stage:10s} {t:.3f} s  {f / 1e9:6.1f} GFLOP  {f / t / 1e9:6.1f} GFLOP/s  "
-                      f"MFU {100 * f / t / peak:.1f}%")
-    if "peer" in medians:
+            continue
+        mode["mfu_pct"] = 100 * total / sec / peak
+        mode["split"] = {}
+        print(line + f" | {total / 1e9:,.0f} GFLOP | MFU {mode['mfu_pct']:.1f}%")
+        for i, (stage, f) in enumerate(flops.items()):
+            t = mode["split"][stage] = statistics.median(t[i] for t in times)
+            print(f"    {stage:10s} {t:.3f} s  {f / 1e9:6.1f} GFLOP  {f / t / 1e9:6.1f} GFLOP/s  "
+                  f"MFU {100 * f / t / peak:.1f}%")
+    if peer:
         goals = {mode: x for mode, dev, x in w.goals if dev == device.type}
+        figures["vs_peer"] = {}
         for mode in ("eager", "compiled"):
-            ratio = medians["peer"] / medians[mode]
-            met = mode in goals and ratio >= goals[mode]
-            goal = f"; goal ≥ {goals[mode]}×: {'met' if met else 'NOT met'}" if mode in goals else ""
-            rounds = ", ".join(f"{p / t:.2f}" for p, t in zip(per_batch["peer"], per_batch[mode]))
-            print(f"{w.name} {mode}: {ratio:.2f}× the peer's speed (peer s/batch ÷ nanorlhf s/batch; batch by batch: "
-                  f"{rounds}){goal}")
-    return medians
+            ratios = [p / t for p, t in zip(per_batch["peer"], per_batch[mode])]
+            ratio = statistics.median(ratios)
+            figures["vs_peer"][mode] = {"median": ratio, "range": [min(ratios), max(ratios)], "per_batch": ratios,
+                                        "goal": goals.get(mode)}
+            goal = f"; goal ≥ {goals[mode]}×: {'met' if ratio >= goals[mode] else 'NOT met'}" if mode in goals else ""
+            print(f"{w.name} {mode}: {ratio:.2f}× the peer's speed (median over {batches} batches of peer s ÷ "
+                  f"nanorlhf s, range {min(ratios):.2f}–{max(ratios):.2f}; batch by batch: "
+                  + ", ".join(f"{r:.2f}" for r in ratios) + f"){goal}")
+    return figures
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,7 +423,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (W1 is defined at 2)")
-    parser.add_argument("--batches", type=int, default=3, help="timed PPO batches per mode, after one warm-up")
+    parser.add_argument("--batches", type=int, default=8, help="timed PPO batches per mode, after one warm-up")
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="PPO workloads (default: w1 on "
                         "CPU; w1 and w2 on CUDA)")
     parser.add_argument("--peer", action="store_true", help="also run each PPO workload through the peer "

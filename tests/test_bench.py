@@ -19,8 +19,8 @@ needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="
 @pytest.mark.slow
 def test_tiny_w2_runs_eager_and_compiled_with_the_split_and_mfu(capsys):
     w = bench.tiny(bench.W2)
-    medians = bench.report_ppo(w, CPU, batches=1)
-    assert set(medians) == {"eager", "compiled"} and all(s > 0 for s in medians.values())
+    modes = bench.report_ppo(w, CPU, batches=1)["modes"]
+    assert set(modes) == {"eager", "compiled"} and all(m["seconds"] > 0 for m in modes.values())
     out = capsys.readouterr().out
     assert "8 prompts × 8 tokens → 8 new; 2 epochs × 2 minibatches of 4; float32" in out  # no bf16 on CPU
     for mode in ("eager", "compiled"):
@@ -93,12 +93,20 @@ def test_peer_in_lockstep_returns_one_time_per_batch_and_ends():
 
 @needs_trl
 @pytest.mark.slow
-def test_report_with_the_peer_prints_both_ratios_and_the_cpu_goals(capsys):
-    medians = bench.report_ppo(bench.tiny(bench.W1), CPU, batches=1, peer=True, threads=1)
-    assert set(medians) == {"eager", "compiled", "peer"}
+def test_report_with_the_peer_gives_the_median_of_per_batch_ratios_its_range_and_the_peer_stack(capsys):
+    figures = bench.report_ppo(bench.tiny(bench.W1), CPU, batches=3, peer=True, threads=1)
+    assert set(figures["modes"]) == {"eager", "compiled", "peer"}
+    peer = figures["modes"]["peer"]["per_batch"]
+    for mode in ("eager", "compiled"):  # batch i of the peer ÷ batch i of the mode, then the median: by hand
+        ratios = sorted(p / t for p, t in zip(peer, figures["modes"][mode]["per_batch"]))
+        got = figures["vs_peer"][mode]
+        assert got["median"] == pytest.approx(ratios[1]) and got["range"] == pytest.approx([ratios[0], ratios[2]])
+    assert figures["vs_peer"]["compiled"]["goal"] == 2.0 and figures["vs_peer"]["eager"]["goal"] is None
+    assert figures["peer_stack"]["trl"] == "0.24.0"
     out = capsys.readouterr().out
-    assert "W1-tiny eager: " in out and "× the peer's speed" in out
-    assert "goal ≥ 1.5×" in out and "goal ≥ 2.0×" in out  # W1's goals are for the CPU
+    assert "peer stack: trl 0.24.0, transformers " in out
+    assert "W1-tiny eager: " in out and "× the peer's speed (median over 3 batches" in out
+    assert out.count("goal ≥") == 1 and "goal ≥ 2.0×" in out  # W1's goal is the compiled one's, on the CPU
 
 
 def test_peer_flag_without_trl_is_one_clear_line(monkeypatch, capsys):
