@@ -248,18 +248,18 @@ def report_ppo(w, device, batches, peer=False, threads=2):
     for name, times in bench_ppo(w, device, batches, peer, threads).items():
         per_batch[name] = [sum(t) for t in times]
         sec = statistics.median(per_batch[name])
-        mode = figures["modes"][name] = {"seconds": sec, "per_batch": per_batch[name],
-                                         "tokens_per_s": w.prompts * T / sec}
+        run = figures["modes"][name] = {"seconds": sec, "per_batch": per_batch[name],
+                                        "tokens_per_s": w.prompts * T / sec}
         line = (f"{w.name} {name}: {sec:.3f} s/batch (median of {batches}: "
                 + ", ".join(f"{t:.3f}" for t in per_batch[name]) + f") | {w.prompts * T / sec:,.0f} tokens/s")
         if name == "peer":  # it runs more FLOPs than nanorlhf's count (logits at every position): no MFU
             print(line + " | TRL 0.24.0 PPOTrainer (baselines/bench_peer.py)")
             continue
-        mode["mfu_pct"] = 100 * total / sec / peak
-        mode["split"] = {}
-        print(line + f" | {total / 1e9:,.0f} GFLOP | MFU {mode['mfu_pct']:.1f}%")
+        run["mfu_pct"] = 100 * total / sec / peak
+        run["split"] = {}
+        print(line + f" | {total / 1e9:,.0f} GFLOP | MFU {run['mfu_pct']:.1f}%")
         for i, (stage, f) in enumerate(flops.items()):
-            t = mode["split"][stage] = statistics.median(t[i] for t in times)
+            t = run["split"][stage] = statistics.median(t[i] for t in times)
             print(f"    {stage:10s} {t:.3f} s  {f / 1e9:6.1f} GFLOP  {f / t / 1e9:6.1f} GFLOP/s  "
                   f"MFU {100 * f / t / peak:.1f}%")
     if peer:
@@ -604,14 +604,19 @@ def check(device, args):
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
         "sections": {}, "section_minutes": {}, "minutes": 0.0}
     peer = peer_available(args.wheels)
-    small = GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    if quick:  # each section's code path in seconds
+        small = GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+        w2, memory = tiny(W2), dict(rows=64, d=32)
+        train = dict(batch_sizes=(2, 4), T=16, steps=1, config=small)
+        decode = dict(B=2, P=4, N=4, repeats=1, config=small)
+    else:
+        w2, train, decode, memory = W2, dict(batch_sizes=(8, 16, 32, 64, 128)), {}, {}
     sections = {
         "preset": lambda: report_preset(device, args.preset_minutes, quick, os.path.join(args.out, "preset")),
-        "w2": lambda: report_ppo(tiny(W2) if quick else W2, device, args.batches, peer, args.threads),
-        "train_mfu": lambda: report_train_mfu(device, (2, 4), 16, 1, small, modes=(True,)) if quick else
-        report_train_mfu(device, (8, 16, 32, 64, 128), 1024, 10, modes=(True,)),
-        "decode": lambda: report_decode(device, 2, 4, 4, 1, small) if quick else report_decode(device),
-        "logprob_memory": lambda: report_memory(device, rows=64, d=32) if quick else report_memory(device)}
+        "w2": lambda: report_ppo(w2, device, args.batches, peer, args.threads),
+        "train_mfu": lambda: report_train_mfu(device, modes=(True,), **train),
+        "decode": lambda: report_decode(device, **decode),
+        "logprob_memory": lambda: report_memory(device, **memory)}
     t0 = time.perf_counter()
     for name, figures in run_sections(sections):
         report["sections"][name] = figures
