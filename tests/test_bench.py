@@ -2,6 +2,7 @@
 peer (baselines/bench_peer.py, skipped without trl): the workload it runs and the lockstep protocol bench.py drives,
 and `bench.py --check` (the GPU figures in one command): its CPU mode end to end, its report's format, the goals it
 reads from a finished run, and the peer's absence or failed offline install as one line each."""
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -232,3 +233,19 @@ def test_missing_peer_is_one_line_and_a_failed_offline_install_one_more(tmp_path
     assert lines[0].startswith("peer: installing requirements-peer.txt from")
     assert lines[1].startswith("peer: pip failed")
     assert len(lines) == 3 and "Traceback" not in out.out + out.err
+
+
+def test_peer_stack_reads_every_pin_and_what_is_installed(monkeypatch):
+    installed = {"trl": "0.24.0", "transformers": "5.24.0"}
+
+    def version(name):
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    pins = [line.strip().split("==") for line in open(os.path.join(ROOT, "requirements-peer.txt"))
+            if "==" in line and not line.startswith("#")]  # a comment names torch==…: not a pin
+    stack = bench.peer_stack()
+    assert list(stack) == [name for name, _ in pins] and len(stack) >= 3
+    assert stack["trl"] == ("0.24.0", "0.24.0") and stack["transformers"] == ("5.24.0", "4.57.6")
+    assert stack["datasets"] == (None, "4.2.0")
