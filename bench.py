@@ -506,14 +506,16 @@ def report_preset(device, minutes, quick, run_dir):
         if stage:
             starts[stage[1]] = time.perf_counter() - t0
     code = proc.wait()
+    capped = timer.finished.is_set()  # set once stop() has run (before cancel)
     timer.cancel()
-    ends = list(starts.values())[1:] + [time.perf_counter() - t0]
+    names, times = list(starts), list(starts.values()) + [time.perf_counter() - t0]
     figures = {"command": "python " + " ".join(argv[1:]), "cap_minutes": minutes, "finished": code == 0,
-               "stages": {name: {"seconds": end - start, "finished": code == 0 or end != ends[-1]}
-                          for (name, start), end in zip(starts.items(), ends)}}
+               "stopped_by_cap": capped, "exit_code": code,
+               "stages": {name: {"seconds": times[i + 1] - times[i], "finished": code == 0 or i < len(names) - 1}
+                          for i, name in enumerate(names)}}
     print("preset: " + ", ".join(f"{n} {s['seconds']:.0f} s" + ("" if s["finished"] else " (stopped)")
                                  for n, s in figures["stages"].items())
-          + ("" if code == 0 else f"; not finished (exit {code}): the card needs every stage"))
+          + ("" if code == 0 else "; stopped at the cap" if capped else f"; failed (exit {code})"))
     if code == 0:
         results = json.load(open(os.path.join(run_dir, "results.json")))
         figures["report_card"] = open(os.path.join(run_dir, "report.md")).read()
@@ -538,7 +540,8 @@ def check_markdown(report):
     if "stages" in p:
         lines += [f"## GPU preset, stopped after {p['cap_minutes']:g} min", "", f"`{p['command']}`", "",
                   "| stage | wall s | finished |", "|---|---|---|"]
-        lines += [f"| {n} | {st['seconds']:.0f} | {'yes' if st['finished'] else 'no: stopped'} |"
+        stopped = "no: stopped at the cap" if p["stopped_by_cap"] else f"no: failed (exit {p['exit_code']})"
+        lines += [f"| {n} | {st['seconds']:.0f} | {'yes' if st['finished'] else stopped} |"
                   for n, st in p["stages"].items()]
         lines.append("")
         for goal, (value, met) in p.get("evidence", {}).items():

@@ -132,7 +132,7 @@ def test_check_cpu_mode_runs_every_section_tiny_stops_the_preset_at_its_cap_and_
     assert list(s) == ["preset", "w2", "train_mfu", "decode", "logprob_memory"]
     assert not any("failed" in f for f in s.values())
     preset = s["preset"]  # 6 s is too little for the quick run: stopped, every stage it reached timed
-    assert not preset["finished"] and "report_card" not in preset
+    assert not preset["finished"] and preset["stopped_by_cap"] and "report_card" not in preset
     assert sum(st["seconds"] for st in preset["stages"].values()) <= 6 + 5
     assert report["section_minutes"]["preset"] * 60 < 6 + 30  # the stages' processes went with run.py
     assert "--preset gpu --device cpu --no-study" in preset["command"] and "--quick" in preset["command"]
@@ -165,7 +165,8 @@ def sample_report():
         {"batch": 8, "seq": 1024, "mode": "compiled", "dtype": "bfloat16", "ms_per_step": 50.0,
          "tokens_per_s": 163840.0, "mfu_pct": 41.5, "adamw_pct": 3.0, "peak_memory_gib": 20.5, "memory_gib": 80.0},
         {"batch": 16, "seq": 1024, "mode": "compiled", "oom": True}]}
-    preset = {"command": "python run.py --preset gpu", "cap_minutes": 4.0, "finished": False,
+    preset = {"command": "python run.py --preset gpu", "cap_minutes": 4.0, "finished": False, "stopped_by_cap": True,
+              "exit_code": -9,
               "stages": {"base": {"seconds": 100.0, "finished": True}, "sft": {"seconds": 140.0, "finished": False}}}
     return {"command": "python bench.py --check --device cuda", "machine": machine, "minutes": 7.5,
             "section_minutes": {"preset": 4.0, "w2": 3.5},
@@ -178,7 +179,7 @@ def test_check_markdown_draws_every_figure_with_the_gpu_and_lists_what_was_not_m
     lines = md.splitlines()
     assert lines[0] == "# nanorlhf GPU check: NVIDIA H100 80GB HBM3"
     assert "7.5 min in all: preset 4.0, w2 3.5" in md
-    assert "| base | 100 | yes |" in lines and "| sft | 140 | no: stopped |" in lines
+    assert "| base | 100 | yes |" in lines and "| sft | 140 | no: stopped at the cap |" in lines
     assert "| eager | 2.000 | 8,192 | 10.0% | 1.000 | 0.250 | 0.750 | 1.25× (1.10–1.30) |" in lines
     compiled = "| compiled | 1.000 | 16,384 | 20.0% | 0.500 | 0.125 | 0.375 | 2.50× (2.25–2.75), goal ≥ 2.0× |"
     assert compiled in lines
@@ -189,12 +190,15 @@ def test_check_markdown_draws_every_figure_with_the_gpu_and_lists_what_was_not_m
     assert "| compiled | 16 × 1024 | out of memory | | | | |" in lines
     assert lines[-1] == "- decode: RuntimeError: boom" and "## Not measured" in lines
     assert "Log-prob" not in md  # a section that did not run draws nothing
+    report = sample_report()
+    report["sections"]["preset"].update(stopped_by_cap=False, exit_code=1)  # a stage failed before the cap
+    assert "| sft | 140 | no: failed (exit 1) |" in bench.check_markdown(report).splitlines()
 
 
 def test_check_markdown_embeds_a_finished_presets_card_and_goals():
     report = sample_report()
     card = "# nanorlhf report card\n\n## Reward model\n- x"
-    report["sections"]["preset"].update(finished=True, report_card=card,
+    report["sections"]["preset"].update(finished=True, stopped_by_cap=False, exit_code=0, report_card=card,
                                         evidence={"RM correctness-pair accuracy ≥ 80%": ["83.0%", True],
                                                   "PPO-ptx helpful ≥ SFT + 0.10": ["+0.050", False]})
     lines = bench.check_markdown(report).splitlines()
