@@ -19,19 +19,6 @@ CPU = torch.device("cpu")
 needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="the optional peer (trl) is not installed")
 
 
-@pytest.mark.slow
-def test_tiny_w2_runs_eager_and_compiled_with_the_split_and_mfu(capsys):
-    w = bench.tiny(bench.W2)
-    modes = bench.report_ppo(w, CPU, batches=1)["modes"]
-    assert set(modes) == {"eager", "compiled"} and all(m["seconds"] > 0 for m in modes.values())
-    out = capsys.readouterr().out
-    assert "8 prompts × 8 tokens → 8 new; 2 epochs × 2 minibatches of 4; float32" in out  # no bf16 on CPU
-    for mode in ("eager", "compiled"):
-        line = next(line for line in out.splitlines() if line.startswith(f"W2-tiny {mode}:"))
-        assert "tokens/s" in line and "MFU" in line
-    assert out.count("    generation ") == out.count("    update ") == 2
-
-
 def test_the_workloads_are_what_the_docstring_says():
     assert (bench.W2.n_layer, bench.W2.n_head, bench.W2.n_embd, bench.W2.vocab_size) == (12, 12, 768, 50257)
     assert sum(p.numel() for p in bench.GPT(bench.gpt2_small()).parameters()) == 124_439_808  # GPT-2 124M
@@ -121,7 +108,7 @@ def test_peer_flag_without_trl_is_one_clear_line(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_check_cpu_mode_runs_every_section_tiny_stops_the_preset_at_its_cap_and_writes_one_report(tmp_path,
-                                                                                                  monkeypatch):
+                                                                                                  monkeypatch, capsys):
     out = tmp_path / "check"
     monkeypatch.setattr(bench, "peer_available", lambda wheels: False)  # the peer's part: the tests above
     with pytest.raises(SystemExit) as e:
@@ -136,7 +123,15 @@ def test_check_cpu_mode_runs_every_section_tiny_stops_the_preset_at_its_cap_and_
     assert sum(st["seconds"] for st in preset["stages"].values()) <= 6 + 5
     assert report["section_minutes"]["preset"] * 60 < 6 + 30  # the stages' processes went with run.py
     assert "--preset gpu --device cpu --no-study" in preset["command"] and "--quick" in preset["command"]
-    assert set(s["w2"]["modes"]) == {"eager", "compiled"} and s["w2"]["workload"] == "W2-tiny"
+    w2 = s["w2"]  # tiny W2 eager and compiled, with the split and MFU
+    assert set(w2["modes"]) == {"eager", "compiled"} and w2["workload"] == "W2-tiny" and w2["dtype"] == "float32"
+    for m in w2["modes"].values():
+        assert set(m["split"]) == {"generation", "scoring", "update"} and m["mfu_pct"] > 0
+    out = capsys.readouterr().out
+    assert "8 prompts × 8 tokens → 8 new; 2 epochs × 2 minibatches of 4; float32" in out  # no bf16 on CPU
+    for mode in ("eager", "compiled"):
+        line = next(line for line in out.splitlines() if line.startswith(f"W2-tiny {mode}:"))
+        assert "tokens/s" in line and "MFU" in line
     for r in s["train_mfu"]["rows"]:  # tokens/s and ms/step are one measurement
         assert r["mode"] == "compiled"
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq"] / r["ms_per_step"] * 1e3)
