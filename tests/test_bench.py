@@ -127,10 +127,10 @@ def test_check_cpu_mode_runs_every_section_tiny_stops_the_preset_at_its_cap_and_
     assert set(w2["modes"]) == {"eager", "compiled"} and w2["workload"] == "W2-tiny" and w2["dtype"] == "float32"
     for m in w2["modes"].values():
         assert set(m["split"]) == {"generation", "scoring", "update"} and m["mfu_pct"] > 0
-    out = capsys.readouterr().out
-    assert "8 prompts × 8 tokens → 8 new; 2 epochs × 2 minibatches of 4; float32" in out  # no bf16 on CPU
+    printed = capsys.readouterr().out
+    assert "8 prompts × 8 tokens → 8 new; 2 epochs × 2 minibatches of 4; float32" in printed  # no bf16 on CPU
     for mode in ("eager", "compiled"):
-        line = next(line for line in out.splitlines() if line.startswith(f"W2-tiny {mode}:"))
+        line = next(line for line in printed.splitlines() if line.startswith(f"W2-tiny {mode}:"))
         assert "tokens/s" in line and "MFU" in line
     for r in s["train_mfu"]["rows"]:  # tokens/s and ms/step are one measurement
         assert r["mode"] == "compiled"
