@@ -544,11 +544,10 @@ def check_markdown(report):
         lines += [f"| {n} | {st['seconds']:.0f} | {'yes' if st['finished'] else stopped} |"
                   for n, st in p["stages"].items()]
         lines.append("")
-        for goal, (value, met) in p.get("evidence", {}).items():
-            lines.append(f"- {goal}: {value}, {'met' if met else 'NOT met'}")
-        if "report_card" in p:  # its headings one level down
-            lines += ["", *("#" + line if line.startswith("#") else line for line in p["report_card"].splitlines())]
-        lines.append("")
+        if "report_card" in p:  # the goals, then the card with its headings one level down
+            lines += [f"- {goal}: {value}, {'met' if met else 'NOT met'}"
+                      for goal, (value, met) in p["evidence"].items()]
+            lines += ["", *("#" + line if line.startswith("#") else line for line in p["report_card"].splitlines()), ""]
     w = s.get("w2", {})
     if "modes" in w:
         lines += [f"## {w['workload']}: one PPO batch, {w['dtype']}, median of {w['batches']} batches", "",
