@@ -1,7 +1,7 @@
 """The peer on bench.py's PPO workloads: TRL 0.24.0's PPOTrainer (the last TRL release that has it), run by
 `python bench.py --peer` in a subprocess so its timings sit beside nanorlhf's, measured on the same machine.
 
-Optional dependency: `pip install -r requirements-peer.txt` (trl==0.24.0 with transformers, accelerate, datasets).
+Optional dependency: `pip install -r requirements-peer.txt` (trl 0.24.0 and the stack it was released against, pinned).
 
 The workload is bench.py's, given by flags (defaults: W1): a GPT-2 (transformers GPT2LMHeadModel) policy of
 --n_layer layers, --n_embd width, --n_head heads, --vocab tokens and --block_size positions, randomly initialized;

@@ -82,8 +82,8 @@ def test_ppo_run_on_cuda_compiled_by_default(tmp_path):
 def test_bench_w2_tiny_on_cuda_in_bf16_eager_and_compiled(capsys):
     import bench
 
-    medians = bench.report_ppo(bench.tiny(bench.W2), torch.device("cuda"), batches=1)
-    assert set(medians) == {"eager", "compiled"}
+    figures = bench.report_ppo(bench.tiny(bench.W2), torch.device("cuda"), batches=1)
+    assert set(figures["modes"]) == {"eager", "compiled"}
     assert "; bfloat16" in capsys.readouterr().out  # W2 runs as train_ppo does on CUDA
 
 
