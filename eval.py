@@ -192,7 +192,8 @@ def judge_wins(world, prompts, draws, baseline, k):
     def per_prompt(utility, responses, finished):  # the judge's utility of each draw, k per prompt
         u = [utility(p, y, f) for p, y, f in zip(reps, responses, finished)]
         return [u[i * k:(i + 1) * k] for i in range(len(prompts))]
-    judges = {"gold": (world.gold_score, 0), "training labelers": (world.labeler(0).utility, world.tau),
+    judges = {"gold, per draw pair": (world.gold_score, 0),
+              "training labelers": (world.labeler(0).utility, world.tau),
               **{f"panel: {n}": (lab.utility, lab.tau) for n, lab in world.panel.items()}}
     wins = {j: preference_wins(per_prompt(u, *draws), per_prompt(u, *baseline), tau) for j, (u, tau) in judges.items()}
     wins["held-out panel"] = list(np.mean([wins[f"panel: {n}"] for n in world.panel], axis=0))
@@ -218,8 +219,8 @@ def by_judge(world, prompts, draws, methods, cfg):
 
 
 def gao_fits(run, results):
-    """Gao et al. 2022's forms fitted to the gold gain over SFT at d = √KL: best-of-N, d(α − βd), from its rows
-    (analytic KL, gain over best-of-1); each RL method, d(α − β log d), from the (KL, gold) of every training batch
+    """Gao et al. 2022's forms fitted to the gold gain over SFT at d = √KL: best-of-N, d(a − b·d), from its rows
+    (analytic KL, gain over best-of-1); each RL method, d(a − b·log d), from the (KL, gold) of every training batch
     of all its seeds (gain over the first batch's gold: samples of the SFT policy, before any update)."""
     fits = {}
     bon = sorted(results.get("best_of_n", {}).get("by_n", {}).values(), key=lambda r: r["n"])
@@ -437,10 +438,13 @@ def judge_report(results):
     if not rows:
         return []
     panel = [j for j in next(iter(rows.values())) if j.startswith("panel: ")]
-    main = ["gold", "training labelers", "held-out panel", "taste gap"]
+    main = ["gold, per draw pair", "training labelers", "held-out panel", "taste gap"]
+
+    def pct(x):  # a rate rounded to 0.1%, without a "-0.0%" for float noise around 0
+        return f"{round(x, 3) + 0.0:.1%}"
 
     def cell(r):
-        return f"{r['win_rate']:.1%} ({r['ci'][0]:.1%}–{r['ci'][1]:.1%})"
+        return f"{pct(r['win_rate'])} ({pct(r['ci'][0])}–{pct(r['ci'][1])})"
     lines = ["## Win rate vs SFT by judge", "",
              "The same samples judged three ways: each prompt's win is the judge's probability of preferring a model "
              "draw to an SFT draw, σ(Δutility / τ), averaged over the pairs of the prompt's draws (the gold judge: "
@@ -449,10 +453,10 @@ def judge_report(results):
              "who rank nothing a model trains on (" + ", ".join(p.removeprefix("panel: ") for p in panel) + "; "
              "docs/labelers.md); each at the temperature where two of a kind agree on 75% of the pairs of the same "
              "demonstration-like candidates. Taste gap: "
-             "training labelers − panel, paired interval. The gold column counts draw pairs, so it differs "
-             "slightly from the headline win rate, which compares each prompt's mean gold.", "",
+             "training labelers − panel, paired interval. The gold column is gold's win over draw pairs, another "
+             "estimand than the headline win rate (which compares each prompt's mean gold), and so another name.", "",
              "| model | " + " | ".join(main + panel) + " |", "|---" * (1 + len(main) + len(panel)) + "|"]
-    lines += [f"| {n} | " + " | ".join([cell(r[j]) for j in main] + [f"{r[j]['win_rate']:.1%}" for j in panel]) + " |"
+    lines += [f"| {n} | " + " | ".join([cell(r[j]) for j in main] + [pct(r[j]['win_rate']) for j in panel]) + " |"
               for n, r in rows.items()]
     if len(study) > 1:
         lines += ["", "Along the over-optimization study's β (final KL: the last PPO batch's, nats per response):", "",
@@ -484,10 +488,11 @@ def methods_report(rows):
 
 def gao_report(fits):
     lines = ["## Gao et al. 2022's functional forms", "", "Gold gain over SFT against d = √KL: best-of-N fitted with "
-             "d(α − βd), each RL method's training batches (all seeds) with d(α − β log d).",
-             "", "| method | form | α | β | points |", "|---|---|---|---|---|"]
+             "d(a − b·d), each RL method's training batches (all seeds) with d(a − b·log d) (the fit's coefficients a and b; "
+             "β is the KL coefficient).",
+             "", "| method | form | a | b | points |", "|---|---|---|---|---|"]
     for name, f in fits.items():
-        form = "d(α − βd)" if name == "best-of-N" else "d(α − β log d)"
+        form = "d(a − b·d)" if name == "best-of-N" else "d(a − b·log d)"
         lines.append(f"| {name} | {form} | {f['alpha']:.4f} | {f['beta']:.4f} | {len(f['points'])} |")
     return lines + [""]
 
@@ -583,7 +588,7 @@ def make_plots(results, run):
             dots, = ax.plot(d, gain, ".", ms=3, alpha=0.4)
             grid = np.linspace(max(d.min(), 1e-3), d.max(), 100)
             fit = grid * (f["alpha"] - f["beta"] * (grid if name == "best-of-N" else np.log(grid)))
-            ax.plot(grid, fit, "-", color=dots.get_color(), label=f"{name}: α {f['alpha']:.3f}, β {f['beta']:.3f}")
+            ax.plot(grid, fit, "-", color=dots.get_color(), label=f"{name}: a {f['alpha']:.3f}, b {f['beta']:.3f}")
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xlabel("d = √KL(policy ‖ SFT)")
         ax.set_ylabel("gold gain over SFT")

@@ -127,7 +127,7 @@ def test_every_judge_scores_sft_against_itself_50_percent():
     draws = {"sft": (responses, [True] * len(responses))}
     cfg = evaluate_run.EvalConfig(samples=2, bootstrap=200)
     row = evaluate_run.by_judge(world, prompts, draws, [["sft"]], cfg)["sft"]
-    assert set(row) == {"gold", "training labelers", "held-out panel", "taste gap",
+    assert set(row) == {"gold, per draw pair", "training labelers", "held-out panel", "taste gap",
                         *(f"panel: {n}" for n in world.panel)}
     for judge, r in row.items():
         want = 0.0 if judge == "taste gap" else 0.5
