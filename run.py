@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanorlhf.common import get_device, peak_flops
+from nanorlhf.common import get_device
 from nanorlhf.config import PPOConfig, arg, parse_config, print_config
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.rlhf import ppo_batch_flops
@@ -84,10 +84,10 @@ GPU_STAGES = {
     "ppo": ["--batches", "120", "--batch_size", "256", "--minibatch_size", "64"],
     "ppo_ptx": ["--ptx_coef", "0.5", "--batches", "120", "--batch_size", "256", "--minibatch_size", "64"],
 }
-# the ETA line: each stage's seconds in the default run on a machine whose fp32 matmul peak (common.peak_flops) was
-# REFERENCE_PEAK FLOP/s, scaled by this machine's peak until a stage has run here, then by the stages' own times
-EXPECTED_SECONDS = {"base": 166, "sft": 30, "rm": 35, "ppo": 54, "ppo_ptx": 76, "eval": 20}
-REFERENCE_PEAK = 1.96e11
+# the ETA line: each stage's seconds in the default run on a machine where step_seconds() was REFERENCE_STEP
+# (docs/performance.md), scaled by step_seconds() here until a stage has run, then by the stages' own times
+EXPECTED_SECONDS = {"base": 146, "sft": 25, "rm": 27, "ppo": 48, "ppo_ptx": 68, "eval": 17}
+REFERENCE_STEP = 0.165
 
 
 def preset(cfg):
@@ -227,11 +227,27 @@ def beyond_stages(cfg):
     return stages
 
 
-def eta_seconds(to_run, expected, seconds, peak):
+def step_seconds():
+    """This machine's speed at the pipeline's work: seconds of one forward + backward of the default base model
+    (4 layers, d 128) on 32 sequences of 128 tokens, best of 5 after a warm-up (about a second in all)."""
+    torch.manual_seed(0)  # run.py trains nothing itself: every stage is a process of its own with its own seed
+    model = GPT(GPTConfig(block_size=128, vocab_size=1024, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
+    ids = torch.randint(0, 1024, (32, 128))
+    best = float("inf")
+    for i in range(6):
+        t0 = time.perf_counter()
+        model(ids).logsumexp(-1).mean().backward()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def eta_seconds(to_run, expected, seconds, step):
     """Seconds the stages `to_run` should take here: their expected seconds, scaled by how the stages already timed
-    on this machine (seconds.json) compared with theirs, or before any, by the matmul peak against REFERENCE_PEAK."""
+    on this machine (seconds.json) compared with theirs, or before any, by step_seconds() (`step`) against
+    REFERENCE_STEP."""
     ran = [n for n in expected if n in seconds]
-    speed = sum(seconds[n] for n in ran) / sum(expected[n] for n in ran) if ran else REFERENCE_PEAK / peak
+    speed = sum(seconds[n] for n in ran) / sum(expected[n] for n in ran) if ran else step / REFERENCE_STEP
     return speed * sum(expected[n] for n in to_run if n not in seconds)
 
 
@@ -250,7 +266,7 @@ def main(argv=None):
     names = list(STAGES) + list(beyond) + ["eval"]
     expected = {**EXPECTED_SECONDS, **{n: s for n, (_, s, _) in beyond.items()}}
     show_eta = not cfg.quick and preset(cfg) == "cpu"
-    peak = peak_flops(cfg.device) if show_eta else None
+    step = step_seconds() if show_eta else None
     t_start = time.perf_counter()
     for i, name in enumerate(names):
         done = os.path.join(cfg.out, "bestofn.json" if name == "bestofn" else os.path.join(name, "ckpt.pt"))
@@ -259,7 +275,7 @@ def main(argv=None):
             continue
         eta = ""
         if show_eta:
-            eta = f" | ETA for the rest ≈ {eta_seconds(names[i:], expected, seconds, peak) / 60:.1f} min"
+            eta = f" | ETA for the rest ≈ {eta_seconds(names[i:], expected, seconds, step) / 60:.1f} min"
         if name == "eval":
             args = ["--run", cfg.out, "--device", cfg.device, "--seed", str(cfg.seed),
                     "--world_seed", str(cfg.world_seed), "--world_scale", world_scale(cfg)]

@@ -102,10 +102,10 @@ def test_gpu_preset_shrunk_runs_end_to_end_on_cpu(tmp_path):
     assert set(json.loads((out / "results.json").read_text())["gold_score"]) == {"base", "sft", "ppo", "ppo_ptx"}
 
 
-def test_eta_scales_by_the_peak_then_by_the_stages_timed_here():
-    """Before any stage has run: the expected seconds × the reference peak ÷ this machine's; after: × how long the
-    timed stages took against their expected seconds. Stages already timed are not counted again."""
+def test_eta_scales_by_the_probe_then_by_the_stages_timed_here():
+    """Before any stage has run: the expected seconds × this machine's probe step ÷ the reference's; after: × how
+    long the timed stages took against their expected seconds. Stages already timed are not counted again."""
     expected = {"a": 10, "b": 20, "c": 30}
-    assert run.eta_seconds(["a", "b", "c"], expected, {}, run.REFERENCE_PEAK / 2) == pytest.approx(120)
-    assert run.eta_seconds(["b", "c"], expected, {"a": 25}, run.REFERENCE_PEAK) == pytest.approx(125)
+    assert run.eta_seconds(["a", "b", "c"], expected, {}, run.REFERENCE_STEP * 2) == pytest.approx(120)
+    assert run.eta_seconds(["b", "c"], expected, {"a": 25}, run.REFERENCE_STEP) == pytest.approx(125)
     assert run.eta_seconds(["c"], expected, {"a": 5, "b": 10}, 1.0) == pytest.approx(15)
