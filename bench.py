@@ -50,7 +50,7 @@ from nanorlhf import dist, kernels, rlhf
 from nanorlhf.common import get_device, lm_loss, peak_flops
 from nanorlhf.config import PPOConfig
 from nanorlhf.engine import generate
-from nanorlhf.model import GPT, GPTConfig, token_logprobs
+from nanorlhf.model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -293,7 +293,7 @@ def logprob_inputs(rows, d, vocab, device):
 
 def logprob_step(kind, hidden, weight, targets, compiled=False):
     if kind == "naive":
-        logp = token_logprobs(hidden, weight, targets)[0]  # (N, V) log_softmax, then gather
+        logp = torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets[:, None])  # the (N, V) logits kept
     else:
         with kernels.compiling(compiled):
             logp = kernels.token_logprobs_and_entropy(hidden, weight, targets)[0]  # chunked from hidden states
