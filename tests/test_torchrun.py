@@ -81,9 +81,10 @@ def torchrun(script, *args):
     return r
 
 
-def assert_same_weights(one, two, start):
-    """max |two − one| under 1% of the largest update max |one − start| (see the top), over the weights in start."""
-    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+def assert_same_weights(one, two, start, shift_only=()):
+    """max |two − one| under 1% of the largest update max |one − start| (see the top), over every weight but
+    `shift_only`: those whose gradient is rounding noise by construction (see the RM test)."""
+    diff = max((one[k] - two[k]).abs().max().item() for k in one if k not in shift_only)
     update = max((one[k] - start[k]).abs().max().item() for k in start)
     assert update > 1e-4 and diff < 0.01 * update, (diff, update)
 
@@ -115,9 +116,11 @@ def test_rm_two_processes_match_one(files, tmp_path):
     train_rm.main([*args, "--out", str(tmp_path / "one")])
     one, two = (load_checkpoint(str(tmp_path / run / "ckpt.pt")) for run in ("one", "two"))
     assert one["step"] == two["step"] == 10
-    # all weights after the normalization: the ranking loss ignores the head's bias (its gradient is rounding
-    # noise, which Adam turns into lr-sized steps, so the two runs' shifts differ), and the shift removes it
-    assert_same_weights(one["model"], two["model"], load_checkpoint(files["lm"])["model"])
+    # the ranking loss sees only differences of scores, so a weight that shifts every score equally gets a gradient
+    # of rounding noise, which Adam turns into lr-sized steps that differ between the runs: the head's bias and the
+    # final LayerNorm's bias (r = w·(g ⊙ x̂ + β) + b: w·β is the same for every response)
+    assert_same_weights(one["model"], two["model"], load_checkpoint(files["lm"])["model"],
+                        shift_only=("score.bias", "transformer.ln_f.bias"))
 
 
 @pytest.mark.slow
