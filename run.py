@@ -2,7 +2,7 @@
 
     base pretraining → SFT → reward model → PPO → PPO-ptx → over-optimization study → evaluation (report card)
 
-    python run.py                   # ≈10 minutes on 2 CPU cores (it prints its ETA); outputs in runs/default/
+    python run.py                   # ≈9 minutes on 2 CPU cores (it prints its ETA); outputs in runs/default/
     python run.py --quick           # ≈2 minutes, tiny sizes: tries the code, not the quality bar
     python run.py --device cuda     # on a GPU: the gpu preset, the paper-sized world and larger models
     python run.py --baselines       # + best-of-N, DPO, RFT, GRPO, RLOO, REINFORCE++ and the oracle, 3 seeds each
@@ -38,7 +38,7 @@ class RunConfig:
     seed: int = arg(1337, "seed of every stage")
     world_seed: int = arg(0, "seed of the tiny world")
     quick: bool = arg(False, "tiny sizes (≈2 minutes): for tests and trying the code; shrinks either preset")
-    preset: str = arg("auto", "stage sizes: cpu (the default world, ≈10 min on 2 cores) | gpu (the paper-sized world "
+    preset: str = arg("auto", "stage sizes: cpu (the default world, ≈9 min on 2 cores) | gpu (the paper-sized world "
                               "and larger models for one GPU, sized by a FLOP estimate for ≤ 10 min on an H100) | "
                               "auto (gpu with --device cuda, else cpu)")
     force: bool = arg(False, "redo every stage even if its checkpoint exists")
