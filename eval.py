@@ -366,9 +366,10 @@ def methods_table(run, results, n_demos, per_prompt, cfg):
 
 
 def _fmt(x, pct=False):
+    """A figure for the report: a rate to 0.1% (no "-0.0%" for float noise around 0), else 3 decimals; – if absent."""
     if x is None:
         return "–"
-    return f"{x:.1%}" if pct else f"{x:.3f}"
+    return f"{round(x, 3) + 0.0:.1%}" if pct else f"{x:.3f}"
 
 
 def write_report(results, path, machine, plots):
@@ -440,11 +441,8 @@ def judge_report(results):
     panel = [j for j in next(iter(rows.values())) if j.startswith("panel: ")]
     main = ["gold, per draw pair", "training labelers", "held-out panel", "taste gap"]
 
-    def pct(x):  # a rate rounded to 0.1%, without a "-0.0%" for float noise around 0
-        return f"{round(x, 3) + 0.0:.1%}"
-
     def cell(r):
-        return f"{pct(r['win_rate'])} ({pct(r['ci'][0])}–{pct(r['ci'][1])})"
+        return f"{_fmt(r['win_rate'], True)} ({_fmt(r['ci'][0], True)}–{_fmt(r['ci'][1], True)})"
     lines = ["## Win rate vs SFT by judge", "",
              "The same samples judged three ways: each prompt's win is the judge's probability of preferring a model "
              "draw to an SFT draw, σ(Δutility / τ), averaged over the pairs of the prompt's draws (the gold judge: "
@@ -456,7 +454,7 @@ def judge_report(results):
              "training labelers − panel, paired interval. The gold column is gold's win over draw pairs, another "
              "estimand than the headline win rate (which compares each prompt's mean gold), and so another name.", "",
              "| model | " + " | ".join(main + panel) + " |", "|---" * (1 + len(main) + len(panel)) + "|"]
-    lines += [f"| {n} | " + " | ".join([cell(r[j]) for j in main] + [pct(r[j]['win_rate']) for j in panel]) + " |"
+    lines += [f"| {n} | " + " | ".join([cell(r[j]) for j in main] + [_fmt(r[j]['win_rate'], True) for j in panel]) + " |"
               for n, r in rows.items()]
     if len(study) > 1:
         lines += ["", "Along the over-optimization study's β (final KL: the last PPO batch's, nats per response):", "",
@@ -488,8 +486,8 @@ def methods_report(rows):
 
 def gao_report(fits):
     lines = ["## Gao et al. 2022's functional forms", "", "Gold gain over SFT against d = √KL: best-of-N fitted with "
-             "d(a − b·d), each RL method's training batches (all seeds) with d(a − b·log d) (the fit's coefficients a and b; "
-             "β is the KL coefficient).",
+             "d(a − b·d), each RL method's training batches (all seeds) with d(a − b·log d) (the fit's coefficients "
+             "a and b; β is the KL coefficient).",
              "", "| method | form | a | b | points |", "|---|---|---|---|---|"]
     for name, f in fits.items():
         form = "d(a − b·d)" if name == "best-of-N" else "d(a − b·log d)"

@@ -105,9 +105,9 @@ def preference_wins(utilities, baseline, tau):
 
 
 def fit_gao(d, gain, form):
-    """Least-squares (α, β) of Gao et al. 2022's functional forms for the gold gain over the initial policy at
-    d = √KL(π ‖ π_init): best-of-N ("bon") gain = d·(α − β·d); RL ("rl") gain = d·(α − β·log d). Both are linear in
-    (α, β), so one lstsq solves them; RL points need d > 0."""
+    """Least-squares (a, b) of Gao et al. 2022's functional forms for the gold gain over the initial policy at
+    d = √KL(π ‖ π_init): best-of-N ("bon") gain = d·(a − b·d); RL ("rl") gain = d·(a − b·log d). Both are linear in
+    (a, b), so one lstsq solves them; RL points need d > 0. (Returned as alpha, beta: results.json's keys.)"""
     d, gain = np.asarray(d, dtype=float), np.asarray(gain, dtype=float)
     second = d * d if form == "bon" else d * np.log(d)
     (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -second], 1), gain, rcond=None)
