@@ -25,6 +25,7 @@ import torch
 
 from nanorlhf.common import get_device
 from nanorlhf.config import PPOConfig, arg, parse_config, print_config
+from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.rlhf import ppo_batch_flops
 from nanorlhf.tokenizer import Tokenizer
@@ -84,10 +85,11 @@ GPU_STAGES = {
     "ppo": ["--batches", "120", "--batch_size", "256", "--minibatch_size", "64"],
     "ppo_ptx": ["--ptx_coef", "0.5", "--batches", "120", "--batch_size", "256", "--minibatch_size", "64"],
 }
-# the ETA line: each stage's seconds in the default run on a machine where step_seconds() was REFERENCE_STEP
-# (docs/performance.md), scaled by step_seconds() here until a stage has run, then by the stages' own times
-EXPECTED_SECONDS = {"base": 146, "sft": 25, "rm": 27, "ppo": 48, "ppo_ptx": 68, "eval": 17}
-REFERENCE_STEP = 0.165
+# the ETA line: each stage's seconds in the default run on the reference machine, a quiet 2-core AMD EPYC VM
+# (docs/performance.md), scaled by probe() here against REFERENCE_PROBE (probe() there) until a stage has run, then
+# by the stages already timed here
+EXPECTED_SECONDS = {"base": 179, "sft": 26, "rm": 30, "ppo": 54, "ppo_ptx": 69, "eval": 18}
+REFERENCE_PROBE = (0.235, 0.18)
 
 
 def preset(cfg):
@@ -227,27 +229,40 @@ def beyond_stages(cfg):
     return stages
 
 
-def step_seconds():
-    """This machine's speed at the pipeline's work: seconds of one forward + backward of the default base model
-    (4 layers, d 128) on 32 sequences of 128 tokens, best of 5 after a warm-up (about a second in all)."""
+def probe():
+    """This machine's speed at the pipeline's two kinds of work, (training, sampling) seconds, each the best of a
+    few runs on the default base model (4 layers, d 128): a forward + backward of 32 sequences of 128 tokens, and
+    sampling 32 tokens for 64 prompts with the KV cache (small matrices: Python and per-op overhead). A quarter
+    second of matmuls first brings idle cores to their clock; about two seconds in all."""
     torch.manual_seed(0)  # run.py trains nothing itself: every stage is a process of its own with its own seed
     model = GPT(GPTConfig(block_size=128, vocab_size=1024, n_layer=4, n_head=4, n_embd=128, dropout=0.0))
     ids = torch.randint(0, 1024, (32, 128))
-    best = float("inf")
-    for i in range(6):
-        t0 = time.perf_counter()
-        model(ids).logsumexp(-1).mean().backward()
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
+    prompts = torch.randint(0, 1024, (64, 24)).tolist()
+    a, t0 = torch.randn(512, 512), time.perf_counter()
+    while time.perf_counter() - t0 < 0.25:
+        a @ a
+
+    def best(work, n):
+        seconds = []
+        for _ in range(n):
+            t = time.perf_counter()
+            work()
+            seconds.append(time.perf_counter() - t)
+        return min(seconds)
+    train = best(lambda: model(ids).logsumexp(-1).mean().backward(), 5)
+    sample = best(lambda: generate(model, prompts, 32, eos_id=1024, pad_id=0), 3)  # EOS outside the vocabulary
+    return train, sample
 
 
-def eta_seconds(to_run, expected, seconds, step):
+def eta_seconds(to_run, expected, seconds, speeds):
     """Seconds the stages `to_run` should take here: their expected seconds, scaled by how the stages already timed
-    on this machine (seconds.json) compared with theirs, or before any, by step_seconds() (`step`) against
-    REFERENCE_STEP."""
+    on this machine (seconds.json) compared with theirs, or before any, by probe() (`speeds`) against
+    REFERENCE_PROBE: the mean of the training and the sampling ratio."""
     ran = [n for n in expected if n in seconds]
-    speed = sum(seconds[n] for n in ran) / sum(expected[n] for n in ran) if ran else step / REFERENCE_STEP
+    if ran:
+        speed = sum(seconds[n] for n in ran) / sum(expected[n] for n in ran)
+    else:
+        speed = sum(here / there for here, there in zip(speeds, REFERENCE_PROBE)) / len(REFERENCE_PROBE)
     return speed * sum(expected[n] for n in to_run if n not in seconds)
 
 
@@ -266,7 +281,7 @@ def main(argv=None):
     names = list(STAGES) + list(beyond) + ["eval"]
     expected = {**EXPECTED_SECONDS, **{n: s for n, (_, s, _) in beyond.items()}}
     show_eta = not cfg.quick and preset(cfg) == "cpu"
-    step = step_seconds() if show_eta else None
+    speeds = probe() if show_eta else None
     t_start = time.perf_counter()
     for i, name in enumerate(names):
         done = os.path.join(cfg.out, "bestofn.json" if name == "bestofn" else os.path.join(name, "ckpt.pt"))
@@ -275,7 +290,8 @@ def main(argv=None):
             continue
         eta = ""
         if show_eta:
-            eta = f" | ETA for the rest ≈ {eta_seconds(names[i:], expected, seconds, step) / 60:.1f} min"
+            basis = "stages timed here" if seconds else "a probe: ±25%"
+            eta = f" | ETA for the rest ≈ {eta_seconds(names[i:], expected, seconds, speeds) / 60:.1f} min ({basis})"
         if name == "eval":
             args = ["--run", cfg.out, "--device", cfg.device, "--seed", str(cfg.seed),
                     "--world_seed", str(cfg.world_seed), "--world_scale", world_scale(cfg)]

@@ -28,7 +28,7 @@ from nanorlhf import dist, kernels, rlhf
 from nanorlhf.checkpoint import make_checkpoint
 from nanorlhf.common import (Progress, check_finite, check_room, checkpoint_or_compile, epoch_batch, load_model,
                              read_checkpoint, resume, setup, token_stream, val_loss, write_results, write_state)
-from nanorlhf.config import PPOConfig, parse_config
+from nanorlhf.config import PPOConfig, flag_error, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl, read_text
 from nanorlhf.engine import generate
 from nanorlhf.evaluation import gold_eval, win_rate
@@ -37,19 +37,22 @@ from nanorlhf.world import make_world
 
 
 def check_config(cfg):
-    """Exit with one line on flags that cannot work together, before anything is loaded."""
+    """Exit with one line (status 2) on flags that cannot work together, before anything is loaded."""
     world_size = dist.world_size()
     if cfg.batch_size % world_size or cfg.minibatch_size % world_size:
-        raise SystemExit(f"--batch_size and --minibatch_size must be multiples of the {world_size} processes")
+        flag_error(f"--batch_size and --minibatch_size must be multiples of the {world_size} processes")
+    if cfg.batch_size % cfg.minibatch_size:
+        flag_error(f"--minibatch_size {cfg.minibatch_size}: must divide --batch_size {cfg.batch_size} (each "
+                   f"optimizer step takes a full minibatch of episodes)")
     if cfg.estimator not in ("gae", "rloo", "grpo", "reinforce_pp"):
-        raise SystemExit(f"--estimator {cfg.estimator!r}: expected gae, rloo, grpo or reinforce_pp")
+        flag_error(f"--estimator {cfg.estimator!r}: expected gae, rloo, grpo or reinforce_pp")
     if cfg.estimator in ("rloo", "grpo") and cfg.group_size < 2:
-        raise SystemExit(f"--estimator {cfg.estimator} compares samples of one prompt: --group_size must be ≥ 2")
+        flag_error(f"--estimator {cfg.estimator} compares samples of one prompt: --group_size must be ≥ 2")
     if (cfg.batch_size // cfg.group_size) % world_size or cfg.batch_size % cfg.group_size:
-        raise SystemExit(f"--batch_size {cfg.batch_size} must be --group_size {cfg.group_size} × a multiple of the "
-                         f"{world_size} processes")
+        flag_error(f"--batch_size {cfg.batch_size} must be --group_size {cfg.group_size} × a multiple of the "
+                   f"{world_size} processes")
     if cfg.reward not in ("rm", "gold") or (cfg.reward == "gold" and cfg.data):
-        raise SystemExit(f"--reward {cfg.reward!r}: expected rm, or gold (the tiny world's judge, not with --data)")
+        flag_error(f"--reward {cfg.reward!r}: expected rm, or gold (the tiny world's judge, not with --data)")
 
 
 def check_prompts(cfg, prompts, tok, block_size):

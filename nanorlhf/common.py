@@ -14,13 +14,48 @@ from nanorlhf.tokenizer import Tokenizer
 
 
 def setup(cfg):
-    """Print the config and seed, seed every RNG, set kernels' switch to the device's default (compiled on CUDA; a
-    script's --compile sets it after), and return the torch device (clear error if unavailable)."""
+    """Resolve --threads, print the config and seed, seed every RNG, set kernels' switch to the device's default
+    (compiled on CUDA; a script's --compile sets it after), and return the torch device (clear error if
+    unavailable)."""
+    cfg.threads = set_threads(cfg.threads)
     print_config(cfg)
     device = get_device(cfg.device)
     seed_everything(cfg.seed)
     kernels.enable(None, device)
     return device
+
+
+def busy_cores(seconds=0.2):
+    """Cores' worth of CPU time that other processes used over the next `seconds`, while this one sleeps (Linux's
+    /proc/stat: every CPU's time not idle; steal counts as busy, a hypervisor's other guests held the core). None
+    where /proc/stat does not exist."""
+    def times():
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        return user + nice + system + irq + softirq + steal, idle + iowait
+    try:
+        busy0, idle0 = times()
+        time.sleep(seconds)
+        busy1, idle1 = times()
+    except OSError:
+        return None
+    total = (busy1 - busy0) + (idle1 - idle0)
+    return os.cpu_count() * (busy1 - busy0) / total if total else 0.0
+
+
+def set_threads(threads):
+    """torch's CPU threads: `threads`, or with 0 (auto) one per core that other processes leave free at the start,
+    at least 1: with the cores free, torch's default (one a core); with one of 2 cores busy, one thread, which
+    runs a PPO batch ~2.5× faster than two that spin waiting for each other (docs/performance.md).
+    OMP_NUM_THREADS, if set, is the count (auto reads it). The count moves the float rounding of matmuls and sums: a run's numbers
+    repeat at the same thread count, which the config prints (and a resumed run keeps)."""
+    if threads == 0:
+        threads = torch.get_num_threads()
+        busy = None if "OMP_NUM_THREADS" in os.environ else busy_cores()
+        if busy is not None:
+            threads = max(1, min(threads, round(os.cpu_count() - busy)))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def get_device(name):
@@ -73,6 +108,7 @@ def resume(cfg, model, optimizer, map_location="cpu"):
     if not (cfg.resume and os.path.exists(path)):
         return None
     state = read_checkpoint(path, map_location)
+    cfg.threads = set_threads(state["config"].get("threads", cfg.threads))  # the same rounding as the run resumed
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
@@ -223,26 +259,33 @@ def val_loss(model, stream, block_size, device, max_windows=200):
 _PEAK = {}
 
 
-def peak_flops(device):
-    """The machine's dense matmul FLOP/s (fp32 on CPU, bf16 on CUDA), measured once: the MFU denominator.
-    Best of several timings, so a busy moment does not make MFU look better than it is."""
+def peak_flops(device, again=False):
+    """The machine's dense matmul FLOP/s (fp32 on CPU, bf16 on CUDA): the MFU denominator, measured once per process
+    (again=True: measured anew, the higher reading kept). A quarter second of products first, so that cores that
+    were idle reach their clock; then the best of 5 timings at each size (CPU: 512 and 1024, whichever the
+    machine runs faster): the fastest rate it showed, so that no moment of a run reads above it."""
     device = torch.device(device)
-    if device.type not in _PEAK:
-        n, dtype = (1024, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    if device.type not in _PEAK or again:
+        sizes, dtype = ((512, 1024), torch.float32) if device.type == "cpu" else ((8192,), torch.bfloat16)
         g = torch.Generator(device=device).manual_seed(0)  # its own RNG: measuring must not move the seeded streams
-        a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-        b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-        best = float("inf")
-        for _ in range(6):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(4):
+        best = 0.0
+        for n in sizes:
+            a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+            b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+            reps = max(1, 2 ** 31 // n ** 3)  # about 2 GFLOP a timing
+            t_warm = time.perf_counter()
+            while n == sizes[0] and time.perf_counter() - t_warm < 0.25:
                 a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - t0) / 4)
-        _PEAK[device.type] = 2 * n ** 3 / best
+            for _ in range(5):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    a @ b
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+        _PEAK[device.type] = max(best, _PEAK.get(device.type, 0.0))
     return _PEAK[device.type]
 
 
@@ -250,7 +293,7 @@ class Progress:
     """A log line every `every` steps: step, metrics, lr, tokens/s, MFU, ETA."""
 
     def __init__(self, total, every, flops_per_token, device, start=0, name=""):
-        self.total, self.every, self.fpt, self.name = total, every, flops_per_token, name
+        self.total, self.every, self.fpt, self.name, self.device = total, every, flops_per_token, name, device
         self.peak = peak_flops(device)
         self.t0 = self.t_last = time.perf_counter()
         self.tokens, self.flops, self.start = 0, 0, start
@@ -267,6 +310,10 @@ class Progress:
         done = step + 1 - self.start
         eta = (now - self.t0) / max(done, 1) * (self.total - step - 1)
         parts = [f"{self.name}step {step + 1}/{self.total}"] + [f"{k} {v:.4g}" for k, v in metrics.items()]
+        for _ in range(3):  # faster than the peak: the peak was read in a slow moment (a busy machine), so read it again
+            if self.flops / seconds <= self.peak:
+                break
+            self.peak = peak_flops(self.device, again=True)
         parts += [f"tok/s {self.tokens / seconds:,.0f}", f"MFU {100 * self.flops / seconds / self.peak:.1f}%",
                   f"ETA {eta:.0f}s"]
         print(" | ".join(parts), flush=True)

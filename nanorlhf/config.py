@@ -14,6 +14,7 @@ A script declares its flags once, as a dataclass subclassing CommonConfig (every
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -48,6 +49,8 @@ class CommonConfig:
     max_steps: int = arg(-1, "stop after this many steps; -1 = the full schedule", low=-1)
     seed: int = arg(1337, "seed for torch, numpy and python random")
     device: str = arg("cpu", "cpu | cuda")
+    threads: int = arg(0, "torch CPU threads; 0 = one per core that other processes leave free at the start "
+                          "(OMP_NUM_THREADS, if set); the numbers repeat at the same count", low=0)
     resume: bool = arg(False, "continue from the checkpoint in --out")
     world_seed: int = arg(0, "seed of the built-in tiny world (used when --data is empty)")
     world_scale: float = arg(0.1, "size of the tiny world's splits, as a fraction of the paper's 13k/33k/31k "
@@ -165,8 +168,18 @@ def parse_config(cls, argv=None, description=None):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             problem = _out_of_range(value, f.metadata)
             if problem:
-                parser.error(f"--{f.name} {value}: {problem}")
+                flag_error(f"--{f.name} {value}: {problem}")
+    out = values.get("out")
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        flag_error(f"--out {out}: an existing file; --out names a folder (created if missing)")
     return cls(**values)
+
+
+def flag_error(message):
+    """A flag that cannot work: one line on stderr, exit status 2 (a usage error, as argparse's own), before
+    anything is loaded or written."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def print_config(cfg):

@@ -201,6 +201,35 @@ def test_scripts_refuse_flags_that_cannot_work_together(script, args, message, t
     assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.parametrize("script", ["train_base.py", "train_sft.py", "train_rm.py", "train_ppo.py", "eval.py",
+                                    "run.py"])
+def test_out_naming_an_existing_file_is_one_line_and_exit_2(script, tmp_path):
+    """--out is a folder: a file there (a typo, a log) stops the script before anything is read or written."""
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    r = run_script(script, "--out", str(target))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"{script}: error: --out {target}: an existing file; --out names a "
+                                             f"folder (created if missing)"]
+    assert target.read_text() == "mine" and os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_ppo_minibatch_larger_than_the_batch_is_one_line_and_exit_2(tmp_path):
+    """--batch_size 4 --minibatch_size 8 would train on minibatches of 4, not the 8 asked for."""
+    from test_ppo import tiny_checkpoints
+
+    paths = tiny_checkpoints(str(tmp_path))
+    for batch, minibatch in ((4, 8), (12, 8)):
+        r = run_script("train_ppo.py", "--init", paths["lm"], "--reward_model", paths["scalar"], "--world_scale",
+                       "0.01", "--out", str(tmp_path / "o"), "--batch_size", str(batch), "--minibatch_size",
+                       str(minibatch))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1] == (f"train_ppo.py: error: --minibatch_size {minibatch}: must divide "
+                                                     f"--batch_size {batch} (each optimizer step takes a full "
+                                                     f"minibatch of episodes)")
+        assert not os.path.exists(tmp_path / "o")
+
+
 def test_progress_mfu_from_tokens_or_from_counted_flops(monkeypatch, capsys):
     """MFU = FLOPs done since the last line / seconds / peak: tokens × flops_per_token, or the FLOPs a script counted
     itself (PPO: batch_flops), summed over the steps between two lines."""
@@ -216,3 +245,82 @@ def test_progress_mfu_from_tokens_or_from_counted_flops(monkeypatch, capsys):
     progress.step(3, 100, flops=3e9)  # 4e9 FLOPs in 4 s: 100%
     lines = capsys.readouterr().out.splitlines()
     assert "tok/s 200 | MFU 20.0%" in lines[0] and "tok/s 50 | MFU 100.0%" in lines[1], lines
+
+
+def test_progress_reads_the_peak_again_when_a_line_beats_it(monkeypatch, capsys):
+    """A peak read in a slow moment (the machine busy at the start) would print MFU above 100%: a line faster than
+    the peak reads the peak again and keeps the higher reading."""
+    from nanorlhf import common
+
+    clock = iter([0.0, 1.0, 2.0])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    readings = []
+    monkeypatch.setattr(common, "peak_flops", lambda device, again=False: readings.append(again) or (4e9 if again else 1e9))
+    progress = common.Progress(total=2, every=1, flops_per_token=None, device="cpu")
+    progress.step(0, 10, flops=2e9)  # 2e9 FLOP/s against a peak of 1e9: read again, 4e9 → 50%
+    progress.step(1, 10, flops=1e9)  # under the new peak: no reading
+    lines = capsys.readouterr().out.splitlines()
+    assert "MFU 50.0%" in lines[0] and "MFU 25.0%" in lines[1], lines
+    assert readings == [False, True]
+
+
+def test_a_stage_prints_mfu_at_most_100_percent_after_a_peak_read_while_busy(capsys):
+    """On this machine, real training steps of a matmul-bound model, with the peak first read while another process
+    held every core (as when a run starts beside other work): the printed MFU stays ≤ 100%."""
+    import re
+
+    from nanorlhf import common
+    from nanorlhf.model import GPT, GPTConfig
+
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * os.cpu_count())]
+    try:
+        common._PEAK.clear()
+        common.peak_flops("cpu")
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=256, dropout=0.0))
+    ids = torch.randint(0, 512, (16, 129))
+    progress = common.Progress(total=8, every=2, flops_per_token=model.flops_per_token(128), device="cpu")
+    for step in range(8):
+        common.lm_loss(model, ids, torch.ones_like(ids, dtype=torch.bool)).backward()
+        progress.step(step, 16 * 128)
+    mfu = [float(m) for m in re.findall(r"MFU ([\d.]+)%", capsys.readouterr().out)]
+    assert len(mfu) == 4 and max(mfu) <= 100, mfu
+
+
+def test_auto_threads_leave_out_the_cores_other_processes_keep_busy():
+    """--threads 0 (auto) with every core but one held by another process: one thread, not torch's one per core
+    (which spin waiting for each other on the busy cores). With OMP_NUM_THREADS set, that count, unmeasured."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    code = "from nanorlhf.common import set_threads; print(set_threads(0))"
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() - 1)]
+    try:
+        auto, pinned = (subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, cwd=ROOT)
+                        for e in (env, {**env, "OMP_NUM_THREADS": "2"}))
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert auto.stdout.split() == ["1"], auto.stderr[-2000:]
+    assert pinned.stdout.split() == ["2"], pinned.stderr[-2000:]
+
+
+def test_a_resumed_run_keeps_the_thread_count_of_the_run_it_resumes(tmp_path):
+    """The thread count moves float rounding: a resumed run takes the saved count, whatever auto would pick now."""
+    from nanorlhf import common
+    from nanorlhf.checkpoint import make_checkpoint, save_checkpoint
+    from nanorlhf.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    opt = torch.optim.AdamW(model.parameters())
+    cfg = dataclasses.make_dataclass("C", [("out", str), ("resume", bool), ("threads", int)])(str(tmp_path), True, 2)
+    save_checkpoint(str(tmp_path / "state.pt"), make_checkpoint(model, model.config, "lm", "tiny", {"threads": 1}, 3, opt))
+    before = torch.get_num_threads()
+    try:
+        assert common.resume(cfg, model, opt)["step"] == 3
+        assert cfg.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

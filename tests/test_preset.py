@@ -103,9 +103,26 @@ def test_gpu_preset_shrunk_runs_end_to_end_on_cpu(tmp_path):
 
 
 def test_eta_scales_by_the_probe_then_by_the_stages_timed_here():
-    """Before any stage has run: the expected seconds × this machine's probe step ÷ the reference's; after: × how
-    long the timed stages took against their expected seconds. Stages already timed are not counted again."""
+    """Before any stage has run: the expected seconds × the mean of the probe's training and sampling ratios to the
+    reference's; after: × how long the timed stages took against their expected seconds. Stages already timed are
+    not counted again."""
     expected = {"a": 10, "b": 20, "c": 30}
-    assert run.eta_seconds(["a", "b", "c"], expected, {}, run.REFERENCE_STEP * 2) == pytest.approx(120)
-    assert run.eta_seconds(["b", "c"], expected, {"a": 25}, run.REFERENCE_STEP) == pytest.approx(125)
-    assert run.eta_seconds(["c"], expected, {"a": 5, "b": 10}, 1.0) == pytest.approx(15)
+    train, sample = run.REFERENCE_PROBE
+    assert run.eta_seconds(["a", "b", "c"], expected, {}, (train * 2, sample * 2)) == pytest.approx(120)
+    assert run.eta_seconds(["a", "b", "c"], expected, {}, (train * 3, sample)) == pytest.approx(60 * (3 + 1) / 2)
+    assert run.eta_seconds(["b", "c"], expected, {"a": 25}, run.REFERENCE_PROBE) == pytest.approx(125)
+    assert run.eta_seconds(["c"], expected, {"a": 5, "b": 10}, (1.0, 1.0)) == pytest.approx(15)
+
+
+def test_the_first_eta_is_within_a_quarter_of_the_reference_run():
+    """The first ETA line against the default run's measured seconds on the reference machine (the AMD EPYC VM's
+    stages, whose sum EXPECTED_SECONDS holds): with the probe reading the reference's figures, the ETA for the whole
+    run is the sum of the stages' seconds, and a probe 10% off on either kind of work moves it by 5%."""
+    stages = list(run.STAGES) + ["study_kl0.01", "study_kl0.3", "eval"]
+    expected = {**run.EXPECTED_SECONDS, "study_kl0.01": 2 * run.EXPECTED_SECONDS["ppo"],
+                "study_kl0.3": 2 * run.EXPECTED_SECONDS["ppo"]}
+    measured = 179 + 26 + 30 + 54 + 69 + 104 + 101 + 18  # the stages of `python run.py` there, in seconds
+    eta = run.eta_seconds(stages, expected, {}, run.REFERENCE_PROBE)
+    assert abs(eta / measured - 1) < 0.25
+    train, sample = run.REFERENCE_PROBE
+    assert run.eta_seconds(stages, expected, {}, (train * 1.1, sample)) == pytest.approx(1.05 * eta)
