@@ -35,6 +35,7 @@ HISTORY = {
     "a commit hash": r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b",
     "an earlier run": r"\bearlier (run|session|version)",
     "a first version": r"\bfirst version\b",
+    "the occasion of a measurement": r"\b[Tt]ried here\b|\bother developers\b|\ba stray load\b",
 }
 
 
@@ -135,3 +136,14 @@ def test_extending_example_runs():
     tests = [f for name, f in test_ns.items() if name.startswith("test_")]
     assert len(tests) == 1
     tests[0]()
+
+
+def test_readme_split_sizes_are_the_default_worlds():
+    """The README's tiny-world paragraph states the default world's split sizes as make_world deals them."""
+    from nanorlhf.world import make_world
+
+    text = " ".join(read(README).split())
+    world = make_world(0, 0.1)
+    n = {split: f"{len(world.prompts(split)):,}" for split in ("test", "val", "sft", "rm", "ppo")}
+    assert (f"{n['test']} test, {n['val']} validation, and {n['sft']} SFT, {n['rm']} RM and {n['ppo']} PPO prompts"
+            in text)

@@ -575,3 +575,23 @@ def test_oracle_reward_is_the_gold_judge(ckpts, tmp_path, monkeypatch):
     want = [3 * world.gold_score(p, y, f) for p, y, f in zip(captured["prompts"], responses,
                                                               captured["finished"].tolist())]
     assert captured["scores"].tolist() == pytest.approx(want, abs=1e-6)
+
+
+def test_ema_of_the_policy_weights_by_hand(ckpts, tmp_path):
+    """--ema d (InstructGPT: 0.992): after each optimizer step, ema ← d·ema + (1 − d)·θ, starting from the SFT
+    weights; ckpt.pt is the EMA. One batch of one minibatch and one epoch is one step: ckpt.pt must be
+    d·θ_SFT + (1 − d)·θ_1, with θ_1 the policy that state.pt saved after it."""
+    out = tmp_path / "ema"
+    train_ppo.main(["--init", ckpts["lm"], "--reward_model", ckpts["scalar"], "--world_scale", "0.01", "--batch_size",
+                    "4", "--minibatch_size", "4", "--ppo_epochs", "1", "--max_new_tokens", "8", "--max_steps", "1",
+                    "--lr", "1e-2", "--warmup", "1", "--ema", "0.9", "--save_every", "1", "--out", str(out)])
+    sft = torch.load(ckpts["lm"], weights_only=True)["model"]
+    theta_1 = torch.load(out / "state.pt", weights_only=True)["model"]
+    ema = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    moved = 0
+    for name, w in sft.items():
+        if not w.is_floating_point():
+            continue
+        assert torch.allclose(ema[name], 0.9 * w + 0.1 * theta_1[name], atol=1e-6), name
+        moved += not torch.equal(w, theta_1[name])
+    assert moved > 0  # the step moved the policy, so the EMA's two weights are told apart
