@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanorlhf.common import get_device
+from nanorlhf.common import get_device, set_threads
 from nanorlhf.config import PPOConfig, arg, parse_config, print_config
 from nanorlhf.engine import generate
 from nanorlhf.model import GPT, GPTConfig
@@ -281,7 +281,10 @@ def main(argv=None):
     names = list(STAGES) + list(beyond) + ["eval"]
     expected = {**EXPECTED_SECONDS, **{n: s for n, (_, s, _) in beyond.items()}}
     show_eta = not cfg.quick and preset(cfg) == "cpu"
-    speeds = probe() if show_eta else None
+    speeds = None
+    if show_eta:
+        set_threads(0)  # the probe runs at the thread count the stages will take
+        speeds = probe()
     t_start = time.perf_counter()
     for i, name in enumerate(names):
         done = os.path.join(cfg.out, "bestofn.json" if name == "bestofn" else os.path.join(name, "ckpt.pt"))

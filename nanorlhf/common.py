@@ -45,9 +45,9 @@ def busy_cores(seconds=0.2):
 
 def set_threads(threads):
     """torch's CPU threads: `threads`, or with 0 (auto) one per core that other processes leave free at the start,
-    at least 1: with the cores free, torch's default (one a core); with one of 2 cores busy, one thread, which
-    runs a PPO batch ~2.5× faster than two that spin waiting for each other (docs/performance.md).
-    OMP_NUM_THREADS, if set, is the count (auto reads it). The count moves the float rounding of matmuls and sums: a run's numbers
+    at least 1: with the cores free, torch's default (one a core); with one of 2 cores busy, one thread, which runs
+    a PPO batch ~2.5× faster than two that spin waiting for each other (docs/performance.md). OMP_NUM_THREADS, if
+    set, is the count (auto reads it). The count moves the float rounding of matmuls and sums: a run's numbers
     repeat at the same thread count, which the config prints (and a resumed run keeps)."""
     if threads == 0:
         threads = torch.get_num_threads()
@@ -265,25 +265,27 @@ def peak_flops(device, again=False):
     were idle reach their clock; then the best of 5 timings at each size (CPU: 512 and 1024, whichever the
     machine runs faster): the fastest rate it showed, so that no moment of a run reads above it."""
     device = torch.device(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     if device.type not in _PEAK or again:
         sizes, dtype = ((512, 1024), torch.float32) if device.type == "cpu" else ((8192,), torch.bfloat16)
         g = torch.Generator(device=device).manual_seed(0)  # its own RNG: measuring must not move the seeded streams
-        best = 0.0
+        best, t_warm = 0.0, time.perf_counter()
         for n in sizes:
             a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
             b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-            reps = max(1, 2 ** 31 // n ** 3)  # about 2 GFLOP a timing
-            t_warm = time.perf_counter()
-            while n == sizes[0] and time.perf_counter() - t_warm < 0.25:
+            while time.perf_counter() - t_warm < 0.25:  # the warm-up, on the first size
                 a @ b
+                sync()
+            reps = max(1, 2 ** 31 // n ** 3)  # about 2 GFLOP a timing
             for _ in range(5):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     a @ b
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
         _PEAK[device.type] = max(best, _PEAK.get(device.type, 0.0))
     return _PEAK[device.type]
@@ -310,7 +312,7 @@ class Progress:
         done = step + 1 - self.start
         eta = (now - self.t0) / max(done, 1) * (self.total - step - 1)
         parts = [f"{self.name}step {step + 1}/{self.total}"] + [f"{k} {v:.4g}" for k, v in metrics.items()]
-        for _ in range(3):  # faster than the peak: the peak was read in a slow moment (a busy machine), so read it again
+        for _ in range(3):  # faster than the peak: the peak was read in a slow moment (a busy machine): read again
             if self.flops / seconds <= self.peak:
                 break
             self.peak = peak_flops(self.device, again=True)
