@@ -150,7 +150,8 @@ MAIN = {"sft": train_sft.main, "rm": train_rm.main, "ppo": train_ppo.main}
 
 def args_for(kind, paths, data, out):
     args = ["--data", str(data), "--init", paths["lm"], "--out", str(out), "--max_steps", "1"]
-    return args + (["--reward_model", paths["scalar"], "--batch_size", "1"] if kind == "ppo" else [])
+    ppo = ["--reward_model", paths["scalar"], "--batch_size", "1", "--minibatch_size", "1"]
+    return args + (ppo if kind == "ppo" else [])
 
 
 @pytest.mark.parametrize("kind", ["sft", "rm", "ppo"])
