@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from nanorlhf.checkpoint import load_checkpoint
-from nanorlhf.common import check_room, load_model, response_logps, setup, token_stream, val_loss
+from nanorlhf.common import check_room, load_model, response_logprob_sums, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.evaluation import (bootstrap_mean, category_means, fit_gao, gold_eval, pair_accuracy,
@@ -262,8 +262,8 @@ def rm_by_kind(model, tok, world, tau, device, lm=None):
         right = {"rm_accuracy": (s_better > s_worse).tolist()}
         if lm is not None:  # log π(y | x) of each finished answer
             lm.eval()
-            lm_better, lm_worse = (response_logps(lm, [tok.format_example(p, y) for p, y in zip(prompts, ys)],
-                                                  tok.pad_id, device) for ys in (better, worse))
+            lm_better, lm_worse = (response_logprob_sums(lm, [tok.format_example(p, y) for p, y in zip(prompts, ys)],
+                                                         tok.pad_id, device) for ys in (better, worse))
             right["sft_likelihood_accuracy"] = (lm_better > lm_worse).tolist()
         out[kind] = {"pairs": len(pairs), "labeler_accuracy": statistics.mean(sigmoid(d / tau) for d in du),
                      "ideal_rm_accuracy": statistics.mean(d > 0 for d in du),

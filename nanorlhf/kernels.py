@@ -4,13 +4,13 @@ One switch, `enable(on)` (the scripts' --compile: on for CUDA, off for CPU by de
 Off, nothing here runs: the recipe is the plain eager PyTorch of model.py, engine.py and rlhf.py. On, the hot path
 runs through torch.compile and computes the same functions:
 - compile_model(model): on a model instance, the transformer blocks and the final LayerNorm (GPT.blocks), forward
-  and backward, and the log-probs (GPT.token_logprobs) through the fused kernel below
+  and backward, and the log-probs (GPT.logprobs_and_entropy) through the fused kernel below
 - compile_decode(step): engine's one-token decode step, static shapes, CUDA graphs on CUDA (gpt-fast's recipe)
-- token_logprobs(_and_entropy): log-probs straight from hidden states, chunk by chunk (LM-head matmul + logsumexp +
-  gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (by
-  default 2^23 logits on CPU, 2^25 on a GPU, whatever V), and the backward recomputes each chunk's logits instead
+- token_logprobs_and_entropy: log-probs (and entropy) straight from hidden states, chunk by chunk (LM-head matmul +
+  logsumexp + gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V
+  (by default 2^23 logits on CPU, 2^25 on a GPU, whatever V), and the backward recomputes each chunk's logits instead
   of saving them (all rows in one chunk: that chunk's softmax is kept for the backward, no more memory and one
-  matmul fewer). Its eager twin: model.token_logprobs (log_softmax, then gather).
+  matmul fewer). Its eager twin: model.token_logprobs_and_entropy (log_softmax, then gather).
 - compiled(fn): any of rlhf.py's loss functions as one compiled graph (rlhf.ppo_losses, rlhf.ranking_loss)
 - gae: rlhf.gae's reverse scan as one matmul with a discount matrix, compiled
 Compiling happens lazily on first use. Python scalars go in as tensors and sizes that vary (chunk rows, batch,
@@ -56,7 +56,7 @@ def _compiled(fn, **options):
 
 
 def compile_model(model, blocks=True):
-    """With the switch on, take model.token_logprobs from token_logprobs_and_entropy (fused, compiled), and route
+    """With the switch on, take model.logprobs_and_entropy from token_logprobs_and_entropy (fused, compiled), and route
     `model.blocks` (every block and the final LayerNorm) through torch.compile of its twin `_blocks`, forward and
     backward: LayerNorm, the attention's scale, mask and softmax, GELU and the residual
     adds are fused between the matmuls. Sizes are dynamic, so a new batch or sequence length reuses the graph, and
@@ -69,7 +69,7 @@ def compile_model(model, blocks=True):
     only."""
     if not enabled:
         return model
-    model.token_logprobs = functools.partial(_model_token_logprobs, model)
+    model.logprobs_and_entropy = functools.partial(_model_logprobs_and_entropy, model)
     if not blocks:
         return model
     if next(model.parameters()).device.type == "cpu":
@@ -238,8 +238,8 @@ def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_s
     return logp.reshape(lead), entropy.reshape(lead)
 
 
-def _model_token_logprobs(model, hidden, targets, temperature=1.0):
-    """GPT.token_logprobs through the fused kernel (compile_model puts it on a model instance)."""
+def _model_logprobs_and_entropy(model, hidden, targets, temperature=1.0):
+    """GPT.logprobs_and_entropy through the fused kernel (compile_model puts it on a model instance)."""
     return token_logprobs_and_entropy(hidden, model.lm_head.weight, targets, temperature)
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from nanorlhf import kernels, rlhf
 from nanorlhf.engine import KVCache
-from nanorlhf.model import GPT, GPTConfig, token_logprobs
+from nanorlhf.model import GPT, GPTConfig, token_logprobs_and_entropy
 
 
 def lm_head_case(N, C, V, dtype, seed=0, lead=None):
@@ -20,7 +20,8 @@ def lm_head_case(N, C, V, dtype, seed=0, lead=None):
 
 
 def reference_logprobs(hidden, weight, targets, temperature):
-    """Independent of model.token_logprobs (the eager twin): explicit indexing, log_softmax = z − logsumexp(z)."""
+    """Independent of model.token_logprobs_and_entropy (the eager twin): explicit indexing,
+    log_softmax = z − logsumexp(z)."""
     z = torch.einsum("...c,vc->...v", hidden, weight) / temperature
     z_target = torch.take_along_dim(z, targets[..., None], dim=-1)[..., 0]
     return z_target - torch.logsumexp(z, dim=-1)
@@ -33,7 +34,7 @@ def test_token_logprobs_chunked_matches_log_softmax_with_gradients(chunk_size):
     expected = reference_logprobs(hidden, weight, targets, 0.7)
     assert logp.shape == entropy.shape == (3, 10)
     torch.testing.assert_close(logp, expected, atol=1e-6, rtol=0)
-    eager_logp, eager_entropy = token_logprobs(hidden, weight, targets, 0.7)  # the eager twin
+    eager_logp, eager_entropy = token_logprobs_and_entropy(hidden, weight, targets, 0.7)  # the eager twin
     torch.testing.assert_close(eager_logp, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(eager_entropy, entropy, atol=1e-6, rtol=0)
     # a weighted sum, so each row's incoming gradient differs
@@ -82,7 +83,7 @@ def test_token_logprobs_saves_no_logits_at_gpt2_vocab():
     hidden, weight, targets = lm_head_case(N, C, V, dtype=torch.float32)
     chunked = saved_numels(lambda: kernels.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=16)[0])
     assert sorted(chunked) == sorted([N * C, V * C, N, N, 1])  # hidden, weight, targets, logsumexp, 1/T
-    eager = saved_numels(lambda: token_logprobs(hidden, weight, targets)[0])
+    eager = saved_numels(lambda: token_logprobs_and_entropy(hidden, weight, targets)[0])
     assert max(eager) >= N * V  # the eager twin keeps the (N, V) logits: the check can tell them apart
 
 
@@ -155,7 +156,7 @@ def test_one_switch():
     assert not kernels.enabled
     model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
     assert kernels.compile_model(model).blocks.__func__ is GPT.blocks and model.use_sdpa
-    assert model.token_logprobs.__func__ is GPT.token_logprobs
+    assert model.logprobs_and_entropy.__func__ is GPT.logprobs_and_entropy
 
 
 # ----------------------------------------------------------------------------------------------------------------
