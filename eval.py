@@ -622,9 +622,10 @@ class MeanReward(torch.nn.Module):
 
 
 def rm_table(paths, world, device, ensemble=False):
-    """One row per reward model (the lever table of the README): the accuracies train_rm.py measured on its
-    held-out rankings, and rm_by_kind's on the test prompts' contrast pairs; with `ensemble`, a last row for the
-    mean of their scores (contrast pairs only: each RM was held out on rankings of its own candidates)."""
+    """One row per reward model (the tables of docs/findings.md, What was tried to make the RM see correctness):
+    the accuracies train_rm.py measured on its held-out rankings, and rm_by_kind's on the test prompts' contrast
+    pairs; with `ensemble`, a last row for the mean of their scores (contrast pairs only: each RM was held out on
+    rankings of its own candidates)."""
     lines = ["| reward model | held-out accuracy (ceiling) | vs gold ordering | correctness | harmlessness | "
              "conciseness |", "|---|---|---|---|---|---|"]
 

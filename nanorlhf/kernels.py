@@ -215,7 +215,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
 def default_chunk_size(vocab_size, device):
     """Rows per log-prob chunk: a fixed number of logits whatever the vocabulary, 2^23 (32 MiB in fp32) on CPU and
-    2^25 (128 MiB) on a GPU, where fewer, larger matmuls fill the device (measured: README, Performance)."""
+    2^25 (128 MiB) on a GPU, where fewer, larger matmuls fill the device (measured: docs/performance.md, On a GPU)."""
     return max(1, (2**25 if device.type == "cuda" else 2**23) // vocab_size)
 
 
