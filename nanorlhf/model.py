@@ -186,7 +186,7 @@ class GPT(nn.Module):
 
     def blocks(self, x, mask=None, kv_cache=None, start=0):
         """The transformer blocks and the final LayerNorm: x (B, T, C) embeddings -> (B, T − start, C) activations;
-        mask as CausalSelfAttention takes it. kernels.compile_model puts a compiled twin of it on a model instance."""
+        mask as CausalSelfAttention takes it. kernels.compile_model puts this method, compiled, on a model instance."""
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, kv_cache, i, start if i == len(self.transformer.h) - 1 else 0)
         if kv_cache is not None:
