@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from nanorlhf.checkpoint import load_checkpoint
-from nanorlhf.common import check_room, load_model, response_logps, setup, token_stream, val_loss
+from nanorlhf.common import check_room, load_model, response_logprob_sums, setup, token_stream, val_loss
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.engine import generate
 from nanorlhf.evaluation import (bootstrap_mean, category_means, fit_gao, gold_eval, pair_accuracy,
@@ -34,9 +34,9 @@ from nanorlhf.rlhf import ranked_pairs, response_logprobs
 from nanorlhf.world import KIND_COMPONENTS, make_world
 
 POLICIES = ["base", "sft", "ppo", "ppo_ptx"]
-METHODS = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
-           "oracle": "PPO on gold (oracle)", "dpo": "DPO", "rft": "RFT"}
-BASELINES = [k for k in METHODS if k not in POLICIES]  # run.py --baselines
+METHOD_LABELS = {"ppo": "PPO", "ppo_ptx": "PPO-ptx", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
+                 "oracle": "PPO on gold (oracle)", "dpo": "DPO", "rft": "RFT"}
+BASELINES = [k for k in METHOD_LABELS if k not in POLICIES]  # run.py --baselines
 RL_METHODS = ["ppo", "ppo_ptx", "grpo", "rloo", "reinforce_pp", "oracle"]  # a training curve of (KL, gold)
 
 
@@ -95,7 +95,8 @@ def kl_from_sft(model, sft, tok, prompts, cfg, device):
     return total / len(prompts)
 
 
-def evaluate(cfg, device):
+def report_card(cfg, device):
+    """Every figure of the report card (results.json) for the run folder cfg.run."""
     world = make_world(cfg.world_seed, cfg.world_scale)
     prompts = world.prompts("test")
     val_docs = world.pretrain_docs("val")
@@ -108,7 +109,7 @@ def evaluate(cfg, device):
         rm.eval()
     sft_path = os.path.join(cfg.run, "sft", "ckpt.pt")
     sft = load_model(sft_path, "lm", device)[0] if os.path.exists(sft_path) else None
-    extra_seeds = [n for key in METHODS for n in seed_runs(cfg.run, key)[1:]]
+    extra_seeds = [n for key in METHOD_LABELS for n in seed_runs(cfg.run, key)[1:]]
     reps = [p for p in prompts for _ in range(cfg.samples)]
     for name in POLICIES + BASELINES + extra_seeds + [f"ppo_r{k}" for k in rounds(cfg.run)]:
         path = os.path.join(cfg.run, name, "ckpt.pt")
@@ -236,7 +237,7 @@ def gao_fits(run, results):
         start = statistics.mean(pts[0][2] for pts in logs)
         points = [(kl ** 0.5, gold - start) for pts in logs for kl, _, gold in pts if kl > 1e-6]
         if len(points) >= 3:
-            fits[METHODS[key]] = dict(zip(("alpha", "beta"), fit_gao(*zip(*points), "rl")), points=points)
+            fits[METHOD_LABELS[key]] = dict(zip(("alpha", "beta"), fit_gao(*zip(*points), "rl")), points=points)
     return fits
 
 
@@ -262,8 +263,8 @@ def rm_by_kind(model, tok, world, tau, device, lm=None):
         right = {"rm_accuracy": (s_better > s_worse).tolist()}
         if lm is not None:  # log π(y | x) of each finished answer
             lm.eval()
-            lm_better, lm_worse = (response_logps(lm, [tok.format_example(p, y) for p, y in zip(prompts, ys)],
-                                                  tok.pad_id, device) for ys in (better, worse))
+            lm_better, lm_worse = (response_logprob_sums(lm, [tok.format_example(p, y) for p, y in zip(prompts, ys)],
+                                                         tok.pad_id, device) for ys in (better, worse))
             right["sft_likelihood_accuracy"] = (lm_better > lm_worse).tolist()
         out[kind] = {"pairs": len(pairs), "labeler_accuracy": statistics.mean(sigmoid(d / tau) for d in du),
                      "ideal_rm_accuracy": statistics.mean(d > 0 for d in du),
@@ -351,7 +352,7 @@ def methods_table(run, results, n_demos, per_prompt, cfg):
     for r in results.get("best_of_n", {}).get("by_n", {}).values():
         add(f"best-of-{r['n']}", [f"best_of_{r['n']}"], r["kl"], rlhf_labels, minutes(paper, ["bestofn"]), r["gold"],
             r.get("helpful"))
-    for key, method in METHODS.items():
+    for key, method in METHOD_LABELS.items():
         names = [n for n in seed_runs(run, key) if n in per_prompt]
         if names:
             add(method, names, statistics.mean(results["kl_from_sft"][n] for n in names),
@@ -621,9 +622,10 @@ class MeanReward(torch.nn.Module):
 
 
 def rm_table(paths, world, device, ensemble=False):
-    """One row per reward model (the lever table of the README): the accuracies train_rm.py measured on its
-    held-out rankings, and rm_by_kind's on the test prompts' contrast pairs; with `ensemble`, a last row for the
-    mean of their scores (contrast pairs only: each RM was held out on rankings of its own candidates)."""
+    """One row per reward model (the tables of docs/findings.md, What was tried to make the RM see correctness):
+    the accuracies train_rm.py measured on its held-out rankings, and rm_by_kind's on the test prompts' contrast
+    pairs; with `ensemble`, a last row for the mean of their scores (contrast pairs only: each RM was held out on
+    rankings of its own candidates)."""
     lines = ["| reward model | held-out accuracy (ceiling) | vs gold ordering | correctness | harmlessness | "
              "conciseness |", "|---|---|---|---|---|---|"]
 
@@ -657,7 +659,7 @@ def main(argv=None):
     if not found:
         raise SystemExit(f"--run {cfg.run}: no checkpoints to evaluate (expected the --out folder of run.py, "
                          f"holding {', '.join(n + '/ckpt.pt' for n in POLICIES)})")
-    results = evaluate(cfg, device)
+    results = report_card(cfg, device)
     with open(os.path.join(cfg.run, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     machine = f"{os.cpu_count()} CPU cores" if device.type == "cpu" else torch.cuda.get_device_name()

@@ -65,8 +65,9 @@ STAGES = {
                                                    "--minibatch_size", "8"]),
 }
 # --baselines: train_ppo.py with another estimator or reward, on the same rollouts, budget and β as PPO
-METHODS = {"grpo": ["--estimator", "grpo", "--group_size", "4"], "rloo": ["--estimator", "rloo", "--group_size", "4"],
-           "reinforce_pp": ["--estimator", "reinforce_pp"], "oracle": ["--reward", "gold"]}
+METHOD_FLAGS = {"grpo": ["--estimator", "grpo", "--group_size", "4"],
+                "rloo": ["--estimator", "rloo", "--group_size", "4"],
+                "reinforce_pp": ["--estimator", "reinforce_pp"], "oracle": ["--reward", "gold"]}
 # --preset gpu: the tiny world at the paper's scale (1.0: 3,000 test prompts and 13,000 / 33,000 / 31,000 SFT / RM /
 # PPO prompts; 2.8M tokens of pretraining text) with 25M-parameter models (8 layers, d 512: 27× the CPU's). The base
 # model reads the text ≈ 11 times, with dropout 0.1 against memorizing it; SFT passes 3 times over the 13,000
@@ -201,7 +202,7 @@ def beyond_stages(cfg):
                 stages[f"ppo{suffix}"] = ("train_ppo.py", 60, lambda s=suffix, a=rl: stage_args(cfg, f"ppo{s}", a))
                 stages[f"ppo_ptx{suffix}"] = ("train_ppo.py", 80, lambda s=suffix, a=rl: stage_args(
                     cfg, f"ppo_ptx{s}", a + ["--ptx_coef", "0.5"]))
-            for name, flags in METHODS.items():
+            for name, flags in METHOD_FLAGS.items():
                 stages[f"{name}{suffix}"] = ("train_ppo.py", 60, lambda n=name, s=suffix, a=rl, f=flags: stage_args(
                     cfg, f"{n}{s}", a + f))
             stages[f"dpo{suffix}"] = ("baselines/train_dpo.py", 90, lambda s=suffix, a=seed: stage_args(

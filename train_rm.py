@@ -142,7 +142,7 @@ def check_file_lengths(cfg, records, tok, block_size):
     check_lengths(lengths, block_size, "example (prompt + longest response)")
 
 
-def accumulate_gradients(model, tok, batch, grad_accum, dtype, device):
+def accumulate_ranking_gradients(model, tok, batch, grad_accum, dtype, device):
     """Gradient of the global batch's ranking loss (a mean over its prompts with at least one pair) from this
     rank's shard, in `grad_accum` micro-batches, each weighted by its share of those prompts: any split into
     micro-batches and ranks gives the same gradient. Returns (global loss, this rank's scores, responses scored)."""
@@ -166,7 +166,7 @@ def accumulate_gradients(model, tok, batch, grad_accum, dtype, device):
     return dist.all_reduce_sum(loss), scores, n_responses * dist.world_size()
 
 
-def evaluate(model, tok, held, tau, device):
+def held_out_accuracy(model, tok, held, tau, device):
     """Held-out pairwise accuracy against the labeler, its ceiling (a second labeler on the same pairs), the same
     two without labeler noise, and the accuracy against gold on pairs whose gold scores differ."""
     if not held:
@@ -240,7 +240,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss, scores, n_responses = accumulate_gradients(model, tok, batch, cfg.grad_accum, dtype, device)
+        loss, scores, n_responses = accumulate_ranking_gradients(model, tok, batch, cfg.grad_accum, dtype, device)
         check_finite(loss, step + 1, "ranking loss", state_path)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         check_finite(grad_norm, step + 1, "ranking loss gradient norm", state_path)
@@ -265,8 +265,8 @@ def main(argv=None):
     previous = {}
     if cfg.previous_rm:  # how well the last round's RM judges this round's (new policy's) samples
         old, _, _ = load_model(cfg.previous_rm, head="scalar", device=device)
-        previous = {f"previous_rm_{k}": v for k, v in evaluate(old, tok, held, data["tau"], device).items()}
-    results = {**evaluate(model, tok, held, data["tau"], device), "reward_shift": shift,
+        previous = {f"previous_rm_{k}": v for k, v in held_out_accuracy(old, tok, held, data["tau"], device).items()}
+    results = {**held_out_accuracy(model, tok, held, data["tau"], device), "reward_shift": shift,
                "demo_reward_mean": statistics.mean(normed), "demo_reward_std": statistics.pstdev(normed),
                "labeler_tau": data["tau"], "steps": step, "train_prompts": len(train),
                "data_seconds": data_seconds, "seconds": time.perf_counter() - t_start,

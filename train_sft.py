@@ -84,7 +84,7 @@ def set_dropout(model, p):
         block.mlp.dropout.p = p
 
 
-def accumulate_gradients(model, examples, batch, pad_id, grad_accum, dtype, device):
+def accumulate_lm_gradients(model, examples, batch, pad_id, grad_accum, dtype, device):
     """Gradient of the global batch's loss, the mean over all its target tokens, from this rank's shard of
     `batch` in `grad_accum` micro-batches. Each micro-batch's mean is weighted by its share of the batch's target
     tokens, so every split into micro-batches and ranks gives the same gradient (a plain 1/N per micro-batch
@@ -120,7 +120,7 @@ def validation_loss(model, examples, pad_id, device, batch_size=64):
     return total / count
 
 
-def gold_eval(model, tok, world, prompts, cfg):
+def gold_sampled_and_greedy(model, tok, world, prompts, cfg):
     """Mean gold score of greedy and sampled (T=1) responses, the samples on the same seeded stream every call
     (evaluation.gold_eval), so epochs (and base vs SFT) are compared on the same random draws."""
     s = evaluation.gold_eval(model, tok, world, prompts, cfg.max_new_tokens, seed=cfg.seed)
@@ -178,12 +178,12 @@ def main(argv=None):
         extra = {"perm": perm, "history": history, "best": best}
         write_state(state_path, make_checkpoint(model, mconf, "lm", tok, asdict(cfg), step, opt, extra))
 
-    def evaluate(epoch):
+    def evaluate_epoch(epoch):
         """Validation metrics of the current weights; keep them as `best` if they beat the chosen epoch."""
         nonlocal best
         metrics = {"epoch": epoch, "step": step, "val_loss": validation_loss(model, val, tok.pad_id, device)}
         if by_gold:
-            metrics.update(gold_eval(model, tok, world, world.prompts("val"), cfg))
+            metrics.update(gold_sampled_and_greedy(model, tok, world, world.prompts("val"), cfg))
         score = metrics["gold_sampled"] if by_gold else -metrics["val_loss"]
         if best is None or score > best["score"]:
             best = {"epoch": epoch, "score": score, "model": {k: v.clone() for k, v in model.state_dict().items()}}
@@ -204,7 +204,7 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss, n_tokens = accumulate_gradients(model, train, batch, tok.pad_id, cfg.grad_accum, dtype, device)
+        loss, n_tokens = accumulate_lm_gradients(model, train, batch, tok.pad_id, cfg.grad_accum, dtype, device)
         check_finite(loss, step + 1, "SFT loss", state_path)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         check_finite(grad_norm, step + 1, "SFT grad norm", state_path)
@@ -212,11 +212,11 @@ def main(argv=None):
         step += 1
         progress.step(step - 1, n_tokens, loss=loss.item(), lr=lr)
         if step % steps_per_epoch == 0:
-            history.append(evaluate(step // steps_per_epoch))
+            history.append(evaluate_epoch(step // steps_per_epoch))
         if step % cfg.save_every == 0 or step % steps_per_epoch == 0 or step == stop:
             save_state()
     if step % steps_per_epoch or best is None:  # stopped mid-epoch by --max_steps: a candidate too
-        history.append(evaluate(round(step / steps_per_epoch, 2)))
+        history.append(evaluate_epoch(round(step / steps_per_epoch, 2)))
     train_seconds = time.perf_counter() - t0
     print(f"chosen: epoch {best['epoch']:g} of {len(history)} evaluated, by {criterion}")
 
@@ -226,8 +226,8 @@ def main(argv=None):
     if by_gold:  # held-out test prompts: the SFT model vs the base model with the same template and sampling
         test = world.prompts("test")
         base, _, _ = load_model(cfg.init, "lm", device)
-        results["test"] = {"sft": gold_eval(model, tok, world, test, cfg),
-                           "base": gold_eval(base, tok, world, test, cfg)}
+        results["test"] = {"sft": gold_sampled_and_greedy(model, tok, world, test, cfg),
+                           "base": gold_sampled_and_greedy(base, tok, world, test, cfg)}
         for name in ("base", "sft"):
             m = results["test"][name]
             print(f"test gold ({len(test)} prompts) {name:4s}: sampled {m['gold_sampled']:.4f} | "

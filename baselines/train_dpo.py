@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the root: nanorlhf/
 from nanorlhf.checkpoint import make_checkpoint
-from nanorlhf.common import (Progress, check_finite, cosine_lr, epoch_batch, load_model, response_logps, resume,
-                             setup, write_results, write_state)
+from nanorlhf.common import (Progress, check_finite, cosine_lr, epoch_batch, load_model, response_logprob_sums,
+                             resume, setup, write_results, write_state)
 from nanorlhf.config import CommonConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths
 from nanorlhf.rlhf import dpo_loss, ranked_pairs
@@ -43,9 +43,9 @@ class DPOConfig(CommonConfig):
     save_every: int = arg(50, "write state.pt every N steps", low=1)
 
 
-def batch_logps(policy, reference, records, pad_id, device):
-    """Policy and reference log-probs of every pair of a batch of records: four (P,) tensors, chosen then
-    rejected, pair p's entries aligned across all four; and the (P,) pair weights 1 / (pairs of its prompt ×
+def pair_logprobs(policy, reference, records, pad_id, device):
+    """Policy and reference log π(y|x) (common.response_logprob_sums) of every pair of a batch of records: four (P,)
+    tensors, chosen then rejected, pair p's entries aligned across all four; and the (P,) pair weights 1 / (pairs of its prompt ×
     prompts), so that every prompt weighs the same whatever its K."""
     examples, chosen, rejected, weights = [], [], [], []
     for r in records:
@@ -56,9 +56,9 @@ def batch_logps(policy, reference, records, pad_id, device):
             chosen.append(base + i)
             rejected.append(base + j)
             weights.append(1 / (len(pairs) * len(records)))
-    logp = response_logps(policy, examples, pad_id, device)  # (N,)
+    logp = response_logprob_sums(policy, examples, pad_id, device)  # (N,)
     with torch.no_grad():
-        ref = response_logps(reference, examples, pad_id, device)  # (N,)
+        ref = response_logprob_sums(reference, examples, pad_id, device)  # (N,)
     c, r = torch.tensor(chosen, device=device), torch.tensor(rejected, device=device)
     return logp[c], logp[r], ref[c], ref[r], torch.tensor(weights, device=device)
 
@@ -99,8 +99,8 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        *logps, weights = batch_logps(policy, reference, batch, tok.pad_id, device)
-        loss, stats = dpo_loss(*logps, cfg.beta, weights)  # each prompt's pairs averaged, then the prompts
+        *logprobs, weights = pair_logprobs(policy, reference, batch, tok.pad_id, device)
+        loss, stats = dpo_loss(*logprobs, cfg.beta, weights)  # each prompt's pairs averaged, then the prompts
         check_finite(loss, step + 1, "DPO loss", state_path)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)

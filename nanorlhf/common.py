@@ -188,11 +188,11 @@ def cosine_lr(step, total, lr, warmup, final_ratio=0.1):
     return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def sequence_logprobs(model, ids, mask=None, temperature=1.0):
-    """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1). logits[:, t] predict token t+1, so hidden
-    state t scores token t+1 (GPT.token_logprobs)."""
+def next_token_logprobs(model, ids, mask=None, temperature=1.0):
+    """The log-prob of each next token, log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1). logits[:, t]
+    predict token t+1, so hidden state t scores token t+1 (GPT.logprobs_and_entropy)."""
     h = model.hidden_states(ids[:, :-1], attention_mask=None if mask is None else mask[:, :-1])  # (B, T-1, C)
-    return model.token_logprobs(h, ids[:, 1:], temperature)[0]  # (B, T-1)
+    return model.logprobs_and_entropy(h, ids[:, 1:], temperature)[0]  # (B, T-1)
 
 
 def check_room(tok, prompts, max_new_tokens, block_size):
@@ -207,17 +207,17 @@ def check_room(tok, prompts, max_new_tokens, block_size):
 def lm_loss(model, ids, loss_mask):
     """Next-token cross-entropy, averaged over the tokens where loss_mask (B, T) is 1 (targets, not inputs).
     Right padding only: a real token never attends to a pad after it."""
-    logp = sequence_logprobs(model, ids)  # (B, T-1)
+    logp = next_token_logprobs(model, ids)  # (B, T-1)
     target_mask = loss_mask[:, 1:].to(logp.dtype)  # (B, T-1)
     return -(logp * target_mask).sum() / target_mask.sum().clamp(min=1)
 
 
-def response_logps(model, examples, pad_id, device):
+def response_logprob_sums(model, examples, pad_id, device):
     """log π(y|x) of each example (tok.format_example's (ids, response mask)), (N,): the sum of the response tokens'
     log-probs, its EOS included if it ended (right-padded batch)."""
     ids, _ = pad([e[0] for e in examples], pad_id, device=device)  # (N, T)
     response_mask, _ = pad([e[1] for e in examples], 0, device=device)  # (N, T) 1 on response tokens
-    logp = sequence_logprobs(model, ids)  # (N, T-1) log p(ids[:, t+1])
+    logp = next_token_logprobs(model, ids)  # (N, T-1) log p(ids[:, t+1])
     return (logp * response_mask[:, 1:]).sum(1)  # targets 1..T-1: prompt and padding contribute 0
 
 

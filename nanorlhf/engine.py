@@ -4,8 +4,9 @@
 emitted EOS or `max_new_tokens` is reached. Finished rows are dropped from the decode batch (they cost nothing from
 then on), unless kernels' compilation is on: a compiled decode step wants fixed shapes, so the batch and the cache
 keep theirs (finished rows decode pads that are masked out). Either way only the unfinished rows draw a token, so
-a seed gives the same tokens. It returns the log-probs of the sampled tokens under the sampling distribution,
-which PPO needs as pi_old (Ouyang et al. 2022, sec. 3.5).
+a seed gives the same tokens. It also returns the sampler's log-prob of each drawn token; PPO does not read them:
+it rescores the rollout with full forwards for its π_old, the function its update computes (tests check that the
+two agree).
 """
 
 import functools
@@ -20,7 +21,7 @@ from nanorlhf import kernels
 class KVCache:
     """Preallocated keys/values, one (B, nh, Tmax, hs) tensor per layer, the key validity mask and the write position.
     One tensor per layer, not one (n_layer, ...) tensor: a compiled in-place write to a view of a larger input
-    becomes a copy of the whole input (README, Performance)."""
+    becomes a copy of the whole input."""
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=torch.float32):
         shape = (batch_size, n_head, max_len, head_dim)

@@ -3,14 +3,15 @@
 One switch, `enable(on)` (the scripts' --compile: on for CUDA, off for CPU by default), read as `kernels.enabled`.
 Off, nothing here runs: the recipe is the plain eager PyTorch of model.py, engine.py and rlhf.py. On, the hot path
 runs through torch.compile and computes the same functions:
-- compile_model(model): on a model instance, the transformer blocks and the final LayerNorm (GPT.blocks), forward
-  and backward, and the log-probs (GPT.token_logprobs) through the fused kernel below
+- compile_model(model): on a model instance, the model's own transformer blocks and final LayerNorm (GPT.blocks,
+  torch.compile'd as model.py writes them, GELU lowered as x·σ(2u)), forward and backward, and the log-probs
+  (GPT.logprobs_and_entropy) through the fused kernel below
 - compile_decode(step): engine's one-token decode step, static shapes, CUDA graphs on CUDA (gpt-fast's recipe)
-- token_logprobs(_and_entropy): log-probs straight from hidden states, chunk by chunk (LM-head matmul + logsumexp +
-  gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V (by
-  default 2^23 logits on CPU, 2^25 on a GPU, whatever V), and the backward recomputes each chunk's logits instead
+- token_logprobs_and_entropy: log-probs (and entropy) straight from hidden states, chunk by chunk (LM-head matmul +
+  logsumexp + gather), so the (N, V) logits tensor never exists for all rows at once: peak memory is ~chunk_size × V
+  (by default 2^23 logits on CPU, 2^25 on a GPU, whatever V), and the backward recomputes each chunk's logits instead
   of saving them (all rows in one chunk: that chunk's softmax is kept for the backward, no more memory and one
-  matmul fewer). Its eager twin: model.token_logprobs (log_softmax, then gather).
+  matmul fewer). Its eager twin: model.token_logprobs_and_entropy (log_softmax, then gather).
 - compiled(fn): any of rlhf.py's loss functions as one compiled graph (rlhf.ppo_losses, rlhf.ranking_loss)
 - gae: rlhf.gae's reverse scan as one matmul with a discount matrix, compiled
 Compiling happens lazily on first use. Python scalars go in as tensors and sizes that vary (chunk rows, batch,
@@ -56,47 +57,71 @@ def _compiled(fn, **options):
 
 
 def compile_model(model, blocks=True):
-    """With the switch on, take model.token_logprobs from token_logprobs_and_entropy (fused, compiled), and route
-    `model.blocks` (every block and the final LayerNorm) through torch.compile of its twin `_blocks`, forward and
-    backward: LayerNorm, the attention's scale, mask and softmax, GELU and the residual
-    adds are fused between the matmuls. Sizes are dynamic, so a new batch or sequence length reuses the graph, and
-    every model of the same shape shares it (weights are graph inputs). The mask, positions and embeddings stay
-    eager: handed in as a tensor, the mask is read by the softmax kernels instead of rebuilt (causal, padding,
-    diagonal) in each of them, and on CPU aten's embedding backward is faster than inductor's (atomic adds). On CPU
-    the model takes its plain attention (use_sdpa False: a masked softmax between two batched matmuls, which
-    inductor fuses; SDPA's CPU kernel is slower at small heads), the same function. Not for checkpointed blocks
-    (dist.checkpoint_blocks): dynamo cannot trace them, so blocks=False leaves them eager and fuses the log-probs
-    only."""
+    """With the switch on, take model.logprobs_and_entropy from token_logprobs_and_entropy (fused, compiled), and
+    route `model.blocks` (every block and the final LayerNorm) through torch.compile of the model's own GPT.blocks
+    (gpt-fast's torch.compile(model): Block.forward, MLP.forward and model.gelu as model.py writes them), forward and
+    backward: LayerNorm, the attention's scale, mask and softmax, GELU and the residual adds are fused between the
+    matmuls, GELU lowered as x·σ(2u) (_inductor_gelu_as_sigmoid). Sizes are dynamic, so a new batch or sequence
+    length reuses the graph, and every model of the same shape shares it (weights are graph inputs). The mask,
+    positions and embeddings stay eager: handed in as a tensor, the mask is read by the softmax kernels instead of
+    rebuilt (causal, padding, diagonal) in each of them, and on CPU aten's embedding backward is faster than
+    inductor's (atomic adds). On CPU the model takes its plain attention (use_sdpa False: a masked softmax between
+    two batched matmuls, which inductor fuses; SDPA's CPU kernel is slower at small heads), the same function. Not
+    for checkpointed blocks (dist.checkpoint_blocks): dynamo cannot trace them, so blocks=False leaves them eager and
+    fuses the log-probs only."""
     if not enabled:
         return model
-    model.token_logprobs = functools.partial(_model_token_logprobs, model)
+    model.logprobs_and_entropy = functools.partial(_model_logprobs_and_entropy, model)
     if not blocks:
         return model
     if next(model.parameters()).device.type == "cpu":
         model.use_sdpa = False
-    model.blocks = functools.partial(_compiled_unless_cached, model.blocks, _compiled(_blocks, dynamic=True), model)
+    compiled = _compiled(type(model).blocks, dynamic=True, backend=_inductor_gelu_as_sigmoid)
+    model.blocks = functools.partial(_compiled_unless_cached, model.blocks, compiled, model)
     return model
-
-
-def _blocks(model, x, mask=None, start=0):
-    """GPT.blocks without a KV cache, GELU written as x·σ(2u): the same function as GPT-2's ½·x·(1 + tanh u)
-    (½·(1 + tanh u) = σ(2u)), which inductor computes several times faster on CPU (its tanh is slow)."""
-    blocks = model.transformer.h
-    for i, block in enumerate(blocks):
-        s = start if i == len(blocks) - 1 else 0  # the last block computes positions start.. only (GPT.blocks)
-        x = x[:, s:] + block.attn(block.ln_1(x), mask, start=s)
-        h = block.mlp.c_fc(block.ln_2(x))  # (B, T, 4C)
-        h = h * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (h + 0.044715 * h**3))
-        x = x + block.mlp.dropout(block.mlp.c_proj(h))
-    return model.transformer.ln_f(x)
 
 
 def _compiled_unless_cached(eager, compiled, model, x, mask=None, kv_cache=None, start=0):
     """Training and scoring run compiled; a KV-cached prefill stays eager (compiled, its in-place cache writes would
     specialize on each layer). The compiled decode step traces this eager path into its own graph."""
     if kv_cache is None:
-        return compiled(model, x, mask, start=start)
+        return compiled(model, x, mask, None, start)
     return eager(x, mask, kv_cache, start)
+
+
+def _gelu_tanh_inner(x):
+    return math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)  # u of GPT-2's GELU (model.gelu)
+
+
+def _gelu(inductors, x, approximate="none"):
+    """aten.gelu, decomposed for inductor: the tanh GELU ½·x·(1 + tanh u) as x·σ(2u), the same function
+    (½·(1 + tanh u) = σ(2u)), whose sigmoid inductor computes several times faster on CPU than its tanh; any other
+    GELU by inductor's own decomposition."""
+    if approximate != "tanh":
+        return inductors(x, approximate=approximate)
+    return x * torch.sigmoid(2 * _gelu_tanh_inner(x))
+
+
+def _gelu_backward(inductors, grad, x, approximate="none"):
+    """aten.gelu_backward likewise: d/dx x·σ(2u) = s + x·s·(1 − s)·2u' with s = σ(2u),
+    u' = √(2/π)·(1 + 3·0.044715·x²)."""
+    if approximate != "tanh":
+        return inductors(grad, x, approximate=approximate)
+    s = torch.sigmoid(2 * _gelu_tanh_inner(x))
+    du = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x * x)
+    return grad * (s + x * s * (1 - s) * 2 * du)
+
+
+def _inductor_gelu_as_sigmoid(graph, example_inputs):
+    """torch.compile's backend for the model's blocks: inductor, with one hook into how it lowers the model's code:
+    GELU, forward and backward, decomposed by _gelu and _gelu_backward instead of inductor's tanh formulas."""
+    from torch._inductor.compile_fx import compile_fx  # imported on the first compile: inductor takes seconds to
+    from torch._inductor.decomposition import select_decomp_table  # import, and eager runs never need it
+    gelu, gelu_backward = torch.ops.aten.gelu.default, torch.ops.aten.gelu_backward.default
+    inductors = select_decomp_table()
+    decompositions = {**inductors, gelu: functools.partial(_gelu, inductors[gelu]),
+                      gelu_backward: functools.partial(_gelu_backward, inductors[gelu_backward])}
+    return compile_fx(graph, example_inputs, decompositions=decompositions)
 
 
 def compile_decode(step, device):
@@ -215,7 +240,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
 def default_chunk_size(vocab_size, device):
     """Rows per log-prob chunk: a fixed number of logits whatever the vocabulary, 2^23 (32 MiB in fp32) on CPU and
-    2^25 (128 MiB) on a GPU, where fewer, larger matmuls fill the device (measured: README, Performance)."""
+    2^25 (128 MiB) on a GPU, where fewer, larger matmuls fill the device (measured: docs/performance.md, On a GPU)."""
     return max(1, (2**25 if device.type == "cuda" else 2**23) // vocab_size)
 
 
@@ -238,8 +263,8 @@ def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk_s
     return logp.reshape(lead), entropy.reshape(lead)
 
 
-def _model_token_logprobs(model, hidden, targets, temperature=1.0):
-    """GPT.token_logprobs through the fused kernel (compile_model puts it on a model instance)."""
+def _model_logprobs_and_entropy(model, hidden, targets, temperature=1.0):
+    """GPT.logprobs_and_entropy through the fused kernel (compile_model puts it on a model instance)."""
     return token_logprobs_and_entropy(hidden, model.lm_head.weight, targets, temperature)
 
 

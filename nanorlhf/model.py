@@ -186,7 +186,7 @@ class GPT(nn.Module):
 
     def blocks(self, x, mask=None, kv_cache=None, start=0):
         """The transformer blocks and the final LayerNorm: x (B, T, C) embeddings -> (B, T − start, C) activations;
-        mask as CausalSelfAttention takes it. kernels.compile_model puts a compiled twin of it on a model instance."""
+        mask as CausalSelfAttention takes it. kernels.compile_model puts this method, compiled, on a model instance."""
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, kv_cache, i, start if i == len(self.transformer.h) - 1 else 0)
         if kv_cache is not None:
@@ -201,10 +201,11 @@ class GPT(nn.Module):
             return self.score(h).squeeze(-1)  # (B, T)
         return self.lm_head(h)  # (B, T, vocab)
 
-    def token_logprobs(self, hidden, targets, temperature=1.0):
-        """(log p(targets), entropy) of hidden states through the LM head at temperature T (token_logprobs below).
-        kernels.compile_model swaps in a fused twin that never builds the whole logits tensor."""
-        return token_logprobs(hidden, self.lm_head.weight, targets, temperature)
+    def logprobs_and_entropy(self, hidden, targets, temperature=1.0):
+        """(log p(targets), entropy) of hidden states through this model's LM head at temperature T
+        (token_logprobs_and_entropy below). kernels.compile_model swaps in its fused twin, which never builds the
+        whole logits tensor."""
+        return token_logprobs_and_entropy(hidden, self.lm_head.weight, targets, temperature)
 
     def num_params(self):
         """Number of parameters; the tied lm_head/wte matrix is counted once."""
@@ -305,7 +306,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0):
+def token_logprobs_and_entropy(hidden, weight, targets, temperature=1.0):
     """(log p(targets), entropy) under p = softmax(z), z = hidden @ weight.T / T, each shaped like targets: hidden
     (..., C), weight (V, C), targets (...) token ids. log_softmax(z) gathered at the targets, written as
     z_target − logsumexp(z); the softmax math in at least float32 (also under bf16 autocast). The entropy is for

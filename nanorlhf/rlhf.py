@@ -84,14 +84,16 @@ def ranking_loss(rewards, ranks, mask):
     return (prompt_loss * has_pairs).sum() / has_pairs.sum().clamp(min=1)  # mean over prompts with a pair
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, weights=None):
-    """Direct Preference Optimization (Rafailov et al. 2023, eq. (7)); inputs are (B,) sequence log-probs.
+def dpo_loss(policy_chosen_logprobs, policy_rejected_logprobs, ref_chosen_logprobs, ref_rejected_logprobs, beta,
+             weights=None):
+    """Direct Preference Optimization (Rafailov et al. 2023, eq. (7)); inputs are (B,) log π(y|x) of whole responses
+    (common.response_logprob_sums).
 
     The implicit reward of a response is β·log(π/π_ref); the loss is −log σ(reward_chosen − reward_rejected),
     averaged over the pairs, or summed with `weights` (B,) that add up to 1 (train_dpo: each prompt counts once).
     """
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)  # (B,)
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    chosen_rewards = beta * (policy_chosen_logprobs - ref_chosen_logprobs)  # (B,)
+    rejected_rewards = beta * (policy_rejected_logprobs - ref_rejected_logprobs)  # (B,)
     margins = chosen_rewards - rejected_rewards
     losses = -F.logsigmoid(margins)  # (B,)
     loss = losses.mean() if weights is None else (losses * weights).sum()
@@ -265,7 +267,7 @@ def response_logprobs(model, tokens, mask, P, temperature):
     scores and the update recompute with this one function: at lr 0, ratio == 1.
     """
     h = model.hidden_states(tokens[:, :-1], attention_mask=mask[:, :-1], start=P - 1)  # (B, N, C)
-    return model.token_logprobs(h, tokens[:, P:], temperature)
+    return model.logprobs_and_entropy(h, tokens[:, P:], temperature)
 
 
 def response_values(value_model, tokens, mask, P):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import eval as evaluate_run
 import run
 from baselines.bestofn import best_of_n
-from baselines.train_dpo import batch_logps
+from baselines.train_dpo import pair_logprobs
 from nanorlhf.evaluation import win_rate
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.rlhf import dpo_loss, ranked_pairs
@@ -59,7 +59,7 @@ def test_ranked_pairs_by_hand():
     assert ranked_pairs([0, 0]) == []  # a tie is no comparison
 
 
-def test_dpo_logps_align_pairs_and_mask_the_prompt():
+def test_dpo_logprobs_align_pairs_and_mask_the_prompt():
     torch.manual_seed(0)
     tok = Tokenizer.load("tiny")
     policy = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)).eval()
@@ -77,7 +77,7 @@ def test_dpo_logps_align_pairs_and_mask_the_prompt():
         logp = F.log_softmax(model(ids[None])[0].double(), -1)  # (T, V)
         return sum(logp[t - 1, ids[t]].item() for t in range(prompt_len, len(ids)))
 
-    pc, pr, rc, rr, _ = batch_logps(policy, reference, [record], tok.pad_id, "cpu")  # (3,) each, one per pair
+    pc, pr, rc, rr, _ = pair_logprobs(policy, reference, [record], tok.pad_id, "cpu")  # (3,) each, one per pair
     pairs = ranked_pairs(record["ranking"])
     assert sorted(pairs) == [(1, 0), (1, 2), (2, 0)]  # response 1 is best, then 2, then 0
     for k, (c, r) in enumerate(pairs):
@@ -86,8 +86,8 @@ def test_dpo_logps_align_pairs_and_mask_the_prompt():
         assert rc[k].item() == pytest.approx(brute(reference, c), abs=1e-4)
         assert rr[k].item() == pytest.approx(brute(reference, r), abs=1e-4)
     # policy == reference (DPO's step 0): every implicit reward is 0, the loss exactly log 2
-    *logps, weights = batch_logps(policy, copy.deepcopy(policy), [record], tok.pad_id, "cpu")
-    assert dpo_loss(*logps, 0.1, weights)[0].item() == pytest.approx(math.log(2), abs=1e-6)
+    *logprobs, weights = pair_logprobs(policy, copy.deepcopy(policy), [record], tok.pad_id, "cpu")
+    assert dpo_loss(*logprobs, 0.1, weights)[0].item() == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_dpo_weighs_every_prompt_once_as_the_rm_does():
@@ -101,9 +101,9 @@ def test_dpo_weighs_every_prompt_once_as_the_rm_does():
     for prompt, ys in (("name a fruit.", ["apple.", "the sky"]), ("name a color.", ["red.", "blue!", "no", "a cat"])):
         records.append({"prompt": prompt, "ranking": list(range(len(ys))),
                         "examples": [tok.format_example(prompt, y) for y in ys]})
-    *logps, weights = batch_logps(policy, reference, records, tok.pad_id, "cpu")
-    loss = dpo_loss(*logps, 0.5, weights)[0].item()
-    per_pair = [-F.logsigmoid(0.5 * ((a - c) - (b - d))).item() for a, b, c, d in zip(*logps)]
+    *logprobs, weights = pair_logprobs(policy, reference, records, tok.pad_id, "cpu")
+    loss = dpo_loss(*logprobs, 0.5, weights)[0].item()
+    per_pair = [-F.logsigmoid(0.5 * ((a - c) - (b - d))).item() for a, b, c, d in zip(*logprobs)]
     assert len(per_pair) == 7
     assert loss == pytest.approx((per_pair[0] + sum(per_pair[1:]) / 6) / 2, rel=1e-5)
     assert abs(loss - sum(per_pair) / 7) > 1e-4

@@ -40,7 +40,8 @@ def sft_step(grad_accum=1):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    loss, _ = train_sft.accumulate_gradients(model, examples, list(range(6)), tok.pad_id, grad_accum, "float32", "cpu")
+    loss, _ = train_sft.accumulate_lm_gradients(model, examples, list(range(6)), tok.pad_id, grad_accum, "float32",
+                                                "cpu")
     opt.step()
     return loss.item(), [p.detach().clone() for p in model.parameters()]
 

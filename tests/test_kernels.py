@@ -1,6 +1,7 @@
 """Fused kernels vs their eager twins. Compile tests are marked slow: each compile costs seconds on CPU."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from nanorlhf import kernels, rlhf
 from nanorlhf.engine import KVCache
-from nanorlhf.model import GPT, GPTConfig, token_logprobs
+from nanorlhf.model import GPT, Block, GPTConfig, token_logprobs_and_entropy
 
 
 def lm_head_case(N, C, V, dtype, seed=0, lead=None):
@@ -20,7 +21,8 @@ def lm_head_case(N, C, V, dtype, seed=0, lead=None):
 
 
 def reference_logprobs(hidden, weight, targets, temperature):
-    """Independent of model.token_logprobs (the eager twin): explicit indexing, log_softmax = z − logsumexp(z)."""
+    """Independent of model.token_logprobs_and_entropy (the eager twin): explicit indexing,
+    log_softmax = z − logsumexp(z)."""
     z = torch.einsum("...c,vc->...v", hidden, weight) / temperature
     z_target = torch.take_along_dim(z, targets[..., None], dim=-1)[..., 0]
     return z_target - torch.logsumexp(z, dim=-1)
@@ -33,7 +35,7 @@ def test_token_logprobs_chunked_matches_log_softmax_with_gradients(chunk_size):
     expected = reference_logprobs(hidden, weight, targets, 0.7)
     assert logp.shape == entropy.shape == (3, 10)
     torch.testing.assert_close(logp, expected, atol=1e-6, rtol=0)
-    eager_logp, eager_entropy = token_logprobs(hidden, weight, targets, 0.7)  # the eager twin
+    eager_logp, eager_entropy = token_logprobs_and_entropy(hidden, weight, targets, 0.7)  # the eager twin
     torch.testing.assert_close(eager_logp, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(eager_entropy, entropy, atol=1e-6, rtol=0)
     # a weighted sum, so each row's incoming gradient differs
@@ -82,7 +84,7 @@ def test_token_logprobs_saves_no_logits_at_gpt2_vocab():
     hidden, weight, targets = lm_head_case(N, C, V, dtype=torch.float32)
     chunked = saved_numels(lambda: kernels.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=16)[0])
     assert sorted(chunked) == sorted([N * C, V * C, N, N, 1])  # hidden, weight, targets, logsumexp, 1/T
-    eager = saved_numels(lambda: token_logprobs(hidden, weight, targets)[0])
+    eager = saved_numels(lambda: token_logprobs_and_entropy(hidden, weight, targets)[0])
     assert max(eager) >= N * V  # the eager twin keeps the (N, V) logits: the check can tell them apart
 
 
@@ -122,24 +124,42 @@ def test_gae_scan_math_matches_gae():
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("sdpa", [True, False])
-def test_blocks_twin_math_matches_the_model(sdpa):
-    """compile_model's twin of GPT.blocks (GELU as x·σ(2u)), run eagerly: the model's own blocks' function, from
-    position 0 and from a later start, padded or plain causal, with gradients (float64, no compile)."""
+def test_gelu_decompositions_are_the_tanh_gelu():
+    """The decompositions the compiled blocks lower GELU with: GPT-2's tanh GELU, value and gradient, against the
+    formula ½·x·(1 + tanh u) written out and its autograd gradient (float64); any other GELU handed to inductor's."""
+    x = torch.linspace(-8, 8, 2001, dtype=torch.float64, requires_grad=True)
+    by_hand = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    grad_out = torch.randn(2001, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = torch.autograd.grad(by_hand, x, grad_out)[0]
+    inductors = lambda *args, approximate: ("inductor's", approximate)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(kernels._gelu(inductors, x, approximate="tanh"), by_hand, atol=1e-12, rtol=0)
+        torch.testing.assert_close(kernels._gelu_backward(inductors, grad_out, x, approximate="tanh"), want,
+                                   atol=1e-12, rtol=0)
+        assert kernels._gelu(inductors, x) == ("inductor's", "none")
+        assert kernels._gelu_backward(inductors, grad_out, x) == ("inductor's", "none")
+
+
+def test_compiled_blocks_are_the_models_own(monkeypatch):
+    """compile_model hands the model's own GPT.blocks to torch.compile (here an identity that records what it is
+    given), with the GELU hook as its backend: an edit to model.py's Block.forward reaches the compiled path."""
+    given = []
+    monkeypatch.setattr(kernels, "_compiled", lambda fn, **options: given.append((fn, options)) or fn)
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16)).double()
-    model.use_sdpa = sdpa
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 9, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    real = ragged_mask([9, 4, 6], 9)
-    padded = torch.where((torch.ones(9, 9, dtype=torch.bool).tril() & real[:, None, :]) | torch.eye(9, dtype=torch.bool),
-                         0.0, float("-inf"))[:, None].double()  # (B, 1, T, T) additive, as hidden_states builds it
-    inputs = [x, *model.transformer.h.parameters(), *model.transformer.ln_f.parameters()]
-    for mask, start in [(None, 0), (padded, 0), (padded, 5)]:
-        got, want = kernels._blocks(model, x, mask, start=start), model.blocks(x, mask, start=start)
-        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-        for a, b in zip(torch.autograd.grad(got.square().sum(), inputs), torch.autograd.grad(want.square().sum(), inputs)):
-            torch.testing.assert_close(a, b, atol=1e-11, rtol=0)
+    eager = copy.deepcopy(model)
+    with kernels.compiling():
+        kernels.compile_model(model)
+    assert given == [(GPT.blocks, {"dynamic": True, "backend": kernels._inductor_gelu_as_sigmoid})]
+    idx = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model.hidden_states(idx, start=4), eager.hidden_states(idx, start=4),
+                               atol=1e-12, rtol=0)  # the plain attention (use_sdpa off on CPU) vs SDPA
+    forward = Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, x, *args: 2 * forward(self, x, *args))  # a fork's edit
+    edited = model.hidden_states(idx, start=4)
+    torch.testing.assert_close(edited, eager.hidden_states(idx, start=4), atol=1e-12, rtol=0)
+    monkeypatch.undo()
+    assert not torch.allclose(edited, eager.hidden_states(idx, start=4))  # the edit changed what both compute
 
 
 def test_one_switch():
@@ -155,7 +175,7 @@ def test_one_switch():
     assert not kernels.enabled
     model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
     assert kernels.compile_model(model).blocks.__func__ is GPT.blocks and model.use_sdpa
-    assert model.token_logprobs.__func__ is GPT.token_logprobs
+    assert model.logprobs_and_entropy.__func__ is GPT.logprobs_and_entropy
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,11 +258,11 @@ def test_ranking_loss_and_gae_compiled_match_eager(dtype):
 
 @pytest.mark.slow
 def test_compiled_model_matches_eager_with_padding_and_does_not_recompile():
-    """compile_model (on CPU: the plain attention and the x·σ(2u) GELU, fused) == the eager model with SDPA: hidden
-    states and every parameter's gradient, for left- and right-padded batches and plain causal ones, from position 0
-    and from a later start (PPO's response positions); a new batch size, length and start and a KV-cached prefill
-    (eager by design) reuse what was compiled. In float64 (tight tolerances;
-    float32 is covered by test_ppo's compiled-vs-eager run, which costs the compile time anyway)."""
+    """compile_model (on CPU: the plain attention, GELU lowered as x·σ(2u), fused) == the eager model with SDPA:
+    hidden states and every parameter's gradient, for left- and right-padded batches and plain causal ones, from
+    position 0 and from a later start (PPO's response positions); a new batch size, length and start and a KV-cached
+    prefill (eager by design) reuse what was compiled. In float64 (tight tolerances; float32 is covered by test_ppo's
+    compiled-vs-eager run, which costs the compile time anyway)."""
     dtype, atol = torch.float64, 1e-10
     torch.manual_seed(0)
     eager = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=2, n_embd=16)).to(dtype)

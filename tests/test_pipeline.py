@@ -20,15 +20,16 @@ def test_win_rate_by_hand():
     assert win_rate([0.3] * 5, [0.3] * 5) == (0.5, [0.5, 0.5])
 
 
-def test_response_logps_is_the_sum_of_the_response_tokens_logprobs():
-    from nanorlhf.common import response_logps
+def test_response_logprob_sums_is_the_sum_of_the_response_tokens_logprobs():
+    from nanorlhf.common import response_logprob_sums
     from nanorlhf.model import GPT, GPTConfig
     from nanorlhf.tokenizer import Tokenizer
     tok = Tokenizer.load("tiny")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32)).eval()
     prompts, responses = ["what is 3 plus 4?", "name a red fruit."], ["7.", "the apple is red, i think!"]
-    got = response_logps(model, [tok.format_example(p, y) for p, y in zip(prompts, responses)], tok.pad_id, "cpu")
+    examples = [tok.format_example(p, y) for p, y in zip(prompts, responses)]
+    got = response_logprob_sums(model, examples, tok.pad_id, "cpu")
     for i, (p, y) in enumerate(zip(prompts, responses)):  # one unpadded sequence at a time, full log-softmax
         prompt = tok.format_prompt(p)
         ids = torch.tensor([prompt + tok.encode(y) + [tok.eos_id]])

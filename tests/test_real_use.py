@@ -206,7 +206,7 @@ def test_sft_grad_accum_equals_one_full_batch():
     full.backward()
     expected = grads(model)
     model.zero_grad(set_to_none=True)
-    loss, _ = train_sft.accumulate_gradients(model, examples, [0, 1, 2, 3], tok.pad_id, 2, "float32", "cpu")
+    loss, _ = train_sft.accumulate_lm_gradients(model, examples, [0, 1, 2, 3], tok.pad_id, 2, "float32", "cpu")
     torch.testing.assert_close(loss, full.detach())
     for g, e in zip(grads(model), expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
@@ -225,7 +225,7 @@ def test_rm_grad_accum_equals_one_full_batch():
     full.backward()
     expected = grads(model)
     model.zero_grad(set_to_none=True)
-    loss, _, _ = train_rm.accumulate_gradients(model, tok, batch, 2, "float32", "cpu")
+    loss, _, _ = train_rm.accumulate_ranking_gradients(model, tok, batch, 2, "float32", "cpu")
     torch.testing.assert_close(loss, full.detach())
     for g, e in zip(grads(model), expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
