@@ -91,7 +91,7 @@ class PPOConfig(TrainConfig):
     adaptive_kl: bool = arg(False, "adapt β toward --target_kl (Ziegler et al. 2019) instead of keeping it fixed")
     target_kl: float = arg(2.0, "target KL per response (nats, k1 summed over tokens) for --adaptive_kl", positive=True)
     kl_horizon: int = arg(1000, "episodes over which --adaptive_kl moves β by at most 20%", low=1)
-    gamma: float = arg(1.0, "GAE discount (paper: 1, no discount)", low=0, high=1)
+    discount: float = arg(1.0, "GAE discount (paper: 1, no discount)", low=0, high=1)
     lam: float = arg(0.95, "GAE λ (paper: 0.95)", low=0, high=1)
     clip_eps: float = arg(0.2, "PPO ratio clip ε (paper: 0.2)", positive=True)
     value_clip: float = arg(0.2, "value clip around the rollout's values", positive=True)
