@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -594,3 +595,96 @@ def test_oracle_reward_is_the_gold_judge(ckpts, tmp_path, monkeypatch):
     want = [3 * world.gold_score(p, y, f) for p, y, f in zip(captured["prompts"], responses,
                                                               captured["finished"].tolist())]
     assert captured["scores"].tolist() == pytest.approx(want, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a learner reads
+
+def files_whose_functions_run(fn):
+    """The repository files (tests/ left out) whose functions run while fn() runs, traced with sys.setprofile."""
+    ran = set()
+
+    def profile(frame, event, arg):
+        path = frame.f_code.co_filename
+        if event == "call" and path.startswith(ROOT + os.sep) and frame.f_code.co_name != "<module>":
+            ran.add(os.path.relpath(path, ROOT))
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return {path for path in ran if not path.startswith("tests" + os.sep)}
+
+
+def test_readme_reading_list_is_what_one_iteration_runs(ckpts, tmp_path):
+    """The README's "How to read the code" names the files one default PPO iteration (train_ppo.main for one batch,
+    compilation off, the CPU default) calls functions in: exactly those a tracer sees."""
+    argv = ["--init", ckpts["lm"], "--reward_model", ckpts["scalar"], "--out", str(tmp_path / "ppo"), "--world_scale",
+            "0.01", "--batch_size", "8", "--minibatch_size", "4", "--ppo_epochs", "1", "--max_new_tokens", "8",
+            "--batches", "1"]
+    ran = files_whose_functions_run(lambda: train_ppo.main(argv))
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    sentence = re.search(r"calls functions in exactly these files: (.*?)\.\s", readme, re.S)
+    assert sentence, "the README's reading list is gone"
+    listed = re.findall(r"`([\w/]+\.py)`", sentence.group(1))
+    assert len(listed) == len(set(listed)) and set(listed) == ran, (sorted(ran), listed)
+    assert {"train_ppo.py", "nanorlhf/rlhf.py", "nanorlhf/model.py", "nanorlhf/engine.py"} <= ran
+
+
+def page_blocks(path):
+    """(verb, name, file, code) for each python block of a docs page, introduced by "From `file`:" (the repository's
+    own text) or "Add to `file`:" / "Add to `name` in `file`:" (code the page adds)."""
+    text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+    return re.findall(r"(From|Add to) (?:`(\w+)` in )?`([^`]+)`:\n\n```python\n(.*?)\n```", text, re.S)
+
+
+def test_extending_adds_an_estimator_that_trains(ckpts, tmp_path, monkeypatch):
+    """docs/extending.md, run: its "From" blocks are the repository's own text; the function it adds passes the
+    test it adds; with its row in ESTIMATORS, train_ppo.main trains a batch with its methods-table flags, on the
+    function's advantages of the outcome rewards (β's KL in the loss, not the reward), with no value model."""
+    blocks = page_blocks("docs/extending.md")
+    for verb, _, path, code in blocks:
+        assert verb == "Add to" or code in open(os.path.join(ROOT, path), encoding="utf-8").read(), (path, code[:60])
+    added = {(name, path): code for verb, name, path, code in blocks if verb == "Add to"}
+    assert set(added) == {("", "nanorlhf/rlhf.py"), ("", "tests/test_rlhf.py"), ("ESTIMATORS", "train_ppo.py"),
+                          ("METHODS", "run.py"), ("METHODS", "eval.py")}
+
+    function = {"torch": torch}
+    exec(added["", "nanorlhf/rlhf.py"], function)
+    calls = []
+
+    def dr_grpo_advantages(scores, mask, k):
+        calls.append((scores.clone(), function["dr_grpo_advantages"](scores, mask, k)))
+        return calls[-1][1]
+    monkeypatch.setattr(rlhf, "dr_grpo_advantages", function["dr_grpo_advantages"], raising=False)
+    tests = {"torch": torch, "pytest": pytest, "rlhf": rlhf}
+    exec(added["", "tests/test_rlhf.py"], tests)
+    [page_test] = [f for name, f in tests.items() if name.startswith("test_")]
+    page_test()
+
+    monkeypatch.setattr(rlhf, "dr_grpo_advantages", dr_grpo_advantages, raising=False)
+    row = eval("{" + added["ESTIMATORS", "train_ppo.py"] + "}", vars(train_ppo))
+    monkeypatch.setattr(train_ppo, "ESTIMATORS", {**train_ppo.ESTIMATORS, **row})
+    [flags] = eval("{" + added["METHODS", "run.py"] + "}").values()
+    [label] = eval("{" + added["METHODS", "eval.py"] + "}").values()
+    assert isinstance(label, str)
+    rollouts = []
+    real_rollout = train_ppo.rollout
+
+    def spy(*args):
+        rollouts.append(real_rollout(*args))
+        assert args[3] is None  # no value model
+        return rollouts[-1]
+    monkeypatch.setattr(train_ppo, "rollout", spy)
+    out = tmp_path / "dr_grpo"
+    train_ppo.main(["--init", ckpts["lm"], "--reward_model", ckpts["scalar"], "--out", str(out), "--world_scale",
+                    "0.01", "--batch_size", "8", "--minibatch_size", "4", "--ppo_epochs", "1", "--max_new_tokens", "8",
+                    "--batches", "1", "--reference", reference_checkpoint(ckpts, str(tmp_path)), *flags])
+    [(b, _, _)] = rollouts
+    assert (b["logprobs"] - b["ref_logprobs"])[b["response_mask"]].abs().min() > 1e-3  # a KL in the reward would show
+    [(scores, advantages)] = calls
+    outcome = b["scores"] - PPOConfig().missing_eos_penalty * (~b["finished"]).float()  # no −β·KL in it
+    assert torch.equal(scores, outcome) and (advantages != 0).any()
+    [line] = log_lines(out)
+    assert "kl_loss" in line and "value_loss" not in line
+    assert torch.load(out / "state.pt", weights_only=True)["extra"]["value_model"] is None
