@@ -41,7 +41,7 @@ from nanorlhf.world import make_world
 @dataclass(frozen=True)
 class Estimator:
     """An advantage estimator (--estimator): how a rollout's per-token rewards become advantages."""
-    advantages: Callable  # (rewards, values, response_mask, cfg) → advantages, all (B, N); values None if no critic
+    advantages: Callable  # (rewards, values, response_mask, cfg) → (B, N) advantages; values None without a value model
     value_model: bool  # trains a value model (initialized from the RM) on the returns R = A + V, A before whitening
     kl: str  # where β's KL penalty goes: "reward" (−β·KL_t on each token, eq. (2)) | "loss" (β·k3 KL(π_θ || π_ref))
     whiten: bool  # advantages whitened over the batch's real tokens (all ranks)

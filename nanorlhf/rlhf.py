@@ -192,7 +192,8 @@ def grpo_advantages(scores, mask, k, eps=1e-6):
     batch; advantage = (r − mean) / (std + eps) over the prompt's group, on every token (a group whose rewards are
     all equal gives 0). scores: (B,) the outcome rewards, without KL: GRPO puts β·k3 KL(π_θ || π_ref) in the loss."""
     r = scores.view(-1, k)  # (B/k, k)
-    a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)  # sample std (n − 1): the paper says no more
+    # the sample std (n − 1), torch's default: the paper does not say which
+    a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
     return torch.where(mask.bool(), a.view(-1, 1), 0.0)
 
 

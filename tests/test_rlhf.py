@@ -338,7 +338,7 @@ def test_adaptive_kl_controller():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# critic-free estimators: hand-worked cases
+# critic-free advantage estimators: hand-worked cases
 
 def test_rloo_leave_one_out_baseline_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
