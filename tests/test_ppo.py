@@ -430,6 +430,20 @@ def test_nan_guard_names_step_and_term(ckpts):
         train_ppo.ppo_update(policy, value_model, opts, b, advantages, returns, P, cfg, step=7)
 
 
+def test_batch_flops_of_a_critic_free_run_leave_out_the_value_model():
+    """MFU of a run without a value model counts no value forwards: one per sequence in the scoring, 3 per sequence
+    and epoch in the update (the value model is the reward model's shape); generation is the same."""
+    mconf = GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=32)
+    policy, reward_model = GPT(mconf), GPT(mconf, head="scalar")
+    B, T, P, epochs = 4, 20, 8, 2
+    ppo = rlhf.ppo_batch_flops(policy, reward_model, B, T, P, epochs)
+    critic_free = rlhf.ppo_batch_flops(policy, reward_model, B, T, P, epochs, value_model=False)
+    value = reward_model.forward_flops(T - 1, 0, T, n_out=T - P)  # V at the N = T − P response positions
+    assert value > 0 and critic_free["generation"] == ppo["generation"]
+    assert ppo["scoring"] - critic_free["scoring"] == B * value
+    assert ppo["update"] - critic_free["update"] == epochs * 3 * B * value
+
+
 def test_ppo_batches_cover_a_pass_then_reshuffle():
     prompts = [f"p{i}" for i in range(10)]  # train_ppo's batches: the tail shorter than a batch is skipped
     first = [p for s in range(3) for p in epoch_batch(prompts, s, 3, seed=1, drop_last=True)]  # 3 batches per pass
