@@ -10,10 +10,10 @@ W2, the GPU PPO workload: the same batch on GPT-2 124M-shaped models (12 layers,
 50257, context 1024): 64 prompts of 128 tokens → 128 new tokens; 4 PPO epochs × 4 minibatches of 16. bf16
 autocast on CUDA (train_ppo's default there), fp32 on CPU.
 
-Both run the functions train_ppo runs (generate → rlhf.score_rollout → ppo_rewards / gae_advantages → ppo_update),
-so they measure the real code. Time = wall seconds per batch after one warm-up batch (which also pays for
-compiling), split into generation / scoring / update; the eager and the compiled run (and with --peer the peer) take
-turns batch by batch. Compiled = train_ppo --compile (kernels.enable): the compiled transformer
+Both run the functions train_ppo runs (generate → the rollout's log-probs and values → ppo_rewards → GAE, whitened
+→ train_ppo.ppo_update), so they measure the real code. Time = wall seconds per batch after one warm-up batch
+(which also pays for compiling), split into generation / scoring / update; the eager and the compiled run (and
+with --peer the peer) take turns batch by batch. Compiled = train_ppo --compile (kernels.enable): the compiled transformer
 (kernels.compile_model), decode step, log-probs, PPO loss and GAE, and fused Adam. The peer is TRL 0.24.0's
 PPOTrainer on the same workload (baselines/bench_peer.py, an optional dependency: requirements-peer.txt), in fp32
 unless the workload is bf16; bench.py prints the peer's package versions (requirements-peer.txt pins them) and each
@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+import train_ppo
 from nanorlhf import dist, kernels, rlhf
 from nanorlhf.common import get_device, lm_loss, peak_flops
 from nanorlhf.config import PPOConfig
@@ -97,7 +98,7 @@ def sync(device):
 # W1 and W2: one PPO batch, nanorlhf eager and compiled, and the peer (baselines/bench_peer.py) in the same run
 
 def ppo_models(w, device, seed=0):
-    """(policy, ref_policy, reward_model, value_model), set up as train_ppo.load_models does, random init."""
+    """(policy, ref_policy, reward_model, value_model), set up as train_ppo.load_models does for PPO, random init."""
     torch.manual_seed(seed)
     config = GPTConfig(block_size=w.block_size, vocab_size=w.vocab_size, n_layer=w.n_layer, n_head=w.n_head,
                        n_embd=w.n_embd, dropout=0.0)
@@ -120,17 +121,23 @@ def ppo_batch(w, models, optimizers, prompts, cfg, step, device):
         gen = generate(policy, prompts, cfg.max_new_tokens, never, 0, temperature=cfg.temperature)
         sync(device)
         t1 = time.perf_counter()
-        P = gen.prompt_len
-        b = rlhf.score_rollout(policy, ref_policy, value_model, gen.tokens, gen.attention_mask, P, never,
-                               cfg.temperature)
-        # no tokenizer (random ids), so the RM reads the sampled ids; every row is P + N real tokens
-        b["scores"] = reward_model(gen.tokens).float()[:, -1]  # (B,)
+        tokens, mask, P = gen.tokens, gen.attention_mask, gen.prompt_len
+        with torch.no_grad():  # train_ppo.rollout's tensors; no tokenizer (random ids), so the RM reads the sampled
+            # ids, and no response ends (every row is P + N real tokens)
+            b = {"tokens": tokens, "mask": mask, "response_mask": mask[:, P:],
+                 "logprobs": rlhf.response_logprobs_and_entropy(policy, tokens, mask, P, cfg.temperature)[0],
+                 "ref_logprobs": rlhf.response_logprobs_and_entropy(ref_policy, tokens, mask, P, cfg.temperature)[0],
+                 "values": rlhf.response_values(value_model, tokens, mask, P),
+                 "scores": reward_model(tokens).float()[:, -1], "finished": torch.zeros_like(tokens[:, 0], dtype=bool)}
     sync(device)
     t2 = time.perf_counter()
-    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                     b["response_mask"], cfg.kl_coef, cfg.kl_kind, cfg.missing_eos_penalty)
-    b["advantages"], b["returns"] = rlhf.gae_advantages(rewards, b["values"], b["response_mask"], cfg.gamma, cfg.lam)
-    rlhf.ppo_update(policy, value_model, optimizers, b, P, cfg, step, dtype=cfg.dtype)
+    m = b["response_mask"]
+    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"], m, cfg.kl_coef,
+                                     cfg.kl_kind, cfg.missing_eos_penalty)
+    advantages = train_ppo.ESTIMATORS["gae"].advantages(rewards, b["values"], m, cfg)
+    returns = advantages + b["values"]
+    advantages = rlhf.masked_whiten(advantages, m, dist.all_reduce_sum)
+    train_ppo.ppo_update(policy, value_model, optimizers, b, advantages, returns, P, cfg, step, dtype=cfg.dtype)
     sync(device)
     t3 = time.perf_counter()
     assert gen.response_mask.all() and gen.tokens.shape == (w.prompts, w.prompt_len + w.new_tokens), "early stop"
@@ -146,7 +153,7 @@ def ppo_setup(w, device, compiled):
     with kernels.compiling(compiled):
         for m in models:
             kernels.compile_model(m)
-    optimizers = rlhf.make_optimizers(models[0], models[3], cfg)
+    optimizers = train_ppo.make_optimizers(models[0], models[3], cfg)
     g = torch.Generator().manual_seed(1)
 
     def step(i):

@@ -30,7 +30,7 @@ from nanorlhf.engine import generate
 from nanorlhf.evaluation import (bootstrap_mean, category_means, fit_gao, gold_eval, pair_accuracy,
                                  preference_wins, seed_win_rate, sigmoid, win_rate)
 from nanorlhf.reward import score_texts
-from nanorlhf.rlhf import ranked_pairs, response_logprobs
+from nanorlhf.rlhf import ranked_pairs, response_logprobs_and_entropy
 from nanorlhf.world import KIND_COMPONENTS, make_world
 
 POLICIES = ["base", "sft", "ppo", "ppo_ptx"]
@@ -89,9 +89,10 @@ def kl_from_sft(model, sft, tok, prompts, cfg, device):
     for i in range(0, len(prompts), 64):
         g = generate(model, [tok.format_prompt(p) for p in prompts[i:i + 64]], cfg.max_new_tokens, tok.eos_id,
                      tok.pad_id, temperature=cfg.temperature, generator=gen)
-        logp = response_logprobs(model, g.tokens, g.attention_mask, g.prompt_len, cfg.temperature)[0]  # (B, N)
-        ref = response_logprobs(sft, g.tokens, g.attention_mask, g.prompt_len, cfg.temperature)[0]  # (B, N)
-        total += ((logp - ref) * g.attention_mask[:, g.prompt_len:]).sum().item()  # response tokens only
+        P = g.prompt_len
+        logp = response_logprobs_and_entropy(model, g.tokens, g.attention_mask, P, cfg.temperature)[0]  # (B, N)
+        ref = response_logprobs_and_entropy(sft, g.tokens, g.attention_mask, P, cfg.temperature)[0]  # (B, N)
+        total += ((logp - ref) * g.attention_mask[:, P:]).sum().item()  # response tokens only
     return total / len(prompts)
 
 

@@ -90,11 +90,11 @@ class PPOConfig(TrainConfig):
     max_new_tokens: int = arg(48, "longest response; one that does not end by then pays --missing_eos_penalty", low=1)
     kl_coef: float = arg(0.1, "β, the per-token KL penalty to SFT (paper: 0.02; at 0.02 our RM is over-optimized)",
                          low=0)
-    kl_kind: str = arg("k1", "per-token KL estimator in the reward: k1 = log π/π_SFT (paper) | k3 (≥ 0)")
+    kl_kind: str = arg("k1", "per-token KL approximation in the reward: k1 = log π/π_SFT (paper) | k3 (≥ 0)")
     adaptive_kl: bool = arg(False, "adapt β toward --target_kl (Ziegler et al. 2019) instead of keeping it fixed")
     target_kl: float = arg(2.0, "target KL per response (nats, k1 summed over tokens) for --adaptive_kl", positive=True)
     kl_horizon: int = arg(1000, "episodes over which --adaptive_kl moves β by at most 20%", low=1)
-    gamma: float = arg(1.0, "GAE discount (paper: 1, no discount)", low=0, high=1)
+    discount: float = arg(1.0, "GAE discount (paper: 1, no discount)", low=0, high=1)
     lam: float = arg(0.95, "GAE λ (paper: 0.95)", low=0, high=1)
     clip_eps: float = arg(0.2, "PPO ratio clip ε (paper: 0.2)", positive=True)
     value_clip: float = arg(0.2, "value clip around the rollout's values", positive=True)
@@ -107,10 +107,10 @@ class PPOConfig(TrainConfig):
                      low=0, high=0.9999)
     log_every: int = arg(5, "progress line every N batches", low=1)
     save_every: int = arg(10, "write state.pt every N batches", low=1)
-    estimator: str = arg("gae", "advantages: gae (PPO: learned critic, KL per token in the reward) | rloo (leave-one-"
-                                "out baseline, KL in the sequence reward) | grpo (group-normalized, KL as a k3 term "
-                                "in the loss) | reinforce_pp (return-to-go, KL per token in the reward, normalized over "
-                                "the batch); the last three train no value model")
+    estimator: str = arg("gae", "advantage estimator, a row of train_ppo.py's ESTIMATORS (which says where each "
+                                "puts β's KL): gae (PPO: GAE with a value model) | rloo (leave-one-out baseline) | "
+                                "grpo (group-normalized) | reinforce_pp (reward-to-go, whitened); the last three build "
+                                "no value model")
     group_size: int = arg(1, "responses sampled per prompt in a batch (rloo and grpo need ≥ 2; --batch_size counts "
                              "responses and must be a multiple)", low=1)
     reward: str = arg("rm", "rm | gold: the reward model, or the tiny world's gold judge × --gold_scale (the oracle)")

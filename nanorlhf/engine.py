@@ -74,7 +74,7 @@ class Generation:
     attention_mask: torch.Tensor  # (B, P+N) bool: real prompt tokens and response tokens up to the first EOS
     response_mask: torch.Tensor  # (B, N) bool: response tokens up to and including the first EOS
     logprobs: torch.Tensor  # (B, N) float: the sampler's log-prob of each drawn token under softmax(logits / T), 0 if
-    # masked; PPO does not read it (rlhf.score_rollout rescores with full forwards), tests check the two agree
+    # masked; PPO does not read it (train_ppo.rollout rescores with full forwards), tests check the two agree
     prompt_len: int  # P
 
 

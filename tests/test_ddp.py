@@ -58,12 +58,12 @@ def ppo_step(paths):
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                      b["response_mask"], cfg.kl_coef)
     mine = slice(dist.rank(), None, dist.world_size())  # dist.shard's rows
-    b = {k: v[mine] for k, v in b.items()}
-    b["advantages"], b["returns"] = rlhf.gae_advantages(rewards[mine], b["values"], b["response_mask"],
-                                                       1.0, 0.95)
+    b = {k: v[mine] for k, v in b.items() if v is not None}  # (no gold: no world)
+    advantages, returns = rlhf.gae(rewards[mine], b["values"], b["response_mask"], 1.0, 0.95)  # as train_ppo.main
+    advantages = rlhf.masked_whiten(advantages, b["response_mask"], dist.all_reduce_sum)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-5) for m in (policy, value_model)]
-    stats = rlhf.ppo_update(policy, value_model, opts, b, P, cfg, step=0)
-    return stats, b["advantages"], [p.detach().clone() for m in (policy, value_model) for p in m.parameters()]
+    stats = train_ppo.ppo_update(policy, value_model, opts, b, advantages, returns, P, cfg, step=0)
+    return stats, advantages, [p.detach().clone() for m in (policy, value_model) for p in m.parameters()]
 
 
 def worker(rank, port, folder, paths):

@@ -110,34 +110,6 @@ def test_ci_runs_the_readme_test_command():
     assert 'python -m pytest -q -m "not slow"' in readme_lines, "the README gives no fast tier"
 
 
-def extending_blocks():
-    """(file, code) for each python block of docs/extending.md, each introduced by "From `file`:"."""
-    text = read(os.path.join(ROOT, "docs", "extending.md"))
-    return re.findall(r"From `([^`]+)`:\n\n```python\n(.*?)\n```", text, re.S)
-
-
-def test_extending_shows_the_repositorys_own_code():
-    blocks = extending_blocks()
-    assert len(blocks) >= 6
-    missing = [f"{path}: {code.splitlines()[0]}" for path, code in blocks if code not in read(os.path.join(ROOT, path))]
-    assert not missing
-
-
-def test_extending_example_runs():
-    """The walk-through's function, run through the walk-through's own hand-worked test."""
-    import torch
-
-    code = dict((path, c) for path, c in extending_blocks() if path.endswith(("rlhf.py", "test_rlhf.py")))
-    namespace = {"torch": torch, "pytest": pytest}
-    exec(code["nanorlhf/rlhf.py"], namespace)
-    test_ns = {"torch": torch, "pytest": pytest, "rlhf": type("rlhf", (), {
-        "rloo_advantages": staticmethod(namespace["rloo_advantages"])})}
-    exec(code["tests/test_rlhf.py"], test_ns)
-    tests = [f for name, f in test_ns.items() if name.startswith("test_")]
-    assert len(tests) == 1
-    tests[0]()
-
-
 def test_readme_split_sizes_are_the_default_worlds():
     """The README's tiny-world paragraph states the default world's split sizes as make_world deals them."""
     from nanorlhf.world import make_world

@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -50,18 +51,29 @@ def make_cfg(paths, **kw):
 
 
 def rollout_batch(cfg, seed=0):
+    """(models, rollout b, P, advantages, returns) of one batch of PROMPTS, as train_ppo.main computes them."""
     torch.manual_seed(seed)
-    policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
-    b, P, _ = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS, cfg)
-    return (policy, ref_policy, reward_model, value_model, tok), add_advantages(b, cfg), P
+    models = train_ppo.load_models(cfg, "cpu")
+    b, P, _ = train_ppo.rollout(*models, PROMPTS, cfg)
+    return (models, b, P, *advantages_of(b, cfg))
 
 
-def add_advantages(b, cfg):
-    """Per-token rewards, then GAE advantages and returns (γ 1, λ 0.95) into the rollout batch b, as in train_ppo."""
-    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                     b["response_mask"], cfg.kl_coef)
-    b["advantages"], b["returns"] = rlhf.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
-    return b
+def advantages_of(b, cfg):
+    """Steps 2 and 3 of train_ppo.main: eq. (2)'s per-token rewards (β in them if the estimator's KL is in the
+    reward), then the estimator's advantages, whitened if its row says so, and the returns R = A + V (None without a
+    value model)."""
+    estimator, m = train_ppo.ESTIMATORS[cfg.estimator], b["response_mask"]
+    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"], m,
+                                     cfg.kl_coef if estimator.kl == "reward" else 0.0)
+    advantages = estimator.advantages(rewards, b["values"], m, cfg)
+    returns = advantages + b["values"] if estimator.value_model else None
+    return (rlhf.masked_whiten(advantages, m) if estimator.whiten else advantages), returns
+
+
+def training_batch(b, advantages, returns):
+    """The rollout's tensors that the update reads, with the advantages and returns (as train_ppo.ppo_update)."""
+    return {**{k: v for k, v in b.items() if torch.is_tensor(v) and k != "gold"}, "advantages": advantages,
+            **({"returns": returns} if returns is not None else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,18 +82,18 @@ def add_advantages(b, cfg):
 def test_lr0_first_minibatch_ratio_one_even_with_dropout_in_config(tmp_path):
     paths = tiny_checkpoints(str(tmp_path), dropout=0.5)  # the update must not run with dropout on
     cfg = make_cfg(paths, lr=0.0, value_lr=0.0)
-    (policy, _, _, value_model, _), b, P = rollout_batch(cfg)
+    (policy, _, _, value_model, _), b, P, advantages, returns = rollout_batch(cfg)
     opts = [torch.optim.Adam(m.parameters(), lr=0.0) for m in (policy, value_model)]
     torch.manual_seed(1)
     perm = torch.randperm(len(b["tokens"]))
-    idx = perm[:cfg.minibatch_size]  # the first minibatch rlhf.ppo_update will draw under the same seed
-    mb = {k: v[idx] for k, v in b.items()}
-    _, _, stats = rlhf.minibatch_loss(policy, value_model, mb, P, None, cfg)
+    idx = perm[:cfg.minibatch_size]  # the first minibatch train_ppo.ppo_update will draw under the same seed
+    mb = {k: v[idx] for k, v in training_batch(b, advantages, returns).items()}
+    _, _, stats = train_ppo.minibatch_loss(policy, value_model, mb, P, None, cfg)
     assert stats["ratio"].item() == 1.0 and stats["approx_kl"].item() == 0.0 and stats["clipfrac"].item() == 0.0
-    logprobs, _ = rlhf.response_logprobs(policy, mb["tokens"], mb["mask"], P, cfg.temperature)
+    logprobs, _ = rlhf.response_logprobs_and_entropy(policy, mb["tokens"], mb["mask"], P, cfg.temperature)
     assert torch.equal(logprobs, b["logprobs"][idx])  # token by token, bitwise
     torch.manual_seed(1)
-    stats = rlhf.ppo_update(policy, value_model, opts, b, P, cfg, step=0)
+    stats = train_ppo.ppo_update(policy, value_model, opts, b, advantages, returns, P, cfg, step=0)
     assert stats["ratio"] == 1.0 and stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
 
 
@@ -102,11 +114,11 @@ def test_lr0_ratio_is_against_the_rollout_not_the_reference(ckpts, tmp_path, est
     taken against the rollout's log-probs, never the reference's."""
     cfg = make_cfg(ckpts, lr=0.0, value_lr=0.0, reference=reference_checkpoint(ckpts, str(tmp_path)),
                    estimator=estimator, group_size=k)
-    (policy, _, _, value_model, _), b, P = rollout_batch(cfg)
+    (policy, _, _, value_model, _), b, P, advantages, returns = rollout_batch(cfg)
     m = b["response_mask"]
     assert (b["logprobs"] - b["ref_logprobs"])[m].abs().min() > 1e-3  # every token: the two differ
-    opts = [torch.optim.Adam(mod.parameters(), lr=0.0) for mod in (policy, value_model)]
-    stats = rlhf.ppo_update(policy, value_model, opts, b, P, cfg, step=0, kl_coef=0.1)
+    opts = [torch.optim.Adam(mod.parameters(), lr=0.0) for mod in (policy, value_model) if mod is not None]
+    stats = train_ppo.ppo_update(policy, value_model, opts, b, advantages, returns, P, cfg, step=0, kl_coef=0.1)
     assert stats["ratio"] == 1.0 and stats["approx_kl"] == 0.0 and stats["clipfrac"] == 0.0
 
 
@@ -114,8 +126,10 @@ def test_grpo_kl_term_is_k3_against_the_reference(ckpts, tmp_path):
     """GRPO's loss term β·KL(π_θ || π_ref) is the k3 estimate against the reference's log-probs, by hand:
     r = π_ref/π_θ, k3 = r − 1 − log r, averaged over the real tokens (at lr 0, π_θ is the rollout's policy)."""
     cfg = make_cfg(ckpts, reference=reference_checkpoint(ckpts, str(tmp_path)), estimator="grpo", group_size=2)
-    (policy, _, _, value_model, _), b, P = rollout_batch(cfg)
-    _, terms, _ = rlhf.minibatch_loss(policy, value_model, b, P, None, cfg, kl_coef=0.3)
+    (policy, _, _, value_model, _), b, P, advantages, returns = rollout_batch(cfg)
+    assert value_model is None and train_ppo.ESTIMATORS["grpo"].kl == "loss"
+    _, terms, _ = train_ppo.minibatch_loss(policy, value_model, training_batch(b, advantages, returns), P, None, cfg,
+                                           kl_coef=0.3)
     total, n = 0.0, 0
     for i in range(len(b["tokens"])):
         for t in range(b["response_mask"].shape[1]):
@@ -130,11 +144,9 @@ def test_rloo_takes_the_sequence_reward_with_its_kl(ckpts, tmp_path):
     """RLOO's advantage of a sample is its sequence reward of eq. (2), RM score − β·Σ_t log(π/π_SFT), minus the
     mean of the other samples' of its prompt: computed here by hand from the rollout's numbers."""
     cfg = make_cfg(ckpts, reference=reference_checkpoint(ckpts, str(tmp_path)), estimator="rloo", group_size=4)
-    _, b, _ = rollout_batch(cfg)
+    _, b, _, advantages, _ = rollout_batch(cfg)
     m = b["response_mask"]
-    rewards, _, final = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"], m,
-                                         cfg.kl_coef)
-    advantages, _ = train_ppo.estimate_advantages(rewards, final, b, cfg)
+    final = b["scores"] - cfg.missing_eos_penalty * (~b["finished"]).float()  # eq. (2)'s reward at the last token
     sequence = [final[i].item() - cfg.kl_coef * (b["logprobs"][i] - b["ref_logprobs"][i])[m[i]].sum().item()
                 for i in range(len(m))]
     for i in range(len(m)):
@@ -145,8 +157,9 @@ def test_rloo_takes_the_sequence_reward_with_its_kl(ckpts, tmp_path):
 
 
 def test_eager_ppo_iteration_calls_nothing_in_kernels(ckpts, monkeypatch):
-    """With compilation off (the CPU default), one whole PPO-ptx iteration (rollout, eq. (2) rewards, GAE, K epochs
-    of clipped updates with ptx) is plain PyTorch: every function of kernels.py, patched to raise, is never called."""
+    """With compilation off (the CPU default), one whole PPO-ptx iteration (rollout, eq. (2) rewards, GAE,
+    ppo_epochs passes of clipped updates with ptx) is plain PyTorch: every function of kernels.py, patched to raise,
+    is never called."""
     cfg = make_cfg(ckpts, compile=False, ptx_coef=0.5)
     kernels.enable(cfg.compile)
     models = train_ppo.load_models(cfg, "cpu")
@@ -155,18 +168,17 @@ def test_eager_ppo_iteration_calls_nothing_in_kernels(ckpts, monkeypatch):
         if callable(fn) and getattr(fn, "__module__", None) == kernels.__name__:
             monkeypatch.setattr(kernels, name, lambda *a, _name=name, **k: pytest.fail(f"kernels.{_name} called"))
     torch.manual_seed(0)
-    b, P, _ = train_ppo.rollout(*models[:4], tok, PROMPTS, cfg)
-    rewards, _, final = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                         b["response_mask"], cfg.kl_coef)
-    b["advantages"], b["returns"] = train_ppo.estimate_advantages(rewards, final, b, cfg)
+    b, P, _ = train_ppo.rollout(*models, PROMPTS, cfg)
+    advantages, returns = advantages_of(b, cfg)
     stream = token_stream(tok, ["the fox is red. the lemon is sour."] * 20)
-    stats = rlhf.ppo_update(policy, value_model, rlhf.make_optimizers(policy, value_model, cfg), b, P, cfg, 0, stream)
+    stats = train_ppo.ppo_update(policy, value_model, train_ppo.make_optimizers(policy, value_model, cfg), b,
+                                 advantages, returns, P, cfg, 0, ptx_stream=stream)
     assert stats["ptx_loss"] > 0 and stats["value_loss"] > 0
 
 
 def test_kl_zero_when_policy_is_reference(ckpts):
     cfg = make_cfg(ckpts)
-    _, b, _ = rollout_batch(cfg)
+    _, b, *_ = rollout_batch(cfg)
     assert torch.equal(b["logprobs"], b["ref_logprobs"])
     for kind in ("k1", "k3"):
         rewards, kl, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
@@ -213,7 +225,7 @@ def test_rm_scores_the_text_as_it_was_trained_on_it(ckpts):
     (prompt template + text + EOS if it ended), computed here by hand on the unpadded sequence; a sample whose ids
     are a non-canonical split of its text, or hold a template token, gets its canonical text's score."""
     cfg = make_cfg(ckpts, temperature=0.7)
-    (policy, _, reward_model, _, tok), b, P = rollout_batch(cfg)
+    (policy, _, reward_model, _, tok), b, P, _, _ = rollout_batch(cfg)
     responses = [tok.decode_response(row) for row in b["tokens"][:, P:].tolist()]
     with torch.no_grad():
         for i, (p, y) in enumerate(zip(PROMPTS, responses)):
@@ -255,10 +267,10 @@ def test_rollout_marks_samples_whose_ids_are_not_the_rm_encoding(ckpts, monkeypa
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_score_aligns_logprobs_values(ckpts, temperature):
-    """A hand-built batch: left-padded prompts, responses with and without EOS, pads (= EOS id) after the EOS.
-    Each row is compared with a forward over its real tokens alone."""
-    cfg = make_cfg(ckpts)
+def test_score_aligns_logprobs_values(ckpts, temperature, monkeypatch):
+    """A hand-built batch (the sampler's output): left-padded prompts, responses with and without EOS, pads (= EOS
+    id) after the EOS. Each row of the rollout is compared with a forward over its real tokens alone."""
+    cfg = make_cfg(ckpts, temperature=temperature)
     policy, ref_policy, reward_model, value_model, tok = train_ppo.load_models(cfg, "cpu")
     with torch.no_grad():  # a policy different from the reference, so the two log-prob rows differ
         for p in policy.parameters():
@@ -271,7 +283,9 @@ def test_score_aligns_logprobs_values(ckpts, temperature):
     for i, (x, y) in enumerate(rows):
         tokens[i, P - len(x):P], mask[i, P - len(x):P] = torch.tensor(x), True
         tokens[i, P:P + len(y)], mask[i, P:P + len(y)] = torch.tensor(y), True
-    b = rlhf.score_rollout(policy, ref_policy, value_model, tokens, mask, P, eos, temperature)
+    monkeypatch.setattr(train_ppo, "generate", lambda *a, **k: type("Gen", (), {
+        "tokens": tokens, "attention_mask": mask, "prompt_len": P}))
+    b, _, _ = train_ppo.rollout(policy, ref_policy, reward_model, value_model, tok, PROMPTS[:3], cfg)
     assert b["finished"].tolist() == [True, False, True]
     assert b["response_mask"].sum(1).tolist() == [3, 4, 1]
     with torch.no_grad():
@@ -292,26 +306,29 @@ def test_bf16_rollout_scores_in_float32_and_compiled_gae_takes_them(ckpts):
     matmul, which needs one dtype) and the eager loop give the same advantages."""
     cfg = make_cfg(ckpts)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        models, b, P = rollout_batch(cfg)
+        models, b, P, _, _ = rollout_batch(cfg)
     assert b["values"].dtype == b["scores"].dtype == b["logprobs"].dtype == torch.float32
-    rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
-                                     b["response_mask"], cfg.kl_coef)
-    eager = rlhf.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
+    eager = advantages_of(b, cfg)
     with kernels.compiling():
-        fused = rlhf.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
+        fused = advantages_of(b, cfg)
     for a, c in zip(eager, fused):
         torch.testing.assert_close(a * b["response_mask"], c * b["response_mask"], atol=1e-5, rtol=1e-5)
 
 
 def test_whitening_in_script_ignores_padding():
+    """PPO's row of the table: GAE (discount 1, λ 0.95), whitened over the real tokens, returns R = A + V from the
+    advantages before whitening, as train_ppo.main computes them; padding holds garbage that must not leak in."""
     g = torch.Generator().manual_seed(0)
     lengths = [5, 2, 7, 1]
     mask = torch.arange(7)[None] < torch.tensor(lengths)[:, None]
     rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
     garbage = torch.full((4, 7), 1e6)
-    adv, ret = rlhf.gae_advantages(torch.where(mask, rewards, garbage), torch.where(mask, values, -garbage),
-                                  mask, 1.0, 0.95)
-    raw = []  # GAE per row over its real tokens only (γ = 1, λ = 0.95), V after the last token = 0
+    estimator = train_ppo.ESTIMATORS["gae"]
+    assert estimator.value_model and estimator.whiten and estimator.kl == "reward"
+    raw_adv = estimator.advantages(torch.where(mask, rewards, garbage), torch.where(mask, values, -garbage), mask,
+                                   PPOConfig(discount=1.0, lam=0.95))
+    adv, ret = rlhf.masked_whiten(raw_adv, mask), raw_adv + torch.where(mask, values, -garbage)
+    raw = []  # GAE per row over its real tokens only (discount 1, λ = 0.95), V after the last token = 0
     for i, n in enumerate(lengths):
         a, row = 0.0, []
         for t in reversed(range(n)):
@@ -331,9 +348,8 @@ def test_whitening_in_script_ignores_padding():
 
 def test_ptx_gradient_is_gamma_times_lm_gradient_added(ckpts):
     cfg = make_cfg(ckpts, ptx_coef=2.5)
-    (policy, _, _, value_model, tok), b, P = rollout_batch(cfg)
-    with torch.no_grad():
-        b["advantages"] = torch.randn(b["advantages"].shape)  # nonzero policy gradient
+    (policy, _, _, value_model, tok), b, P, advantages, returns = rollout_batch(cfg)
+    mb = training_batch(b, torch.randn(advantages.shape), returns)  # random advantages: a nonzero policy gradient
     ptx_ids = torch.randint(0, 1000, (3, 17))
 
     def grads(loss):
@@ -342,8 +358,8 @@ def test_ptx_gradient_is_gamma_times_lm_gradient_added(ckpts):
         loss.backward()
         return [p.grad.clone() for p in policy.parameters()]
 
-    combined = grads(rlhf.minibatch_loss(policy, value_model, b, P, ptx_ids, cfg)[0])
-    ppo_only = grads(rlhf.minibatch_loss(policy, value_model, b, P, None, cfg)[0])
+    combined = grads(train_ppo.minibatch_loss(policy, value_model, mb, P, ptx_ids, cfg)[0])
+    ppo_only = grads(train_ppo.minibatch_loss(policy, value_model, mb, P, None, cfg)[0])
     logp = F.log_softmax(policy(ptx_ids)[:, :-1], dim=-1).gather(-1, ptx_ids[:, 1:, None])  # independent LM loss
     lm = grads(-logp.mean())
     for c, p, l in zip(combined, ppo_only, lm):
@@ -352,7 +368,7 @@ def test_ptx_gradient_is_gamma_times_lm_gradient_added(ckpts):
 
 
 @pytest.mark.slow
-def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
+def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts, monkeypatch):
     """--compile (compiled transformer and decode step, fused log-probs, PPO loss and GAE, fused Adam): the scores of a
     rollout, the gradient of a minibatch with ptx, and a whole update equal the eager ones; after one compiled batch,
     a second (new samples, the same prompt-length bucket) compiles nothing new."""
@@ -363,12 +379,12 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
         compiled = [kernels.compile_model(m) for m in copy.deepcopy(eager[:4])]
     gen = generate(eager[0], [tok.format_prompt(p) for p in PROMPTS], 12, tok.eos_id, tok.pad_id)
     batches = []
-    for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg)):
-        with kernels.compiling(cfg.compile):
-            b = rlhf.score_rollout(*models[:2], models[3], gen.tokens, gen.attention_mask, gen.prompt_len, tok.eos_id, 1.0)
-            texts = [tok.decode_response(row) for row in gen.tokens[:, gen.prompt_len:].tolist()]
-            b["scores"] = score_texts(models[2], tok, PROMPTS, texts, b["finished"].tolist(), "cpu")
-            batches.append(add_advantages(b, cfg))
+    with monkeypatch.context() as patch:
+        patch.setattr(train_ppo, "generate", lambda *a, **k: gen)  # both score the same samples
+        for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg)):
+            with kernels.compiling(cfg.compile):
+                b = train_ppo.rollout(*models[:4], tok, PROMPTS, cfg)[0]
+                batches.append(training_batch(b, *advantages_of(b, cfg)))
     for key, value in batches[0].items():
         torch.testing.assert_close(batches[1][key], value, atol=1e-5, rtol=1e-5)
 
@@ -377,20 +393,21 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     for models, cfg, b in ((eager, eager_cfg, batches[0]), (compiled, compiled_cfg, batches[1])):
         policy, value_model = models[0], models[3]
         with kernels.compiling(cfg.compile):
-            loss = rlhf.minibatch_loss(policy, value_model, b, gen.prompt_len, ptx_ids, cfg)[0]
+            loss = train_ppo.minibatch_loss(policy, value_model, b, gen.prompt_len, ptx_ids, cfg)[0]
         grads.append(torch.autograd.grad(loss, [*policy.parameters(), *value_model.parameters()]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
     stream = token_stream(tok, ["the fox is red. the lemon is sour."] * 20)  # ptx text
-    optimizers = [rlhf.make_optimizers(models[0], models[3], cfg)
+    optimizers = [train_ppo.make_optimizers(models[0], models[3], cfg)
                   for models, cfg in ((eager, eager_cfg), (compiled, compiled_cfg))]
     stats, params = [], []
     for models, cfg, b, opts in ((eager, eager_cfg, batches[0], optimizers[0]),
                                  (compiled, compiled_cfg, batches[1], optimizers[1])):
         torch.manual_seed(1)  # the minibatch order and the ptx batches
         with kernels.compiling(cfg.compile):
-            stats.append(rlhf.ppo_update(models[0], models[3], opts, b, gen.prompt_len, cfg, 0, stream))
+            stats.append(train_ppo.ppo_update(models[0], models[3], opts, b, b["advantages"], b["returns"],
+                                              gen.prompt_len, cfg, 0, ptx_stream=stream))
         params.append([p.detach().clone() for m in (models[0], models[3]) for p in m.parameters()])
     for key, value in stats[0].items():
         assert stats[1][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
@@ -400,17 +417,31 @@ def test_compiled_ppo_matches_eager_and_does_not_recompile(ckpts):
     for step in range(2):  # the first batch compiles the decode step, the second must reuse everything
         with torch._dynamo.config.patch(error_on_recompile=step == 1), kernels.compiling():
             b, P, _ = train_ppo.rollout(*compiled, tok, PROMPTS, compiled_cfg)
-            rlhf.ppo_update(compiled[0], compiled[3], optimizers[1], add_advantages(b, compiled_cfg), P, compiled_cfg, step,
-                       stream)
+            train_ppo.ppo_update(compiled[0], compiled[3], optimizers[1], b, *advantages_of(b, compiled_cfg), P,
+                                 compiled_cfg, step, ptx_stream=stream)
 
 
 def test_nan_guard_names_step_and_term(ckpts):
     cfg = make_cfg(ckpts)
-    (policy, _, _, value_model, _), b, P = rollout_batch(cfg)
-    b["advantages"][0, 0] = float("nan")
+    (policy, _, _, value_model, _), b, P, advantages, returns = rollout_batch(cfg)
+    advantages[0, 0] = float("nan")
     opts = [torch.optim.Adam(m.parameters()) for m in (policy, value_model)]
     with pytest.raises(SystemExit, match="step 8: non-finite policy loss"):
-        rlhf.ppo_update(policy, value_model, opts, b, P, cfg, step=7)
+        train_ppo.ppo_update(policy, value_model, opts, b, advantages, returns, P, cfg, step=7)
+
+
+def test_batch_flops_of_a_critic_free_run_leave_out_the_value_model():
+    """MFU of a run without a value model counts no value forwards: one per sequence in the scoring, 3 per sequence
+    and epoch in the update (the value model is the reward model's shape); generation is the same."""
+    mconf = GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=32)
+    policy, reward_model = GPT(mconf), GPT(mconf, head="scalar")
+    B, T, P, epochs = 4, 20, 8, 2
+    ppo = rlhf.ppo_batch_flops(policy, reward_model, B, T, P, epochs)
+    critic_free = rlhf.ppo_batch_flops(policy, reward_model, B, T, P, epochs, value_model=False)
+    value = reward_model.forward_flops(T - 1, 0, T, n_out=T - P)  # V at the N = T − P response positions
+    assert value > 0 and critic_free["generation"] == ppo["generation"]
+    assert ppo["scoring"] - critic_free["scoring"] == B * value
+    assert ppo["update"] - critic_free["update"] == epochs * 3 * B * value
 
 
 def test_ppo_batches_cover_a_pass_then_reshuffle():
@@ -488,16 +519,18 @@ def test_reference_is_a_separate_frozen_model(ckpts):
     """The KL penalty's π_SFT shares no tensor with the policy and an update leaves it unchanged (a reference that
     is the policy, or that trains, would make the KL penalty zero or meaningless)."""
     cfg = make_cfg(ckpts, lr=1e-2)
-    (policy, ref_policy, _, value_model, tok), b, P = rollout_batch(cfg)
+    (policy, ref_policy, _, value_model, tok), b, P, advantages, returns = rollout_batch(cfg)
     assert not {p.data_ptr() for p in policy.parameters()} & {p.data_ptr() for p in ref_policy.parameters()}
     assert not any(p.requires_grad for p in ref_policy.parameters())
     before = [p.clone() for p in ref_policy.parameters()]
     policy_before = [p.clone() for p in policy.parameters()]
-    rlhf.ppo_update(policy, value_model, rlhf.make_optimizers(policy, value_model, cfg), b, P, cfg, step=0)
+    train_ppo.ppo_update(policy, value_model, train_ppo.make_optimizers(policy, value_model, cfg), b, advantages,
+                         returns, P, cfg, step=0)
     assert all(torch.equal(a, p) for a, p in zip(before, ref_policy.parameters()))
     assert not all(torch.equal(a, p) for a, p in zip(policy_before, policy.parameters()))
-    after = rlhf.score_rollout(policy, ref_policy, value_model, b["tokens"], b["mask"], P, tok.eos_id, 1.0)
-    assert torch.equal(after["ref_logprobs"], b["ref_logprobs"]) and not torch.equal(after["logprobs"], b["logprobs"])
+    with torch.no_grad():
+        after = [rlhf.response_logprobs_and_entropy(m, b["tokens"], b["mask"], P, 1.0)[0] for m in (policy, ref_policy)]
+    assert torch.equal(after[1], b["ref_logprobs"]) and not torch.equal(after[0], b["logprobs"])
 
 
 @pytest.mark.parametrize("target, direction", [(100.0, -1), (1e-3, +1)])
@@ -523,13 +556,15 @@ def test_adaptive_kl_moves_beta_toward_the_target(ckpts, tmp_path, target, direc
 @pytest.mark.parametrize("estimator, k", [("rloo", 4), ("grpo", 2), ("reinforce_pp", 1)])
 def test_critic_free_estimators_run_end_to_end_on_groups_of_one_prompt(ckpts, tmp_path, monkeypatch, estimator, k):
     """--estimator rloo/grpo/reinforce_pp: each batch holds batch_size / k prompts, each sampled k times in a row
-    (one group = k samples of the same prompt); the value model is not trained; the log has no value loss."""
+    (one group = k samples of the same prompt); no value model is built, trained or saved; the log has no value
+    loss."""
     seen = []
     real_rollout = train_ppo.rollout
 
-    def spy(policy, ref_policy, reward_model, value_model, tok, prompts, cfg):
+    def spy(policy, ref_policy, reward_model, value_model, tok, prompts, cfg, world):
+        assert value_model is None
         seen.append(list(prompts))
-        return real_rollout(policy, ref_policy, reward_model, value_model, tok, prompts, cfg)
+        return real_rollout(policy, ref_policy, reward_model, value_model, tok, prompts, cfg, world)
 
     monkeypatch.setattr(train_ppo, "rollout", spy)
     out = tmp_path / estimator
@@ -543,9 +578,8 @@ def test_critic_free_estimators_run_end_to_end_on_groups_of_one_prompt(ckpts, tm
     lines = log_lines(out)
     assert [line["step"] for line in lines] == [1, 2] and "value_loss" not in lines[0]
     assert ("kl_loss" in lines[0]) == (estimator == "grpo")
-    value_before = torch.load(ckpts["scalar"], weights_only=True)["model"]
-    value_after = torch.load(out / "state.pt", weights_only=True)["extra"]["value_model"]
-    assert all(torch.equal(value_before[n], value_after[n]) for n in value_before)
+    state = torch.load(out / "state.pt", weights_only=True)["extra"]
+    assert state["value_model"] is None and state["value_optimizer"] is None
 
 
 def test_oracle_reward_is_the_gold_judge(ckpts, tmp_path, monkeypatch):
@@ -595,3 +629,96 @@ def test_ema_of_the_policy_weights_by_hand(ckpts, tmp_path):
         assert torch.allclose(ema[name], 0.9 * w + 0.1 * theta_1[name], atol=1e-6), name
         moved += not torch.equal(w, theta_1[name])
     assert moved > 0  # the step moved the policy, so the EMA's two weights are told apart
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what a learner reads
+
+def files_whose_functions_run(fn):
+    """The repository files (tests/ left out) whose functions run while fn() runs, traced with sys.setprofile."""
+    ran = set()
+
+    def profile(frame, event, arg):
+        path = frame.f_code.co_filename
+        if event == "call" and path.startswith(ROOT + os.sep) and frame.f_code.co_name != "<module>":
+            ran.add(os.path.relpath(path, ROOT))
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return {path for path in ran if not path.startswith("tests" + os.sep)}
+
+
+def test_readme_reading_list_is_what_one_iteration_runs(ckpts, tmp_path):
+    """The README's "How to read the code" names the files one default PPO iteration (train_ppo.main for one batch,
+    compilation off, the CPU default) calls functions in: exactly those a tracer sees."""
+    argv = ["--init", ckpts["lm"], "--reward_model", ckpts["scalar"], "--out", str(tmp_path / "ppo"), "--world_scale",
+            "0.01", "--batch_size", "8", "--minibatch_size", "4", "--ppo_epochs", "1", "--max_new_tokens", "8",
+            "--batches", "1"]
+    ran = files_whose_functions_run(lambda: train_ppo.main(argv))
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    sentence = re.search(r"calls functions in exactly these files: (.*?)\.\s", readme, re.S)
+    assert sentence, "the README's reading list is gone"
+    listed = re.findall(r"`([\w/]+\.py)`", sentence.group(1))
+    assert len(listed) == len(set(listed)) and set(listed) == ran, (sorted(ran), listed)
+    assert {"train_ppo.py", "nanorlhf/rlhf.py", "nanorlhf/model.py", "nanorlhf/engine.py"} <= ran
+
+
+def page_blocks(path):
+    """(verb, name, file, code) for each python block of a docs page, introduced by "From `file`:" (the repository's
+    own text) or "Add to `file`:" / "Add to `name` in `file`:" (code the page adds)."""
+    text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+    return re.findall(r"(From|Add to) (?:`(\w+)` in )?`([^`]+)`:\n\n```python\n(.*?)\n```", text, re.S)
+
+
+def test_extending_adds_an_estimator_that_trains(ckpts, tmp_path, monkeypatch):
+    """docs/extending.md, run: its "From" blocks are the repository's own text; the function it adds passes the
+    test it adds; with its row in ESTIMATORS, train_ppo.main trains a batch with its methods-table flags, on the
+    function's advantages of the outcome rewards (β's KL in the loss, not the reward), with no value model."""
+    blocks = page_blocks("docs/extending.md")
+    for verb, _, path, code in blocks:
+        assert verb == "Add to" or code in open(os.path.join(ROOT, path), encoding="utf-8").read(), (path, code[:60])
+    added = {(name, path): code for verb, name, path, code in blocks if verb == "Add to"}
+    assert set(added) == {("", "nanorlhf/rlhf.py"), ("", "tests/test_rlhf.py"), ("ESTIMATORS", "train_ppo.py"),
+                          ("METHOD_FLAGS", "run.py"), ("METHOD_LABELS", "eval.py")}
+
+    function = {"torch": torch}
+    exec(added["", "nanorlhf/rlhf.py"], function)
+    calls = []
+
+    def dr_grpo_advantages(scores, mask, k):
+        calls.append((scores.clone(), function["dr_grpo_advantages"](scores, mask, k)))
+        return calls[-1][1]
+    monkeypatch.setattr(rlhf, "dr_grpo_advantages", function["dr_grpo_advantages"], raising=False)
+    tests = {"torch": torch, "pytest": pytest, "rlhf": rlhf}
+    exec(added["", "tests/test_rlhf.py"], tests)
+    [page_test] = [f for name, f in tests.items() if name.startswith("test_")]
+    page_test()
+
+    monkeypatch.setattr(rlhf, "dr_grpo_advantages", dr_grpo_advantages, raising=False)
+    row = eval("{" + added["ESTIMATORS", "train_ppo.py"] + "}", vars(train_ppo))
+    monkeypatch.setattr(train_ppo, "ESTIMATORS", {**train_ppo.ESTIMATORS, **row})
+    [flags] = eval("{" + added["METHOD_FLAGS", "run.py"] + "}").values()
+    [label] = eval("{" + added["METHOD_LABELS", "eval.py"] + "}").values()
+    assert isinstance(label, str)
+    rollouts = []
+    real_rollout = train_ppo.rollout
+
+    def spy(*args):
+        rollouts.append(real_rollout(*args))
+        assert args[3] is None  # no value model
+        return rollouts[-1]
+    monkeypatch.setattr(train_ppo, "rollout", spy)
+    out = tmp_path / "dr_grpo"
+    train_ppo.main(["--init", ckpts["lm"], "--reward_model", ckpts["scalar"], "--out", str(out), "--world_scale",
+                    "0.01", "--batch_size", "8", "--minibatch_size", "4", "--ppo_epochs", "1", "--max_new_tokens", "8",
+                    "--batches", "1", "--reference", reference_checkpoint(ckpts, str(tmp_path)), *flags])
+    [(b, _, _)] = rollouts
+    assert (b["logprobs"] - b["ref_logprobs"])[b["response_mask"]].abs().min() > 1e-3  # a KL in the reward would show
+    [(scores, advantages)] = calls
+    outcome = b["scores"] - PPOConfig().missing_eos_penalty * (~b["finished"]).float()  # no −β·KL in it
+    assert torch.equal(scores, outcome) and (advantages != 0).any()
+    [line] = log_lines(out)
+    assert "kl_loss" in line and "value_loss" not in line
+    assert torch.load(out / "state.pt", weights_only=True)["extra"]["value_model"] is None

@@ -237,13 +237,13 @@ def ppo_batch(cfg):
     torch.manual_seed(0)
     models = train_ppo.load_models(cfg, "cpu")
     prompts = ["hi", "what is two plus two?", "name a color", "count to three", "why?", "say yes", "a b c", "ok"]
-    b, P, _ = train_ppo.rollout(*models[:4], models[4], prompts, cfg)
+    b, P, _ = train_ppo.rollout(*models, prompts, cfg)
     for i in range(4):
         b["response_mask"][i, 2 + i:] = False
     rewards, _, _ = rlhf.ppo_rewards(b["scores"], b["finished"], b["logprobs"], b["ref_logprobs"],
                                      b["response_mask"], cfg.kl_coef)
-    b["advantages"], b["returns"] = rlhf.gae_advantages(rewards, b["values"], b["response_mask"], 1.0, 0.95)
-    return models, b, P
+    advantages, returns = rlhf.gae(rewards, b["values"], b["response_mask"], 1.0, 0.95)  # as train_ppo.main
+    return models, b, P, rlhf.masked_whiten(advantages, b["response_mask"]), returns
 
 
 def test_ppo_grad_accum_gives_the_same_update(tiny_ckpts):
@@ -252,10 +252,10 @@ def test_ppo_grad_accum_gives_the_same_update(tiny_ckpts):
                         ptx_coef=0.0)
     weights = []
     for n in (1, 2):
-        (policy, _, _, value_model, _), b, P = ppo_batch(cfg)
+        (policy, _, _, value_model, _), b, P, advantages, returns = ppo_batch(cfg)
         cfg.grad_accum = n
         opts = [torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-5) for m in (policy, value_model)]
-        rlhf.ppo_update(policy, value_model, opts, b, P, cfg, step=0)
+        train_ppo.ppo_update(policy, value_model, opts, b, advantages, returns, P, cfg, step=0)
         weights.append([p.detach().clone() for m in (policy, value_model) for p in m.parameters()])
     for a, b in zip(*weights):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -85,27 +85,27 @@ def test_kl_estimate():
 # ----------------------------------------------------------------------------------------------------------------
 # GAE
 
-def gae_by_recursion(rewards, values, length, gamma, lam):
-    """One row: δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}, with V and A past the end = 0."""
+def gae_by_recursion(rewards, values, length, discount, lam):
+    """One row: δ_t = r_t + discount·V_{t+1} − V_t, A_t = δ_t + discount·λ·A_{t+1}, with V and A past the end = 0."""
     adv = [0.0] * (length + 1)
     for t in range(length - 1, -1, -1):
         next_value = values[t + 1] if t + 1 < length else 0.0
-        delta = rewards[t] + gamma * next_value - values[t]
-        adv[t] = delta + gamma * lam * adv[t + 1]
+        delta = rewards[t] + discount * next_value - values[t]
+        adv[t] = delta + discount * lam * adv[t + 1]
     return adv[:length]
 
 
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 0.0)])
-def test_gae_matches_recursion(gamma, lam):
+@pytest.mark.parametrize("discount,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 0.0)])
+def test_gae_matches_recursion(discount, lam):
     g = torch.Generator().manual_seed(4)
     lengths, T = [7, 1, 4, 6, 0], 7
     mask = ragged_mask(lengths, T)
     rewards = torch.randn(5, T, generator=g, dtype=torch.float64)  # padding holds garbage, must be ignored
     values = torch.randn(5, T, generator=g, dtype=torch.float64)
-    adv, ret = rlhf.gae(rewards, values, mask, gamma, lam)
+    adv, ret = rlhf.gae(rewards, values, mask, discount, lam)
     assert adv.shape == ret.shape == (5, T)
     for b, length in enumerate(lengths):
-        expected = gae_by_recursion(rewards[b].tolist(), values[b].tolist(), length, gamma, lam)
+        expected = gae_by_recursion(rewards[b].tolist(), values[b].tolist(), length, discount, lam)
         assert adv[b, :length].tolist() == pytest.approx(expected, abs=1e-12)
         assert ret[b, :length].tolist() == pytest.approx([a + v for a, v in zip(expected, values[b].tolist())])
         assert torch.all(adv[b, length:] == 0) and torch.all(ret[b, length:] == 0)
@@ -116,7 +116,7 @@ def test_gae_lambda_one_is_reward_to_go():
     mask = ragged_mask([6, 2, 4], 6)
     rewards = torch.randn(3, 6, generator=g, dtype=torch.float64)
     values = torch.randn(3, 6, generator=g, dtype=torch.float64)
-    adv, ret = rlhf.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    adv, ret = rlhf.gae(rewards, values, mask, discount=1.0, lam=1.0)
     reward_to_go = (rewards * mask).flip(1).cumsum(1).flip(1)
     torch.testing.assert_close(adv, (reward_to_go - values) * mask)
     torch.testing.assert_close(ret, reward_to_go * mask)
@@ -338,7 +338,7 @@ def test_adaptive_kl_controller():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# critic-free estimators: hand-worked cases
+# critic-free advantage estimators: hand-worked cases
 
 def test_rloo_leave_one_out_baseline_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
@@ -363,8 +363,8 @@ def test_grpo_group_normalization_by_hand_and_a_zero_variance_group():
 def test_reinforce_pp_return_to_go_over_real_tokens_only():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
     rewards = torch.tensor([[-0.1, -0.2, 1.0, 9.0], [0.3, 2.0, 9.0, 9.0]])  # 9s on padding must not count
-    a = rlhf.reinforce_pp_advantages(rewards, mask)
+    a = rlhf.reward_to_go(rewards, mask)
     torch.testing.assert_close(a, torch.tensor([[0.7, 0.8, 1.0, 0.0], [2.3, 2.0, 0.0, 0.0]]))
-    whitened = rlhf.masked_whiten(a, mask)  # train_ppo then normalizes over the batch's real tokens
+    whitened = rlhf.masked_whiten(a, mask)  # its row of train_ppo.ESTIMATORS whitens over the batch's real tokens
     real = torch.tensor([0.7, 0.8, 1.0, 2.3, 2.0], dtype=torch.float64)
     torch.testing.assert_close(whitened[mask].double(), (real - real.mean()) / real.std(), atol=1e-5, rtol=1e-5)
