@@ -64,7 +64,7 @@ STAGES = {
     "ppo_ptx": ("train_ppo.py", ["--ptx_coef", "0.5"], ["--ptx_coef", "0.5", "--batches", "3", "--batch_size", "16",
                                                    "--minibatch_size", "8"]),
 }
-# --baselines: train_ppo.py with another estimator or reward, on the same rollouts, budget and β as PPO
+# --baselines: train_ppo.py with another advantage estimator or reward, on the same rollouts, budget and β as PPO
 METHOD_FLAGS = {"grpo": ["--estimator", "grpo", "--group_size", "4"],
                 "rloo": ["--estimator", "rloo", "--group_size", "4"],
                 "reinforce_pp": ["--estimator", "reinforce_pp"], "oracle": ["--reward", "gold"]}

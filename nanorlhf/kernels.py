@@ -295,22 +295,22 @@ def compiled(fn):
     return lambda *args: _compiled(fn)(*_graph_inputs(args))
 
 
-def _gae_scan(rewards, values, mask, gamma, lam):
+def _gae_scan(rewards, values, mask, discount, lam):
     mask = mask.bool()
     rewards = torch.where(mask, rewards, 0.0)
     values = torch.where(mask, values, 0.0)  # V after the last real token is 0
     next_values = F.pad(values[:, 1:], (0, 1))  # (B, T) V_{t+1}
-    delta = rewards + gamma * next_values - values  # (B, T), 0 on padding
-    # A_t = Σ_{k≥t} (γλ)^(k−t) δ_k: the reverse scan as one matmul with an upper-triangular discount matrix.
+    delta = rewards + discount * next_values - values  # (B, T), 0 on padding
+    # A_t = Σ_{k≥t} (discount·λ)^(k−t) δ_k: the reverse scan as one matmul with an upper-triangular matrix.
     T = rewards.shape[1]
     t = torch.arange(T, device=rewards.device)
     lag = (t[None, :] - t[:, None]).to(values.dtype)  # (T, T) k − t
-    discount = torch.where(lag >= 0, (gamma * lam) ** lag.clamp(min=0), 0.0)  # (T, T)
-    advantages = delta @ discount.T  # (B, T)
+    weights = torch.where(lag >= 0, (discount * lam) ** lag.clamp(min=0), 0.0)  # (T, T)
+    advantages = delta @ weights.T  # (B, T)
     return advantages, advantages + values
 
 
-def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+def gae(rewards, values, mask, discount=1.0, lam=0.95):
     """rlhf.gae's twin for right-padded rows: (advantages, returns), each (B, T), compiled, the reverse scan as one
     matmul with a discount matrix (the same sums, in another order)."""
-    return compiled(_gae_scan)(rewards, values, mask, gamma, lam)
+    return compiled(_gae_scan)(rewards, values, mask, discount, lam)

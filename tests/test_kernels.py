@@ -117,10 +117,10 @@ def test_gae_scan_math_matches_gae():
     mask = torch.arange(9)[None, :] < torch.tensor([9, 4, 1, 0, 6])[:, None]
     rewards = torch.randn(5, 9, generator=g, dtype=torch.float64)
     values = torch.randn(5, 9, generator=g, dtype=torch.float64)
-    for gamma, lam in [(1.0, 0.95), (0.9, 0.5), (1.0, 0.0)]:
-        got = kernels._gae_scan(rewards, values, mask, torch.tensor(gamma, dtype=torch.float64),
+    for discount, lam in [(1.0, 0.95), (0.9, 0.5), (1.0, 0.0)]:
+        got = kernels._gae_scan(rewards, values, mask, torch.tensor(discount, dtype=torch.float64),
                                 torch.tensor(lam, dtype=torch.float64))
-        for a, b in zip(got, rlhf.gae(rewards, values, mask, gamma, lam)):
+        for a, b in zip(got, rlhf.gae(rewards, values, mask, discount, lam)):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
@@ -249,10 +249,10 @@ def test_ranking_loss_and_gae_compiled_match_eager(dtype):
     for B, T, lengths in [(3, 7, [7, 3, 5]), (2, 11, [1, 11])]:  # a new shape reuses the dynamic graph
         token_mask = ragged_mask(lengths, T)
         token_rewards, values = torch.randn(2, B, T, generator=g, dtype=dtype)
-        for gamma, lam in [(1.0, 0.95), (0.9, 0.5)]:
+        for discount, lam in [(1.0, 0.95), (0.9, 0.5)]:
             with kernels.compiling():
-                got = kernels.gae(token_rewards, values, token_mask, gamma, lam)
-            for a, b in zip(got, rlhf.gae(token_rewards, values, token_mask, gamma, lam)):
+                got = kernels.gae(token_rewards, values, token_mask, discount, lam)
+            for a, b in zip(got, rlhf.gae(token_rewards, values, token_mask, discount, lam)):
                 torch.testing.assert_close(a, b)
 
 
