@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -264,6 +265,18 @@ def test_progress_reads_the_peak_again_when_a_line_beats_it(monkeypatch, capsys)
     assert readings == [False, True]
 
 
+@contextlib.contextmanager
+def other_processes_busy(n):
+    """n processes of another program, each keeping a core busy, for the duration of the block."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
 def test_a_stage_prints_mfu_at_most_100_percent_after_a_peak_read_while_busy(capsys):
     """On this machine, real training steps of a matmul-bound model, with the peak first read while another process
     held every core (as when a run starts beside other work): the printed MFU stays ≤ 100%."""
@@ -272,14 +285,9 @@ def test_a_stage_prints_mfu_at_most_100_percent_after_a_peak_read_while_busy(cap
     from nanorlhf import common
     from nanorlhf.model import GPT, GPTConfig
 
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * os.cpu_count())]
-    try:
+    with other_processes_busy(2 * os.cpu_count()):
         common._PEAK.clear()
         common.peak_flops("cpu")
-    finally:
-        for h in hogs:
-            h.kill()
-            h.wait()
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=256, dropout=0.0))
     ids = torch.randint(0, 512, (16, 129))
@@ -296,14 +304,9 @@ def test_auto_threads_leave_out_the_cores_other_processes_keep_busy():
     (which spin waiting for each other on the busy cores). With OMP_NUM_THREADS set, that count, unmeasured."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     code = "from nanorlhf.common import set_threads; print(set_threads(0))"
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() - 1)]
-    try:
+    with other_processes_busy(os.cpu_count() - 1):
         auto, pinned = (subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, cwd=ROOT)
                         for e in (env, {**env, "OMP_NUM_THREADS": "2"}))
-    finally:
-        for h in hogs:
-            h.kill()
-            h.wait()
     assert auto.stdout.split() == ["1"], auto.stderr[-2000:]
     assert pinned.stdout.split() == ["2"], pinned.stderr[-2000:]
 
