@@ -294,7 +294,7 @@ def main(argv=None):
             continue
         eta = ""
         if show_eta:
-            basis = "stages timed here" if seconds else "a probe: ±25%"
+            basis = "stages timed here" if seconds else "a probe: ±30%"
             eta = f" | ETA for the rest ≈ {eta_seconds(names[i:], expected, seconds, speeds) / 60:.1f} min ({basis})"
         if name == "eval":
             args = ["--run", cfg.out, "--device", cfg.device, "--seed", str(cfg.seed),
