@@ -48,7 +48,8 @@ class EvalConfig(CommonConfig):
     temperature: float = arg(1.0, "sampling temperature for every model", positive=True)
     bootstrap: int = arg(1000, "bootstrap resamples for the 95% intervals", low=1)
     rms: list[str] = arg([], "reward-model checkpoints (tiny world) to compare instead of a run: held-out accuracy "
-                            "against the labelers and its ceiling, and the accuracy on each kind of contrast pair")
+                            "against the labelers and its ceiling, and the accuracy on each kind of contrast pair; "
+                            "RMs trained on more than one number of comparisons also give --out/rm_curve.png")
     ensemble: bool = arg(False, "--rms: add a row for the ensemble of the listed reward models (the mean of their "
                                 "normalized scores)")
 
@@ -622,18 +623,19 @@ class MeanReward(torch.nn.Module):
         return torch.stack([m(ids) for m in self.models]).mean(0)  # (B, T)
 
 
-def rm_table(paths, world, device, ensemble=False):
-    """One row per reward model (the tables of docs/findings.md, What was tried to make the RM see correctness):
-    the accuracies train_rm.py measured on its held-out rankings, and rm_by_kind's on the test prompts' contrast
+def rm_table(paths, world, device, ensemble=False, out=None):
+    """One row per reward model (the tables of docs/findings.md): its parameters and the comparisons it trained
+    on, the accuracies train_rm.py measured on its held-out rankings, and rm_by_kind's on the test prompts' contrast
     pairs; with `ensemble`, a last row for the mean of their scores (contrast pairs only: each RM was held out on
-    rankings of its own candidates)."""
-    lines = ["| reward model | held-out accuracy (ceiling) | vs gold ordering | correctness | harmlessness | "
-             "conciseness |", "|---|---|---|---|---|---|"]
+    rankings of its own candidates). RMs trained on more than one number of comparisons also give `out`/rm_curve.png
+    (plot_rm_curve)."""
+    lines = ["| reward model | parameters | comparisons | held-out accuracy (ceiling) | vs gold ordering | "
+             "correctness | harmlessness | conciseness |", "|---|---|---|---|---|---|---|---|"]
 
     def cells(kinds):  # a row's accuracies on the contrast pairs
         return " | ".join(_fmt(kinds[k]["rm_accuracy"], True) for k in KIND_COMPONENTS)
 
-    models = []
+    models, points = [], []
     for path in paths:
         m = load_checkpoint(path)["extra"]
         if not m.get("labeler_tau"):
@@ -641,21 +643,57 @@ def rm_table(paths, world, device, ensemble=False):
         model, tok, _ = load_model(path, "scalar", device)
         models.append(model)
         kinds = rm_by_kind(model, tok, world, m["labeler_tau"], device)
-        lines.append(f"| {path} | {_fmt(m['accuracy'], True)} ({_fmt(m['ceiling'], True)}) | "
-                     f"{_fmt(m['gold_accuracy'], True)} | {cells(kinds)} |")
+        pairs = m.get("pairs")
+        points.append((model.num_params(), pairs, kinds["correctness"]["rm_accuracy"]))
+        lines.append(f"| {path} | {model.num_params() / 1e6:.2f}M | {f'{pairs:,}' if pairs else '–'} | "
+                     f"{_fmt(m['accuracy'], True)} ({_fmt(m['ceiling'], True)}) | {_fmt(m['gold_accuracy'], True)} | "
+                     f"{cells(kinds)} |")
         print(lines[-1])
     if ensemble:
         kinds = rm_by_kind(MeanReward(models), tok, world, m["labeler_tau"], device)
-        lines.append(f"| mean of the {len(models)} | — | — | {cells(kinds)} |")
+        lines.append(f"| mean of the {len(models)} | — | — | — | — | {cells(kinds)} |")
         print(lines[-1])
+    if out and len({p for _, p, _ in points if p}) > 1:
+        path = plot_rm_curve([p for p in points if p[1]], out)
+        if path:
+            print(f"wrote {path}")
     return lines
+
+
+def plot_rm_curve(points, out):
+    """The RM's data-scaling curve: accuracy on the correctness contrast pairs against the comparisons trained on
+    (log axis), one line per RM size through the mean over seeds at each count, each seed a dot. `points`:
+    (parameters, comparisons, accuracy). Returns the PNG's path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping rm_curve.png (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for size in sorted({n for n, _, _ in points}):
+        mine = [(pairs, acc) for n, pairs, acc in points if n == size]
+        xs = sorted({pairs for pairs, _ in mine})
+        line, = ax.plot(xs, [statistics.mean(a for p, a in mine if p == x) for x in xs], "-o", ms=3,
+                        label=f"{size / 1e6:.2f}M parameters")
+        ax.plot(*zip(*mine), ".", color=line.get_color(), alpha=0.6)
+    ax.axhline(0.5, color="k", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("comparisons trained on (pairs)")
+    ax.set_ylabel("accuracy on correctness pairs")
+    ax.set_title("Does the RM learn correctness from more comparisons?")
+    ax.legend(fontsize=8)
+    os.makedirs(out, exist_ok=True)
+    return _save(fig, plt, out, "rm_curve.png")
 
 
 def main(argv=None):
     cfg = parse_config(EvalConfig, argv)
     device = setup(cfg)
     if cfg.rms:
-        return "\n".join(rm_table(cfg.rms, make_world(cfg.world_seed, cfg.world_scale), device, cfg.ensemble))
+        return "\n".join(rm_table(cfg.rms, make_world(cfg.world_seed, cfg.world_scale), device, cfg.ensemble,
+                                   cfg.out))
     found = [n for n in POLICIES + BASELINES if os.path.exists(os.path.join(cfg.run, n, "ckpt.pt"))]
     if not found:
         raise SystemExit(f"--run {cfg.run}: no checkpoints to evaluate (expected the --out folder of run.py, "

@@ -20,7 +20,7 @@ import torch
 from nanorlhf import dist, kernels
 from nanorlhf.checkpoint import make_checkpoint
 from nanorlhf.common import (Progress, adamw, check_finite, check_room, checkpoint_or_compile, cosine_lr, epoch_batch,
-                             load_model, pad, resume, setup, write_results, write_state)
+                             load_model, pad, read_checkpoint, resume, setup, write_results, write_state)
 from nanorlhf.config import TrainConfig, arg, parse_config
 from nanorlhf.data import DataError, check_lengths, line_numbers, read_jsonl
 from nanorlhf.evaluation import expected_agreement, pair_accuracy, sample_sets
@@ -65,6 +65,9 @@ class RMConfig(TrainConfig):
                                     "changed as a second ranked pair (world.contrast_pair); contrast: those pairs "
                                     "alone (what an RM can learn from correctness pairs: docs/findings.md)")
     previous_rm: str = arg("", "a reward model to evaluate on the same held-out rankings (the last round's)")
+    rankings: str = arg("", "tiny world: the folder of another train_rm.py run whose rankings to train on (the "
+                            "first --n_prompts of its training prompts, its held-out and normalization sets), "
+                            "instead of sampling: reward models of other sizes or seeds on the same labels")
 
 
 def round_prompts(world, offset, n):
@@ -121,6 +124,23 @@ def world_rankings(cfg, world, tok, device):
     print(f"labeler temperature tau {world.tau:.4f} (two labelers agree on 75% of pairs) | "
           f"held-out gold std within a prompt's samples {gold_spread:.3f}")
     return train, held, demos[:cfg.n_norm]
+
+
+def reuse_rankings(cfg):
+    """--rankings: the rankings another run sampled and ranked (kept in its state.pt), its first --n_prompts
+    training prompts; refused unless it ranked the same world with the same labelers."""
+    state = read_checkpoint(os.path.join(cfg.rankings, "state.pt"))
+    theirs, data = state["config"], state["extra"]["data"]
+    same = ("world_seed", "world_scale", "candidates", "prompt_offset")  # --seed may differ: the training's own
+    differ = [f"--{k} {theirs.get(k)!r} there, {getattr(cfg, k)!r} here" for k in same
+              if theirs.get(k) != getattr(cfg, k)]
+    if differ or data["tau"] is None:
+        raise SystemExit(f"--rankings {cfg.rankings}: not the same world and labelers: " + ("; ".join(differ) or
+                         "its rankings came from --data"))
+    if 0 < cfg.n_prompts and len(data["train"]) < cfg.n_prompts:
+        raise SystemExit(f"--rankings {cfg.rankings}: {len(data['train']):,} training prompts, fewer than "
+                         f"--n_prompts {cfg.n_prompts:,}")
+    return {**data, "train": data["train"][:cfg.n_prompts] if cfg.n_prompts > 0 else data["train"]}
 
 
 def file_rankings(cfg, records):
@@ -189,6 +209,8 @@ def main(argv=None):
         raise SystemExit(f"--k_min {cfg.k_min} is larger than --k_max {cfg.k_max}")
     if cfg.candidates not in CANDIDATES:
         raise SystemExit(f"--candidates {cfg.candidates}: expected one of {', '.join(CANDIDATES)}")
+    if cfg.data and cfg.rankings:
+        raise SystemExit("--rankings reuses a tiny-world run's rankings; --data gives its own")
     if cfg.data and cfg.candidates != "policy":
         raise SystemExit(f"--candidates {cfg.candidates} needs the tiny world; --data gives its own rankings")
     cfg.compile = kernels.enable(cfg.compile, device)  # the one switch; resolved, saved in state.pt
@@ -214,6 +236,8 @@ def main(argv=None):
             raise SystemExit(2)
         train, held, norm = file_rankings(cfg, records)
         data = {"train": train, "eval": held, "norm": norm, "tau": None}
+    elif cfg.rankings:
+        data = reuse_rankings(cfg)
     else:
         world = make_world(cfg.world_seed, cfg.world_scale)
         train, held, norm = world_rankings(cfg, world, tok, device)

@@ -133,3 +133,25 @@ def test_every_judge_scores_sft_against_itself_50_percent():
         want = 0.0 if judge == "taste gap" else 0.5
         assert r["win_rate"] == pytest.approx(want, abs=1e-12), judge
         assert r["ci"] == pytest.approx([want, want], abs=1e-12), judge
+
+
+def test_rm_curve_draws_the_mean_over_seeds_per_size(tmp_path, monkeypatch):
+    """plot_rm_curve: one line per RM size through the mean of its seeds at each comparison count, sorted by
+    count, every seed a dot of its own; the x axis logarithmic."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+    drawn = []
+    original = Axes.plot
+
+    def record(self, *args, **kwargs):
+        drawn.append((list(args[0]), list(args[1]), args[2] if len(args) > 2 else None))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(Axes, "plot", record)
+    points = [(1e6, 3000, 0.6), (1e6, 1000, 0.5), (1e6, 3000, 0.7), (3e6, 1000, 0.55), (3e6, 3000, 0.9)]
+    path = evaluate_run.plot_rm_curve(points, str(tmp_path))
+    assert path == str(tmp_path / "rm_curve.png") and os.path.getsize(path) > 0
+    lines = [(x, y) for x, y, style in drawn if style == "-o"]
+    assert lines[0][0] == [1000, 3000] and lines[0][1] == pytest.approx([0.5, 0.65])
+    assert lines[1][0] == [1000, 3000] and lines[1][1] == pytest.approx([0.55, 0.9])
+    dots = [(x, y) for x, y, style in drawn if style == "."]
+    assert sorted(zip(*dots[0])) == [(1000, 0.5), (3000, 0.6), (3000, 0.7)]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import run_py
+from nanorlhf.checkpoint import load_checkpoint
 from nanorlhf.evaluation import win_rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,13 +88,16 @@ def test_quick_pipeline_end_to_end(quick_run):
     from eval import main as eval_main
     row = eval_main(["--rms", str(out / "rm" / "ckpt.pt"), "--world_scale", "0.01"]).splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == f"{results['rm_accuracy']:.1%} ({results['labeler_agreement']:.1%})"
-    assert cells[3:] == [f"{results['rm_by_kind'][k]['rm_accuracy']:.1%}" for k in ("correctness", "harmlessness",
+    rm_ckpt = load_checkpoint(str(out / "rm" / "ckpt.pt"))
+    parameters = sum(v.numel() for k, v in rm_ckpt["model"].items() if k != "lm_head.weight")  # tied to wte
+    assert cells[1:3] == [f"{parameters / 1e6:.2f}M", f"{rm_ckpt['extra']['pairs']:,}"]
+    assert cells[3] == f"{results['rm_accuracy']:.1%} ({results['labeler_agreement']:.1%})"
+    assert cells[5:] == [f"{results['rm_by_kind'][k]['rm_accuracy']:.1%}" for k in ("correctness", "harmlessness",
                                                                                      "conciseness")]
     # --ensemble: the mean of two copies of one RM scores as that RM does, pair by pair
     rows = eval_main(["--rms", str(out / "rm" / "ckpt.pt"), str(out / "rm" / "ckpt.pt"), "--ensemble",
                       "--world_scale", "0.01"]).splitlines()
-    assert rows[-1].split("|")[4:] == rows[-2].split("|")[4:] and rows[-1].startswith("| mean of the 2 |")
+    assert rows[-1].split("|")[6:] == rows[-2].split("|")[6:] and rows[-1].startswith("| mean of the 2 |")
     with pytest.raises(SystemExit, match="not a reward model trained on the tiny world"):
         eval_main(["--rms", str(out / "sft" / "ckpt.pt"), "--world_scale", "0.01"])
     correct = results["rm_by_kind"]["correctness"]  # by category: the pairs and accuracies of the whole, split

@@ -258,3 +258,32 @@ def test_candidates_other_than_policy_need_the_tiny_world(tmp_path, lm_ckpt):
     proc = run_script("--init", lm_ckpt, "--out", str(tmp_path / "rm"), "--data", str(data), "--candidates", "contrast")
     assert proc.returncode == 1 and "needs the tiny world" in proc.stderr
     assert not (tmp_path / "rm").exists()
+
+
+def test_rankings_reuses_another_runs_labels_without_sampling(tmp_path, lm_ckpt, monkeypatch):
+    """--rankings: a reward model of another size and seed trains on the first --n_prompts of another run's
+    rankings, held out on the same rankings, and samples nothing; another world is refused."""
+    first = tmp_path / "first"
+    train_rm.main(["--init", lm_ckpt, "--out", str(first), "--max_steps", "1", *TINY])
+    torch.manual_seed(1)
+    wider = GPT(GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=48, dropout=0.0), head="lm")
+    save_checkpoint(str(tmp_path / "wider.pt"), make_checkpoint(wider, wider.config, "lm", "tiny", {}, 0))
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("--rankings sampled")
+    monkeypatch.setattr(train_rm, "sample_sets", no_sampling)
+    tiny = TINY[:TINY.index("--n_prompts")] + TINY[TINY.index("--n_prompts") + 2:]
+    second = tmp_path / "second"
+    train_rm.main(["--init", str(tmp_path / "wider.pt"), "--out", str(second), "--max_steps", "1", "--seed", "7",
+                   "--rankings", str(first), "--n_prompts", "5", *tiny])
+    ours, theirs = ([json.loads(line) for line in open(d / "comparisons.jsonl")] for d in (second, first))
+    assert len(theirs) == 12 and ours == theirs[:5]
+    a, b = (load_checkpoint(str(d / "ckpt.pt"))["extra"] for d in (first, second))
+    assert b["train_prompts"] == 5 and b["labeler_tau"] == a["labeler_tau"]
+    assert b["eval_prompts"] == a["eval_prompts"] and b["ceiling"] == a["ceiling"]  # the same held-out rankings
+    assert load_checkpoint(str(second / "ckpt.pt"))["model_config"]["n_embd"] == 48
+    for bad, says in ((["--world_scale", "0.02"], "--world_scale 0.01 there, 0.02 here"),
+                      (["--n_prompts", "13"], "12 training prompts, fewer than --n_prompts 13")):
+        with pytest.raises(SystemExit, match=says):
+            train_rm.main(["--init", lm_ckpt, "--out", str(tmp_path / "bad"), "--rankings", str(first),
+                           *tiny, *bad])
