@@ -39,9 +39,10 @@ class RunConfig:
     seed: int = arg(1337, "seed of every stage")
     world_seed: int = arg(0, "seed of the tiny world")
     quick: bool = arg(False, "tiny sizes (≈2 minutes): for tests and trying the code; shrinks either preset")
-    preset: str = arg("auto", "stage sizes: cpu (the default world, ≈9 min on 2 cores) | gpu (the paper-sized world "
-                              "and larger models for one GPU, sized by a FLOP estimate for ≤ 10 min on an H100) | "
-                              "auto (gpu with --device cuda, else cpu)")
+    preset: str = arg("auto", "stage sizes: cpu (the default world, ≈9 min on 2 cores) | paper (the world at the "
+                              "paper's scale, 13k / 33k / 31k SFT / RM / PPO prompts, on 2 cores: docs/findings.md) | "
+                              "gpu (the paper-sized world and larger models for one GPU, sized by a FLOP estimate for "
+                              "≤ 10 min on an H100) | auto (gpu with --device cuda, else cpu)")
     force: bool = arg(False, "redo every stage even if its checkpoint exists")
     baselines: bool = arg(False, "also best-of-N from SFT (N = 1 … 64), DPO, RFT (SFT on the labelers' best-ranked "
                                  "responses), the critic-free RL methods GRPO, RLOO and REINFORCE++, and PPO against "
@@ -64,6 +65,16 @@ STAGES = {
     "ppo_ptx": ("train_ppo.py", ["--ptx_coef", "0.5"], ["--ptx_coef", "0.5", "--batches", "3", "--batch_size", "16",
                                                    "--minibatch_size", "8"]),
 }
+# --preset paper: the world at the paper's scale (1.0: 3,000 test prompts and 13,000 / 33,000 / 31,000 SFT / RM / PPO
+# prompts) on 2 CPU cores, sized by the measured curve of docs/findings.md (At the paper's scale)
+PAPER_STAGES = {
+    "base": [],
+    "sft": ["--epochs", "3"],
+    "rm": ["--n_prompts", "-1"],
+    "ppo": [],
+    "ppo_ptx": ["--ptx_coef", "0.5"],
+}
+PAPER_SECONDS = {"base": 180, "sft": 270, "rm": 1300, "ppo": 60, "ppo_ptx": 75, "eval": 300}
 # --baselines: train_ppo.py with another advantage estimator or reward, on the same rollouts, budget and β as PPO
 METHOD_FLAGS = {"grpo": ["--estimator", "grpo", "--group_size", "4"],
                 "rloo": ["--estimator", "rloo", "--group_size", "4"],
@@ -75,7 +86,7 @@ METHOD_FLAGS = {"grpo": ["--estimator", "grpo", "--group_size", "4"],
 # and PPO-ptx see 30,720 episodes each, about one per PPO prompt. Sized by the FLOP estimate run.py prints
 # (gpu_estimate) for ≤ 10 minutes on one H100 (≈ 14 PFLOP: 2.4 min at the assumed 100 TFLOP/s, a 4× margin
 # for small matrices and sampling, which run far below peak).
-GPU_WORLD_SCALE = str(MAX_SCALE)
+PAPER_WORLD_SCALE = str(MAX_SCALE)
 GPU_STAGES = {
     "base": ["--n_layer", "8", "--n_head", "8", "--n_embd", "512", "--block_size", "128", "--dropout", "0.1",
              "--steps", "4000", "--batch_size", "64", "--warmup", "200", "--lr", "6e-4", "--eval_every", "1000",
@@ -86,28 +97,32 @@ GPU_STAGES = {
     "ppo": ["--batches", "120", "--batch_size", "256", "--minibatch_size", "64"],
     "ppo_ptx": ["--ptx_coef", "0.5", "--batches", "120", "--batch_size", "256", "--minibatch_size", "64"],
 }
-# the ETA line: each stage's seconds in the default run on the reference machine, a quiet 2-core AMD EPYC VM
+# the ETA line: each stage's seconds in the preset's run on the reference machine, a quiet 2-core AMD EPYC VM
 # (docs/performance.md), scaled by probe() here against REFERENCE_PROBE (probe() there) until a stage has run, then
 # by the stages already timed here
-EXPECTED_SECONDS = {"base": 179, "sft": 26, "rm": 30, "ppo": 54, "ppo_ptx": 69, "eval": 18}
+EXPECTED_SECONDS = {"cpu": {"base": 179, "sft": 26, "rm": 30, "ppo": 54, "ppo_ptx": 69, "eval": 18},
+                    "paper": PAPER_SECONDS}
 REFERENCE_PROBE = (0.235, 0.18)
 
 
+PRESET_STAGES = {"paper": PAPER_STAGES, "gpu": GPU_STAGES}
+
+
 def preset(cfg):
-    """cpu | gpu: --preset, with auto resolved by the device."""
-    if cfg.preset not in ("auto", "cpu", "gpu"):
-        raise SystemExit(f"--preset {cfg.preset}: expected auto, cpu or gpu")
+    """cpu | paper | gpu: --preset, with auto resolved by the device."""
+    if cfg.preset not in ("auto", "cpu", "paper", "gpu"):
+        raise SystemExit(f"--preset {cfg.preset}: expected auto, cpu, paper or gpu")
     return cfg.preset if cfg.preset != "auto" else "gpu" if get_device(cfg.device).type == "cuda" else "cpu"
 
 
 def world_scale(cfg):
-    return "0.01" if cfg.quick else GPU_WORLD_SCALE if preset(cfg) == "gpu" else "0.1"
+    return "0.01" if cfg.quick else PAPER_WORLD_SCALE if preset(cfg) in PRESET_STAGES else "0.1"
 
 
 def stage_flags(cfg, name):
     """The flags run.py gives a pipeline stage: the preset's, then --quick's (later flags win: any preset, shrunk)."""
     _, default, quick = STAGES[name]
-    flags = GPU_STAGES[name] if preset(cfg) == "gpu" else default
+    flags = PRESET_STAGES[preset(cfg)][name] if preset(cfg) in PRESET_STAGES else default
     return flags + quick if cfg.quick else flags
 
 
@@ -224,7 +239,7 @@ def beyond_stages(cfg):
                                "--reward_model", ckpt(f"rm_r{k}")] + ppo_flags))
     if cfg.study:  # twice as many batches as the PPO run
         for beta in ("0.01", "0.3"):
-            stages[f"study_kl{beta}"] = ("train_ppo.py", 2 * EXPECTED_SECONDS["ppo"], lambda beta=beta: stage_args(
+            stages[f"study_kl{beta}"] = ("train_ppo.py", 2 * expected_seconds(cfg)["ppo"], lambda beta=beta: stage_args(
                 cfg, f"study_kl{beta}", ["--init", ckpt("sft"), "--reward_model", ckpt("rm")]
                 + ppo_flags + ["--kl_coef", beta, "--batches", str(2 * metrics("ppo")["steps"])]))
     return stages
@@ -255,6 +270,11 @@ def probe():
     return train, sample
 
 
+def expected_seconds(cfg):
+    """The preset's stages' seconds on the reference machine (the gpu preset's: not measured, no ETA)."""
+    return EXPECTED_SECONDS.get(preset(cfg), {})
+
+
 def eta_seconds(to_run, expected, seconds, speeds):
     """Seconds the stages `to_run` should take here: their expected seconds, scaled by how the stages already timed
     on this machine (seconds.json) compared with theirs, or before any, by probe() (`speeds`) against
@@ -280,8 +300,8 @@ def main(argv=None):
     seconds = json.load(open(seconds_path)) if os.path.exists(seconds_path) else {}
     beyond = beyond_stages(cfg)
     names = list(STAGES) + list(beyond) + ["eval"]
-    expected = {**EXPECTED_SECONDS, **{n: s for n, (_, s, _) in beyond.items()}}
-    show_eta = not cfg.quick and preset(cfg) == "cpu"
+    expected = {**expected_seconds(cfg), **{n: s for n, (_, s, _) in beyond.items()}}
+    show_eta = not cfg.quick and preset(cfg) in EXPECTED_SECONDS
     speeds = None
     if show_eta:
         set_threads(0)  # the probe runs at the thread count the stages will take

@@ -66,10 +66,24 @@ def test_quick_shrinks_the_gpu_preset(tmp_path):
     assert (configs["ppo"].batches, configs["ppo"].batch_size, configs["study_kl0.3"].batches) == (3, 16, 6)
 
 
+def test_paper_preset_deals_the_papers_world_to_every_stage(tmp_path):
+    """--preset paper: the world at scale 1.0 for every stage, its own flags, and its own stage seconds for the ETA
+    (the study's twice its PPO's); --quick shrinks it as it shrinks the others."""
+    cfg = parse_config(run.RunConfig, ["--preset", "paper", "--out", str(tmp_path)])
+    configs = stage_configs(cfg)
+    assert {c.world_scale for c in configs.values()} == {1.0}
+    assert configs["rm"].n_prompts == -1 and configs["sft"].epochs == 3  # all 33,000 RM prompts
+    assert configs["ppo_ptx"].ptx_coef == 0.5 and configs["ppo"].ptx_coef == 0.0
+    assert run.expected_seconds(cfg) == run.PAPER_SECONDS != run.EXPECTED_SECONDS["cpu"]
+    assert run.beyond_stages(cfg)["study_kl0.3"][1] == 2 * run.PAPER_SECONDS["ppo"]
+    quick = stage_configs(parse_config(run.RunConfig, ["--preset", "paper", "--quick", "--out", str(tmp_path)]))
+    assert {c.world_scale for c in quick.values()} == {0.01} and quick["rm"].n_prompts == 60
+
+
 @pytest.fixture(scope="module")
 def paper_world():
     """The gpu preset's world (scale 1.0), built once for the module."""
-    return make_world(0, float(run.GPU_WORLD_SCALE))
+    return make_world(0, float(run.PAPER_WORLD_SCALE))
 
 
 def test_gpu_estimate_counts_every_main_stage_and_fits_ten_minutes(capsys, monkeypatch, paper_world):
@@ -119,8 +133,8 @@ def test_the_first_eta_is_within_a_quarter_of_the_reference_run():
     stages, whose sum EXPECTED_SECONDS holds): with the probe reading the reference's figures, the ETA for the whole
     run is the sum of the stages' seconds, and a probe 10% off on either kind of work moves it by 5%."""
     stages = list(run.STAGES) + ["study_kl0.01", "study_kl0.3", "eval"]
-    expected = {**run.EXPECTED_SECONDS, "study_kl0.01": 2 * run.EXPECTED_SECONDS["ppo"],
-                "study_kl0.3": 2 * run.EXPECTED_SECONDS["ppo"]}
+    cpu = run.EXPECTED_SECONDS["cpu"]
+    expected = {**cpu, "study_kl0.01": 2 * cpu["ppo"], "study_kl0.3": 2 * cpu["ppo"]}
     measured = 179 + 26 + 30 + 54 + 69 + 104 + 101 + 18  # the stages of `python run.py` there, in seconds
     eta = run.eta_seconds(stages, expected, {}, run.REFERENCE_PROBE)
     assert abs(eta / measured - 1) < 0.25
