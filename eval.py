@@ -678,8 +678,12 @@ def plot_rm_curve(points, out):
         line, = ax.plot(xs, [statistics.mean(a for p, a in mine if p == x) for x in xs], "-o", ms=3,
                         label=f"{size / 1e6:.2f}M parameters")
         ax.plot(*zip(*mine), ".", color=line.get_color(), alpha=0.6)
-    ax.axhline(0.5, color="k", lw=0.8, ls="--")
+    ax.axhline(0.5, color="k", lw=0.8, ls="--")  # chance
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    counts = sorted({pairs for _, pairs, _ in points})
+    ax.set_xticks(counts, [f"{c / 1e3:.0f}k" for c in counts])
+    ax.set_ylim(0.4, 1)
     ax.set_xlabel("comparisons trained on (pairs)")
     ax.set_ylabel("accuracy on correctness pairs")
     ax.set_title("Does the RM learn correctness from more comparisons?")
