@@ -4,6 +4,7 @@
 
     python run.py                   # ≈9 minutes on 2 CPU cores (it prints its ETA); outputs in runs/default/
     python run.py --quick           # ≈2 minutes, tiny sizes: tries the code, not the quality bar
+    python run.py --preset paper    # the world at the paper's scale (33,000 RM prompts) on CPU: about an hour
     python run.py --device cuda     # on a GPU: the gpu preset, the paper-sized world and larger models
     python run.py --baselines       # + best-of-N, DPO, RFT, GRPO, RLOO, REINFORCE++ and the oracle, 3 seeds each
     python run.py --rounds 3        # iterated RLHF: 3 rounds of sample → rank → RM → PPO
@@ -66,7 +67,9 @@ STAGES = {
                                                    "--minibatch_size", "8"]),
 }
 # --preset paper: the world at the paper's scale (1.0: 3,000 test prompts and 13,000 / 33,000 / 31,000 SFT / RM / PPO
-# prompts) on 2 CPU cores, sized by the measured curve of docs/findings.md (At the paper's scale)
+# prompts) on 2 CPU cores: the default sizes, SFT for 3 epochs over 7× the default's steps, the RM on all 637,820
+# pairs of the 33,000 RM prompts. The curve of docs/findings.md ("At the paper's scale") chose the RM: a 3× larger one
+# ordered SFT's samples no better, nor the correctness pairs.
 PAPER_STAGES = {
     "base": [],
     "sft": ["--epochs", "3"],
@@ -74,7 +77,9 @@ PAPER_STAGES = {
     "ppo": [],
     "ppo_ptx": ["--ptx_coef", "0.5"],
 }
-PAPER_SECONDS = {"base": 180, "sft": 270, "rm": 1300, "ppo": 60, "ppo_ptx": 75, "eval": 300}
+# its stages' seconds measured one at a time at 1 thread beside another run on the reference machine (base: the
+# default's at 2 threads), so the ETA errs long
+PAPER_SECONDS = {"base": 179, "sft": 403, "rm": 2324, "ppo": 205, "ppo_ptx": 254, "eval": 554}
 # --baselines: train_ppo.py with another advantage estimator or reward, on the same rollouts, budget and β as PPO
 METHOD_FLAGS = {"grpo": ["--estimator", "grpo", "--group_size", "4"],
                 "rloo": ["--estimator", "rloo", "--group_size", "4"],

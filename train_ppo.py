@@ -367,8 +367,8 @@ def main(argv=None):
     optimizers = make_optimizers(policy, value_model, cfg)  # [policy's, value model's (if any)]
     kl_ctl = rlhf.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     ptx_stream = token_stream(tok, ptx_docs or world.pretrain_docs("train")) if cfg.ptx_coef > 0 else None
-    print(f"{len(prompts)} prompts | policy{' and value' if value_model else ''} {policy.num_params() / 1e6:.2f}M "
-          f"parameters{' each' if value_model else ''}")
+    value = f" | value model {value_model.num_params() / 1e6:.2f}M (the RM's size)" if value_model else ""
+    print(f"{len(prompts)} prompts | policy {policy.num_params() / 1e6:.2f}M parameters{value}")
 
     step = restore_state(cfg, policy, value_model, optimizers, kl_ctl, ema, device)
     state_path, log_path = os.path.join(cfg.out, "state.pt"), os.path.join(cfg.out, "log.jsonl")
