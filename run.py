@@ -68,8 +68,8 @@ STAGES = {
 }
 # --preset paper: the world at the paper's scale (1.0: 3,000 test prompts and 13,000 / 33,000 / 31,000 SFT / RM / PPO
 # prompts) on 2 CPU cores: the default sizes, SFT for 3 epochs over 7× the default's steps, the RM on all 637,820
-# pairs of the 33,000 RM prompts. The curve of docs/findings.md ("At the paper's scale") chose the RM: a 3× larger one
-# ordered SFT's samples no better, nor the correctness pairs.
+# pairs of the 33,000 RM prompts. docs/findings.md ("At the paper's scale") chose the RM's size: a 3× larger one
+# orders SFT's samples and the correctness pairs no better, and PPO over-optimizes it sooner.
 PAPER_STAGES = {
     "base": [],
     "sft": ["--epochs", "3"],
