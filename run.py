@@ -242,9 +242,10 @@ def beyond_stages(cfg):
         stages[f"ppo_r{k}"] = ("train_ppo.py", 170, lambda k=k, prev_ppo=prev_ppo: stage_args(
             cfg, f"ppo_r{k}", ["--init", ckpt(prev_ppo), "--reference", ckpt("sft"), "--seed", str(cfg.seed + k - 1),
                                "--reward_model", ckpt(f"rm_r{k}")] + ppo_flags))
-    if cfg.study:  # twice as many batches as the PPO run
+    if cfg.study:  # twice as many batches as the PPO run (the gpu preset has no expected seconds: no ETA)
+        seconds = 2 * expected_seconds(cfg).get("ppo", 0)
         for beta in ("0.01", "0.3"):
-            stages[f"study_kl{beta}"] = ("train_ppo.py", 2 * expected_seconds(cfg)["ppo"], lambda beta=beta: stage_args(
+            stages[f"study_kl{beta}"] = ("train_ppo.py", seconds, lambda beta=beta: stage_args(
                 cfg, f"study_kl{beta}", ["--init", ckpt("sft"), "--reward_model", ckpt("rm")]
                 + ppo_flags + ["--kl_coef", beta, "--batches", str(2 * metrics("ppo")["steps"])]))
     return stages
