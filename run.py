@@ -4,7 +4,7 @@
 
     python run.py                   # ≈9 minutes on 2 CPU cores (it prints its ETA); outputs in runs/default/
     python run.py --quick           # ≈2 minutes, tiny sizes: tries the code, not the quality bar
-    python run.py --preset paper    # the paper-scale world (33,000 RM prompts) on CPU: 65 min of stages at 1 thread, + study
+    python run.py --preset paper    # the paper-scale world (33,000 RM prompts): its stages took 65 min at 1 thread
     python run.py --device cuda     # on a GPU: the gpu preset, the paper-sized world and larger models
     python run.py --baselines       # + best-of-N, DPO, RFT, GRPO, RLOO, REINFORCE++ and the oracle, 3 seeds each
     python run.py --rounds 3        # iterated RLHF: 3 rounds of sample → rank → RM → PPO
