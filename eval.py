@@ -532,15 +532,24 @@ def beyond_report(results):
     return lines
 
 
-def make_plots(results, run):
-    """PNG plots into `run`: the paths written, or None (and a message, not a crash) if matplotlib is not
-    installed."""
+def _pyplot(what):
+    """matplotlib.pyplot (drawing to files), or None with a message naming `what` is skipped, where matplotlib is
+    not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: skipping plots (pip install matplotlib)")
+        print(f"matplotlib is not installed: skipping {what} (pip install matplotlib)")
+        return None
+    return plt
+
+
+def make_plots(results, run):
+    """PNG plots into `run`: the paths written, or None (and a message, not a crash) if matplotlib is not
+    installed."""
+    plt = _pyplot("plots")
+    if plt is None:
         return None
     written = []
     names = list(results["win_rate_vs_sft"])
@@ -664,12 +673,8 @@ def plot_rm_curve(points, out):
     """The RM's data-scaling curve: accuracy on the correctness contrast pairs against the comparisons trained on
     (log axis), one line per RM size through the mean over seeds at each count, each seed a dot. `points`:
     (parameters, comparisons, accuracy). Returns the PNG's path, or None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping rm_curve.png (pip install matplotlib)")
+    plt = _pyplot("rm_curve.png")
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for size in sorted({n for n, _, _ in points}):
@@ -680,7 +685,7 @@ def plot_rm_curve(points, out):
         ax.plot(*zip(*mine), ".", color=line.get_color(), alpha=0.6)
     ax.axhline(0.5, color="k", lw=0.8, ls="--")  # chance
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     counts = sorted({pairs for _, pairs, _ in points})
     ax.set_xticks(counts, [f"{c / 1e3:.0f}k" for c in counts])
     ax.set_ylim(0.4, 1)
